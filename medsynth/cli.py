@@ -1,0 +1,193 @@
+"""Command-line interface: parse arguments, load the config, call one stage, map errors to exit codes.
+
+Each verb is registered by a ``_add_<verb>`` function below and runs a ``_run_<verb>`` function
+that only translates arguments into a call of a stage function.  A :class:`MedsynthError` becomes
+one clear message on stderr and its exit code; other exceptions print a one-line summary and exit
+70, unless ``--debug`` is given, in which case the traceback is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from medsynth import __version__
+from medsynth.errors import MedsynthError
+
+log = logging.getLogger("medsynth.cli")
+
+EPILOG_HELP = "Run 'medsynth VERB --help' for a verb's options and an example."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and raw-text help so examples keep their layout."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(2, f"medsynth: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # Sub-parsers use SUPPRESS so that "medsynth --debug VERB" is not reset by the verb's defaults.
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("global options")
+    g.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output (-vv for debug)")
+    g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="only warnings and errors")
+    g.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks and debug logs")
+    g.add_argument("--no-progress", action="store_true", default=d(False), help="disable progress bars")
+
+
+def _verb(sub, name: str, help: str, example: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}")
+    _common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# env
+# --------------------------------------------------------------------------------------------
+
+
+def _add_env(sub) -> None:
+    _verb(sub, "env", "print versions of medsynth, Python, torch, MONAI, imaging libraries and devices",
+          "medsynth env", _run_env)
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+    import platform
+
+    print(f"medsynth   {__version__}")
+    print(f"python     {platform.python_version()} ({platform.platform()})")
+    for dist in ("torch", "monai", "numpy", "scipy", "nibabel", "SimpleITK", "pydicom", "highdicom", "pyyaml"):
+        try:
+            v = md.version(dist)
+        except md.PackageNotFoundError:
+            v = "not installed"
+        print(f"{dist:<10} {v}")
+    import os
+
+    try:
+        import torch
+
+        print(f"cpu        {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                prop = torch.cuda.get_device_properties(i)
+                print(f"cuda:{i}     {prop.name}, {prop.total_memory / 2**30:.1f} GiB, "
+                      f"capability {prop.major}.{prop.minor}, CUDA {torch.version.cuda}")
+        else:
+            print("cuda       not available")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            print("mps        available")
+    except Exception as exc:  # pragma: no cover - env must never crash
+        print(f"torch      import failed: {type(exc).__name__}: {exc}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# config check
+# --------------------------------------------------------------------------------------------
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="validate configuration files", description="Validate configuration files.")
+    csub = p.add_subparsers(dest="config_cmd", metavar="ACTION", parser_class=_Parser)
+    csub.required = True
+    c = _verb(csub, "check", "validate a YAML config and print the resolved config",
+              "medsynth config check configs/demo.yaml", _run_config_check)
+    c.add_argument("config", type=Path, help="YAML config file")
+
+
+def _run_config_check(args: argparse.Namespace) -> int:
+    from medsynth.config import dump_yaml, load_config
+
+    cfg = load_config(args.config)
+    print(f"# {args.config}: OK (resolved config below)")
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser and entry point
+# --------------------------------------------------------------------------------------------
+
+# Each stage adds its verb registrar to this list.
+REGISTRARS: list[Callable] = [_add_env, _add_config]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="medsynth",
+        description="Synthetic 3D medical images with a latent diffusion model: train, generate, "
+        "quality-check, de-identify, export.",
+        epilog=EPILOG_HELP,
+    )
+    parser.add_argument("--version", action="version", version=f"medsynth {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for reg in REGISTRARS:
+        reg(sub)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    from medsynth.progress import set_progress
+
+    level = logging.INFO
+    if getattr(args, "quiet", False):
+        level = logging.WARNING
+    if getattr(args, "verbose", 0) >= 2 or getattr(args, "debug", False):
+        level = logging.DEBUG
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        level = max(level, logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("medsynth")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if getattr(args, "no_progress", False):
+        set_progress(False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.func(args) or 0)
+    except MedsynthError as exc:
+        if debug:
+            raise
+        print(f"medsynth: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medsynth: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"medsynth: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "  rerun with --debug for the traceback and report it with the output of 'medsynth env'",
+            file=sys.stderr,
+        )
+        return 70
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

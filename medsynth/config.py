@@ -1,0 +1,510 @@
+"""Typed configuration: dataclasses loaded from YAML and validated once, at load.
+
+* Unknown keys are rejected with a did-you-mean suggestion.
+* Wrong types are reported with the full YAML key path (``training.diffusion.lr``).
+* Cross-field rules live in each section's ``check()`` and report key paths too.
+* All problems are collected and reported together in one :class:`ConfigError`.
+
+No code is evaluated from a config file: values are plain YAML scalars, lists and mappings.
+Later stages grow their own section dataclass here; every shipped file in ``configs/`` is loaded
+by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from medsynth.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IntensityConfig:
+    """Intensity normalisation into model space ([-1, 1]); has an exact inverse.
+
+    CT uses a fixed HU window ``window: [lo, hi]``; MR uses per-volume percentiles
+    ``percentiles: [lo, hi]`` whose dataset-level values are stored in the checkpoint so samples
+    can be mapped back to the intensity range of the training data.
+    """
+
+    window: Optional[tuple[float, float]] = (-1000.0, 1000.0)
+    percentiles: Optional[tuple[float, float]] = None
+    clip: bool = True
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if (self.window is None) == (self.percentiles is None):
+            errs.append(f"{path}: set exactly one of 'window' (CT, HU) or 'percentiles' (MR)")
+        if self.window is not None and not self.window[0] < self.window[1]:
+            errs.append(f"{path}.window: lower bound must be below upper bound, got {list(self.window)}")
+        if self.percentiles is not None:
+            lo, hi = self.percentiles
+            if not (0.0 <= lo < hi <= 100.0):
+                errs.append(f"{path}.percentiles: need 0 <= lo < hi <= 100, got {[lo, hi]}")
+        return errs
+
+
+@dataclass
+class DataConfig:
+    """Where cases come from and the grid every case is resampled onto."""
+
+    manifest: Optional[str] = None
+    modality: Literal["CT", "MR"] = "CT"
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    shape: tuple[int, int, int] = (128, 128, 128)
+    orientation: str = "RAS"
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    use_labels: bool = False
+    cache: Literal["none", "memory", "disk"] = "memory"
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+    val_fraction: float = 0.1
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if any(s <= 0 for s in self.spacing):
+            errs.append(f"{path}.spacing: every spacing must be > 0 mm, got {list(self.spacing)}")
+        if any(s < 4 for s in self.shape):
+            errs.append(f"{path}.shape: every size must be >= 4 voxels, got {list(self.shape)}")
+        o = self.orientation.upper()
+        axes = [{"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}.get(c) for c in o]
+        if len(o) != 3 or None in axes or sorted(axes) != [0, 1, 2]:
+            errs.append(
+                f"{path}.orientation: need three axis codes, one each of R/L, A/P, S/I (e.g. 'RAS'), "
+                f"got {self.orientation!r}"
+            )
+        if self.modality == "CT" and self.intensity.window is None:
+            errs.append(f"{path}.intensity: modality CT needs a HU 'window', not percentiles")
+        if self.modality == "MR" and self.intensity.percentiles is None:
+            errs.append(f"{path}.intensity: modality MR needs 'percentiles' (MR has no absolute units)")
+        if self.cache == "disk" and not self.cache_dir:
+            errs.append(f"{path}.cache_dir: cache 'disk' needs a cache_dir")
+        if not 0.0 <= self.val_fraction < 1.0:
+            errs.append(f"{path}.val_fraction: need 0 <= value < 1, got {self.val_fraction}")
+        if self.num_workers < 0:
+            errs.append(f"{path}.num_workers: must be >= 0")
+        return errs
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage-1 network: MONAI ``AutoencoderKL`` ("monai") or MAISI's autoencoder ("maisi")."""
+
+    kind: Literal["monai", "maisi"] = "monai"
+    channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    with_nonlocal_attn: bool = False
+    norm_num_groups: int = 16
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if len(self.attention_levels) != len(self.channels):
+            errs.append(
+                f"{path}.attention_levels: needs one entry per level of 'channels' "
+                f"({len(self.channels)}), got {len(self.attention_levels)}"
+            )
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            errs.append(f"{path}.channels: every channel count must be divisible by norm_num_groups "
+                        f"({self.norm_num_groups}); {bad} are not")
+        if self.latent_channels < 1:
+            errs.append(f"{path}.latent_channels: must be >= 1")
+        return errs
+
+
+@dataclass
+class UNetConfig:
+    """Stage-2 network: MONAI ``DiffusionModelUNet`` in the autoencoder's latent space."""
+
+    channels: tuple[int, ...] = (64, 128, 256)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+    num_class_embeds: Optional[int] = None
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if len(self.attention_levels) != len(self.channels):
+            errs.append(
+                f"{path}.attention_levels: needs one entry per level of 'channels' "
+                f"({len(self.channels)}), got {len(self.attention_levels)}"
+            )
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            errs.append(f"{path}.channels: every channel count must be divisible by norm_num_groups "
+                        f"({self.norm_num_groups}); {bad} are not")
+        if self.num_class_embeds is not None and self.num_class_embeds < 2:
+            errs.append(f"{path}.num_class_embeds: need >= 2 classes, or null for unconditional")
+        return errs
+
+
+@dataclass
+class ModelConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    steps: int = 2000
+    batch_size: int = 1
+    lr: float = 1e-4
+    kl_weight: float = 1e-6
+    adv_weight: float = 0.01
+    adv_start: int = 500
+    perceptual_weights: Optional[str] = None
+    perceptual_weight: float = 0.0
+    val_every: int = 200
+    log_every: int = 50
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if self.perceptual_weight > 0 and not self.perceptual_weights:
+            errs.append(f"{path}.perceptual_weights: perceptual_weight > 0 needs a local weights file "
+                        "(nothing is downloaded); set the path or set perceptual_weight: 0")
+        return errs
+
+
+@dataclass
+class DiffusionTrainConfig:
+    steps: int = 10000
+    batch_size: int = 1
+    lr: float = 1e-4
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    cond_drop_prob: float = 0.1
+    num_train_timesteps: int = 1000
+    val_every: int = 500
+    log_every: int = 100
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if not 0.0 <= self.ema_decay < 1.0:
+            errs.append(f"{path}.ema_decay: need 0 <= value < 1, got {self.ema_decay}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            errs.append(f"{path}.cond_drop_prob: need 0 <= value < 1, got {self.cond_drop_prob}")
+        return errs
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    scheduler: Literal["ddpm", "ddim", "rflow"] = "ddpm"
+    checkpoint_every: int = 500
+    autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+
+
+@dataclass
+class TilingConfig:
+    """Decode latents in overlapping tiles (MONAI sliding window) to bound memory."""
+
+    enabled: bool = True
+    latent_roi: tuple[int, int, int] = (32, 32, 32)
+    overlap: float = 0.25
+
+    def check(self, path: str) -> list[str]:
+        if not 0.0 <= self.overlap < 1.0:
+            return [f"{path}.overlap: need 0 <= value < 1, got {self.overlap}"]
+        return []
+
+
+@dataclass
+class SamplingConfig:
+    scheduler: Literal["ddpm", "ddim", "rflow"] = "ddim"
+    steps: int = 50
+    guidance_scale: float = 1.0
+    batch_size: int = 1
+    use_ema: bool = True
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if self.steps < 1:
+            errs.append(f"{path}.steps: must be >= 1")
+        if self.batch_size < 1:
+            errs.append(f"{path}.batch_size: must be >= 1")
+        return errs
+
+
+@dataclass
+class QCConfig:
+    """Per-volume checks and dataset metrics (thresholds per modality)."""
+
+    ct_range: tuple[float, float] = (-1024.0, 3071.0)
+    percentile_margin: float = 0.25
+    artefact_threshold: float = 0.35
+    min_std: float = 1e-3
+
+
+@dataclass
+class PrivacyConfig:
+    """Memorisation screen and identifier handling."""
+
+    memorisation_quantile: float = 0.01
+    downsample: tuple[int, int, int] = (32, 32, 32)
+
+    def check(self, path: str) -> list[str]:
+        if not 0.0 <= self.memorisation_quantile <= 0.5:
+            return [f"{path}.memorisation_quantile: need 0 <= value <= 0.5"]
+        return []
+
+
+@dataclass
+class ExportConfig:
+    formats: tuple[str, ...] = ("nifti", "dicom")
+    uid_root: Optional[str] = None
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        bad = [f for f in self.formats if f not in ("nifti", "dicom", "seg")]
+        if bad:
+            errs.append(f"{path}.formats: unknown format(s) {bad}; choose from nifti, dicom, seg")
+        return errs
+
+
+@dataclass
+class Config:
+    """The whole medsynth configuration (one YAML file)."""
+
+    name: str = "medsynth"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        ae_down = 2 ** (len(self.model.autoencoder.channels) - 1)
+        bad = [s for s in self.data.shape if s % ae_down]
+        if bad:
+            errs.append(
+                f"data.shape: every size must be divisible by {ae_down} (the autoencoder downsamples "
+                f"{len(self.model.autoencoder.channels) - 1} times); {bad} are not"
+            )
+        latent = [s // ae_down for s in self.data.shape]
+        unet_down = 2 ** (len(self.model.unet.channels) - 1)
+        badl = [s for s in latent if s % unet_down]
+        if badl:
+            errs.append(
+                f"data.shape: the latent grid {latent} must be divisible by {unet_down} (the UNet "
+                f"downsamples {len(self.model.unet.channels) - 1} times)"
+            )
+        if self.training.diffusion.cond_drop_prob > 0 and self.model.unet.num_class_embeds is None:
+            pass  # unconditional model: label dropout is simply unused
+        if self.sampling.guidance_scale != 1.0 and self.model.unet.num_class_embeds is None:
+            errs.append("sampling.guidance_scale: classifier-free guidance needs a class-conditional "
+                        "model (set model.unet.num_class_embeds) or guidance_scale: 1.0")
+        if self.sampling.scheduler == "rflow" and self.training.scheduler != "rflow":
+            errs.append("sampling.scheduler: 'rflow' sampling needs a model trained with "
+                        "training.scheduler: rflow")
+        if self.sampling.scheduler in ("ddpm", "ddim") and self.training.scheduler == "rflow":
+            errs.append("sampling.scheduler: a rectified-flow model (training.scheduler: rflow) "
+                        "must be sampled with scheduler 'rflow'")
+        if self.sampling.scheduler == "ddpm" and self.sampling.steps != self.training.diffusion.num_train_timesteps:
+            errs.append("sampling.steps: DDPM samples with all training timesteps "
+                        f"({self.training.diffusion.num_train_timesteps}); use 'ddim' for fewer steps")
+        return errs
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Load, validate and return a :class:`Config` from a YAML file.
+
+    Relative paths in ``data.manifest`` / ``data.cache_dir`` / perceptual weights are resolved
+    against the YAML file's folder.  Raises :class:`ConfigError` listing every problem.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found", hint="pass the path of a YAML file, e.g. configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    cfg = config_from_dict(raw, source=str(path))
+    _resolve_paths(cfg, path.parent)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a plain mapping into a :class:`Config` (all problems reported at once)."""
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors.extend(_check_all(cfg, ""))
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"{source}: {len(errors)} problem(s) in the config:\n{lines}")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-ready form of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(x) for x in cfg]
+    return cfg
+
+
+def config_hash(cfg: Config) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _resolve_paths(cfg: Config, root: Path) -> None:
+    def res(p: Optional[str]) -> Optional[str]:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (root / q).resolve())
+
+    cfg.data.manifest = res(cfg.data.manifest)
+    cfg.data.cache_dir = res(cfg.data.cache_dir)
+    cfg.training.autoencoder.perceptual_weights = res(cfg.training.autoencoder.perceptual_weights)
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _build(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
+    where = path or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping of keys, got {_type_name(raw)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            errors.append(f"{_key(path, str(key))}: unknown key{hint}")
+            continue
+        kwargs[key] = _coerce(hints[key], value, _key(path, key), errors)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, path, errors)
+        sub: list[str] = []
+        for a in inner:
+            sub = []
+            out = _coerce(a, value, path, sub)
+            if not sub:
+                return out
+        errors.extend(sub)
+        return value
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            errors.append(f"{path}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected a list, got {_type_name(value)}")
+            return value
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+        if len(value) != len(args):
+            errors.append(f"{path}: expected a list of {len(args)} values, got {len(value)}")
+            return tuple(value)
+        return tuple(_coerce(a, v, f"{path}[{i}]", errors) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {_type_name(value)} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {_type_name(value)} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {_type_name(value)} {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {_type_name(value)} {value!r}")
+        return value
+    return value
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _check_all(obj: Any, path: str) -> list[str]:
+    errs: list[str] = []
+    if not dataclasses.is_dataclass(obj):
+        return errs
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            errs.extend(_check_all(v, _key(path, f.name)))
+    check = getattr(obj, "check", None)
+    if check is not None:
+        errs.extend(check(path))
+    return errs

@@ -1,0 +1,33 @@
+"""The one progress-bar helper.  Off with ``--no-progress``, on non-zero ranks, and when not a TTY."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
+_ENABLED: Optional[bool] = None
+
+
+def set_progress(enabled: bool) -> None:
+    global _ENABLED
+    _ENABLED = enabled
+
+
+def progress_enabled() -> bool:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return False
+    if _ENABLED is not None:
+        return _ENABLED
+    return sys.stderr.isatty()
+
+
+def progress(iterable: Iterable[T], desc: str = "", total: Optional[int] = None, leave: bool = False) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm bar when progress is enabled, else return it unchanged."""
+    if not progress_enabled():
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)

@@ -1,0 +1,126 @@
+"""The on-disk format of synthetic samples, shared by generate, qc, export and jobs.
+
+A samples folder holds, per sample ``<id>`` (``synth-<run>-<index>``):
+
+* ``<id>.nii.gz``       the image in physical units (HU for CT), float32, affine of the configured grid;
+* ``<id>.json``         the sidecar (:class:`SampleSidecar`): ``format: "medsynth-sample/1"``, id,
+                        index, seed, class, modality, units, shape, spacing, orientation,
+                        checkpoint hash, config hash, versions, and ``label_values`` when a label exists;
+* ``<id>_label.nii.gz`` optional integer label map on the same grid;
+* ``<id>.qc.json``      optional QC verdict written by ``medsynth qc``: ``{"passed": bool, "reasons": [...]}``.
+
+Files are written atomically; the sidecar is written last, so a sample "exists" only when its
+sidecar does.  ``quarantine/`` holds samples that failed QC.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from medsynth.errors import MedsynthError
+from medsynth.jobs import write_json
+from medsynth.volume import Volume
+
+SAMPLE_FORMAT = "medsynth-sample/1"
+
+
+@dataclass
+class Sample:
+    """One sample on disk: its id, files and sidecar (loaded lazily)."""
+
+    id: str
+    image_path: Path
+    sidecar_path: Path
+    sidecar: dict[str, Any]
+    label_path: Optional[Path] = None
+
+    @property
+    def qc_path(self) -> Path:
+        return self.sidecar_path.with_name(f"{self.id}.qc.json")
+
+    def qc_verdict(self) -> Optional[dict[str, Any]]:
+        if not self.qc_path.is_file():
+            return None
+        return json.loads(self.qc_path.read_text())
+
+    def load(self) -> Volume:
+        v = Volume.load_nifti(self.image_path, modality=self.sidecar.get("modality", "CT"),
+                              units=self.sidecar.get("units"))
+        v.meta.update(id=self.id, index=self.sidecar.get("index"), seed=self.sidecar.get("seed"),
+                      class_label=self.sidecar.get("class"))
+        return v
+
+    def load_label(self) -> Optional[Volume]:
+        if self.label_path is None:
+            return None
+        return Volume.load_nifti(self.label_path, modality="SEG", units="label")
+
+
+def write_sample(out_dir: Path, sample_id: str, image: Volume, sidecar: dict[str, Any],
+                 label: Optional[Volume] = None) -> Sample:
+    """Write one sample (image, optional label, then the sidecar last), each file atomically."""
+    out_dir = Path(out_dir)
+    img_path = out_dir / f"{sample_id}.nii.gz"
+    image.save_nifti(img_path, dtype="float32", description="medsynth synthetic")
+    label_path = None
+    if label is not None:
+        label_path = out_dir / f"{sample_id}_label.nii.gz"
+        label.save_nifti(label_path, dtype="uint8", description="medsynth synthetic label")
+    meta = {"format": SAMPLE_FORMAT, "id": sample_id, **sidecar,
+            "shape": list(image.shape), "spacing": list(image.spacing),
+            "orientation": image.orientation, "affine": image.affine.tolist(),
+            "modality": image.modality, "units": image.units,
+            "image": img_path.name, "label": label_path.name if label_path else None}
+    side = out_dir / f"{sample_id}.json"
+    write_json(side, meta)
+    return Sample(sample_id, img_path, side, meta, label_path)
+
+
+def read_sample(sidecar_path: Path) -> Sample:
+    """Read one sample from its sidecar; raises MedsynthError if it is not a medsynth sample."""
+    sidecar_path = Path(sidecar_path)
+    try:
+        meta = json.loads(sidecar_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MedsynthError(f"{sidecar_path}: not a readable sample sidecar ({type(exc).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SAMPLE_FORMAT:
+        raise MedsynthError(f"{sidecar_path}: not a medsynth sample sidecar (no format '{SAMPLE_FORMAT}')")
+    sid = meta.get("id")
+    img = sidecar_path.parent / str(meta.get("image", f"{sid}.nii.gz"))
+    if not img.is_file():
+        raise MedsynthError(f"{sidecar_path}: its image {img.name} is missing",
+                            hint="regenerate the sample or remove the stray sidecar")
+    lab = meta.get("label")
+    label_path = sidecar_path.parent / lab if lab else None
+    if label_path is not None and not label_path.is_file():
+        raise MedsynthError(f"{sidecar_path}: its label {lab} is missing")
+    return Sample(str(sid), img, sidecar_path, meta, label_path)
+
+
+def list_samples(samples_dir: Path) -> list[Sample]:
+    """All samples in a folder (not in ``quarantine/``), sorted by index then id.
+
+    Raises :class:`MedsynthError` naming the folder if it does not exist or holds no samples.
+    """
+    samples_dir = Path(samples_dir)
+    if not samples_dir.is_dir():
+        raise MedsynthError(f"{samples_dir}: samples folder not found",
+                            hint="pass the --out folder of 'medsynth generate'")
+    out = []
+    for side in sorted(samples_dir.glob("*.json")):
+        if side.name.endswith(".qc.json"):
+            continue
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT:
+            out.append(read_sample(side))
+    if not out:
+        raise MedsynthError(f"{samples_dir}: holds no medsynth samples (no '<id>.json' sidecars with "
+                            f"format '{SAMPLE_FORMAT}')", hint="pass the --out folder of 'medsynth generate'")
+    out.sort(key=lambda s: (s.sidecar.get("index", 0), s.id))
+    return out
