@@ -1,0 +1,80 @@
+"""Read one case's image (NIfTI file or DICOM series folder) as a :class:`Volume`, and the MONAI
+reader that lets ``LoadImaged`` use the same code path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from monai.data import ImageReader
+
+from medsynth.errors import ImageReadError
+from medsynth.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def read_image(path: str | Path, modality: Optional[str] = None, **case_extra: Any) -> Volume:
+    """Read a NIfTI file or a DICOM series folder into a :class:`Volume` (RAS affine, physical units).
+
+    ``case_extra`` carries manifest keys that select one series inside a folder (see
+    ``data_manifests/README.md``).  Raises :class:`ImageReadError` naming the path on any failure.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: not found", hint="fix the path in the manifest (paths are relative to it)")
+    if path.is_dir():
+        from medsynth.data.dicom import read_series
+
+        vol = read_series(path, **case_extra)
+        if modality and vol.modality != modality and vol.modality in ("CT", "MR"):
+            pass  # the manifest verifier reports modality mismatches; reading stays permissive
+        return vol
+    if is_nifti(path):
+        return Volume.load_nifti(path, modality=modality or "CT")
+    raise ImageReadError(f"{path}: unsupported image type",
+                         hint="use a NIfTI file (.nii/.nii.gz) or a folder holding one DICOM series")
+
+
+class MedsynthReader(ImageReader):
+    """A MONAI ``ImageReader`` for NIfTI files and DICOM series folders via :func:`read_image`.
+
+    It returns RAS affines (``space: RAS``) so ``LoadImage`` needs no LPS conversion, and it reads
+    DICOM with medsynth's own series checks (slice order by position, regular grid).
+    """
+
+    def __init__(self, **case_extra: Any):
+        super().__init__()
+        self.case_extra = case_extra
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        return all(Path(n).is_dir() or is_nifti(Path(n)) for n in names)
+
+    def read(self, data: Sequence[str] | str, **kwargs: Any) -> Volume:
+        if not isinstance(data, (str, Path)):
+            data = list(data)
+            if len(data) != 1:
+                raise ImageReadError("MedsynthReader reads one image per case")
+            data = data[0]
+        return read_image(Path(data), **{**self.case_extra, **kwargs})
+
+    def get_data(self, img: Volume) -> tuple[np.ndarray, dict]:
+        from monai.utils import MetaKeys, SpaceKeys
+
+        meta = {
+            MetaKeys.AFFINE: img.affine.copy(),
+            MetaKeys.ORIGINAL_AFFINE: img.affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(img.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            "modality": img.modality,
+            "units": img.units,
+        }
+        return np.asarray(img.array, dtype=np.float32), meta
