@@ -146,11 +146,53 @@ def _run_data_phantoms(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+
+
+def _add_export(sub) -> None:
+    p = _verb(sub, "export",
+              "export QC-passed samples as NIfTI (nnU-Net layout), DICOM series and dataset files",
+              "medsynth export runs/demo/samples --out exports/demo --format nifti,dicom,seg", _run_export)
+    p.add_argument("samples", type=Path, metavar="SAMPLES_DIR", help="folder written by 'medsynth generate'")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to create (built beside it, then renamed)")
+    p.add_argument("--format", dest="formats", default=None,
+                   help="comma-separated: nifti, dicom, seg (default: the config's export.formats, "
+                        "else nifti,dicom)")
+    p.add_argument("--uid-root", default=None,
+                   help="DICOM UID root (default 2.25: UUID-derived UIDs); UIDs are deterministic per sample")
+    p.add_argument("--force", action="store_true", help="also export samples without a passing QC verdict")
+    p.add_argument("--reference", type=Path, default=None, metavar="MANIFEST",
+                   help="training-data manifest: run the PHI scan against it before publishing")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--name", default=None, help="dataset name in dataset.json/manifest (default: --out folder name)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config whose 'export' section gives defaults")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from medsynth.errors import ExportError
+    from medsynth.export import DEFAULT_FORMATS, export_samples
+
+    formats, uid_root = args.formats, args.uid_root
+    if args.config is not None:
+        from medsynth.config import load_config
+
+        cfg = load_config(args.config)
+        formats = formats if formats is not None else list(cfg.export.formats)
+        uid_root = uid_root if uid_root is not None else cfg.export.uid_root
+    result = export_samples(args.samples, args.out, formats=formats if formats is not None else DEFAULT_FORMATS,
+                            uid_root=uid_root, force=args.force, reference=args.reference,
+                            overwrite=args.overwrite, name=args.name)
+    print(result.summary())
+    return 0 if result.ok else ExportError.exit_code
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
-REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data]
+REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,542 @@
+"""Export a samples folder as a training-ready dataset: NIfTI, DICOM, DICOM SEG, dataset files.
+
+Layout of ``OUT`` (every part optional except the manifest and the report)::
+
+    imagesTr/<id>_0000.nii.gz   CT int16 HU / MR float32          (nnU-Net v2 raw layout)
+    labelsTr/<id>.nii.gz        uint8 label map
+    dataset.json                nnU-Net v2 (channel_names, labels, numTraining, file_ending)
+    datalist.json               Decathlon-style list MONAI's load_decathlon_datalist reads
+    manifest.json               medsynth-manifest/1 with provenance per case
+    dicom/<id>/IM00001.dcm ...  one CT/MR Image Storage series per sample, one file per slice
+    dicom_seg/<id>.dcm          DICOM SEG of the label, referencing that series
+    export.json                 what was exported, refused and failed, with versions
+
+The whole folder is built beside ``OUT`` under a hidden temporary name and renamed into place
+only when complete, so ``OUT`` is either absent, the previous export, or the complete new one.
+A sample that fails is reported and skipped; the caller exits non-zero if any failed.
+Samples without a passing QC verdict (``<id>.qc.json``) are refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from medsynth import __version__
+from medsynth.errors import ExportError, MedsynthError, PrivacyError
+from medsynth.jobs import sha256_file, write_json
+from medsynth.progress import progress
+from medsynth.samples import SAMPLE_FORMAT, Sample, read_sample
+
+log = logging.getLogger("medsynth.export")
+
+FORMATS = ("nifti", "dicom", "seg")
+DEFAULT_FORMATS = ("nifti", "dicom")
+EXPORT_REPORT_FORMAT = "medsynth-export/1"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"nifti,dicom"`` (or a list) as a validated tuple; raise ExportError with a suggestion."""
+    import difflib
+
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for raw in items:
+        f = str(raw).strip().lower()
+        if not f:
+            continue
+        if f not in FORMATS:
+            close = difflib.get_close_matches(f, FORMATS, n=1)
+            raise ExportError(f"--format: unknown format {f!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                              hint=f"choose from {', '.join(FORMATS)}, comma-separated")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise ExportError("--format is empty", hint=f"choose from {', '.join(FORMATS)}, comma-separated")
+    if "seg" in out and "dicom" not in out:
+        raise ExportError("--format seg needs dicom too: a DICOM SEG references the exported image series",
+                          hint="use --format nifti,dicom,seg")
+    return tuple(f for f in FORMATS if f in out)
+
+
+# ---------------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_samples` did.  Ids are synthetic sample ids (never patient data)."""
+
+    out_dir: Path
+    formats: tuple[str, ...]
+    exported: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    n_dicom_files: int = 0
+    n_seg: int = 0
+    dataset_files: list[str] = field(default_factory=list)
+    phi_scan: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        parts = [f"exported {len(self.exported)} sample(s) to {self.out_dir} ({', '.join(self.formats)})"]
+        if "dicom" in self.formats:
+            parts.append(f"{self.n_dicom_files} DICOM image file(s)")
+        if "seg" in self.formats:
+            parts.append(f"{self.n_seg} DICOM SEG")
+        if self.dataset_files:
+            parts.append("dataset files: " + ", ".join(self.dataset_files))
+        if self.phi_scan:
+            parts.append(self.phi_scan)
+        lines = ["; ".join(parts)]
+        if self.refused:
+            lines.append(refusal_summary(self.refused))
+        if self.failed:
+            lines.append(f"{len(self.failed)} sample(s) failed and were skipped:")
+            lines += [f"  {sid}: {msg}" for sid, msg in self.failed.items()]
+        return "\n".join(lines)
+
+
+def refusal_summary(refused: dict[str, str]) -> str:
+    """One line per refusal reason with its count, e.g. ``2 without a QC verdict``."""
+    counts: dict[str, int] = {}
+    for reason in refused.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    body = "; ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda t: -t[1]))
+    return (f"refused {len(refused)} sample(s) without a passing QC verdict ({body}); "
+            "run 'medsynth qc' or pass --force to export them anyway")
+
+
+# ---------------------------------------------------------------------------------------------
+# samples and the QC gate
+# ---------------------------------------------------------------------------------------------
+
+
+def collect_samples(samples_dir: Path) -> tuple[list[Sample], dict[str, str]]:
+    """All samples of a folder, plus the sidecars that claim to be samples but are broken.
+
+    Unlike :func:`medsynth.samples.list_samples`, one broken sample (missing image, ...) does
+    not hide the others.  Raises ExportError when the folder holds nothing that is a sample.
+    """
+    samples_dir = Path(samples_dir)
+    if not samples_dir.is_dir():
+        raise ExportError(f"{samples_dir}: samples folder not found",
+                          hint="pass the --out folder of 'medsynth generate'")
+    samples: list[Sample] = []
+    broken: dict[str, str] = {}
+    for side in sorted(samples_dir.glob("*.json")):
+        if side.name.endswith(".qc.json"):
+            continue
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not (isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT):
+            continue
+        try:
+            samples.append(read_sample(side))
+        except MedsynthError as exc:
+            broken[side.name[: -len(".json")]] = exc.message
+    if not samples and not broken:
+        raise ExportError(
+            f"{samples_dir}: holds no medsynth samples (no '<id>.json' sidecar with format '{SAMPLE_FORMAT}')",
+            hint="pass the --out folder of 'medsynth generate' (NIfTI files alone are not samples)")
+    samples.sort(key=lambda s: (s.sidecar.get("index") if isinstance(s.sidecar.get("index"), int) else 0, s.id))
+    return samples, broken
+
+
+def qc_status(sample: Sample) -> tuple[str, Optional[dict[str, Any]]]:
+    """("passed" | "failed" | "missing" | "unreadable", verdict) for one sample's QC verdict."""
+    try:
+        verdict = sample.qc_verdict()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "unreadable", None
+    if verdict is None:
+        return "missing", None
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("passed"), bool):
+        return "unreadable", None
+    return ("passed" if verdict["passed"] else "failed"), verdict
+
+
+_REFUSAL = {"missing": "without a QC verdict", "failed": "that failed QC",
+            "unreadable": "with an unreadable QC verdict"}
+
+
+# ---------------------------------------------------------------------------------------------
+# one sample
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_names(sidecar: dict[str, Any]) -> dict[int, str]:
+    """Label value -> name from the sidecar's ``label_values`` ({name: value}, {value: name} or [values])."""
+    lv = sidecar.get("label_values")
+    out: dict[int, str] = {}
+    if isinstance(lv, dict):
+        for k, v in lv.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[int(v)] = str(k)
+            elif re.fullmatch(r"\d+", str(k)):
+                out[int(k)] = str(v)
+    elif isinstance(lv, list):
+        out = {int(v): f"label_{int(v)}" for v in lv if isinstance(v, int) and not isinstance(v, bool)}
+    out.setdefault(0, "background")
+    return out
+
+
+def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: str, qc: str,
+                verdict: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Export one sample into the temporary tree; return its record for the dataset files."""
+    import numpy as np
+
+    from medsynth.export import dicom as dcm
+    from medsynth.export import nifti
+    from medsynth.volume import Volume
+
+    sid = sample.id
+    if not _SAFE_ID.match(sid):
+        raise ExportError("sample id is not a safe file name (letters, digits, '.', '_', '-' only)",
+                          hint="regenerate the samples; ids look like synth-<run>-<index>")
+    vol = sample.load()
+    if vol.modality not in ("CT", "MR"):
+        raise ExportError(f"modality {vol.modality!r} cannot be exported as an image (CT or MR only)")
+    if not np.all(np.isfinite(vol.array)):
+        raise ExportError("image holds NaN or infinite values", hint="run 'medsynth qc'; it rejects such samples")
+    dcm.check_representable(vol)
+    label_vol = sample.load_label()
+    label_arr = nifti.check_label(label_vol, vol) if label_vol is not None else None
+    names = _label_names(sample.sidecar)
+
+    encoding = dcm.encode_ct(vol.array) if vol.modality == "CT" else dcm.encode_mr(vol.array)
+    # CT: the NIfTI holds exactly the integers the DICOM stores; MR: NIfTI keeps float32 values.
+    out_vol = Volume(encoding.stored, vol.affine, "CT", "HU") if vol.modality == "CT" else vol
+    source_sha = sha256_file(sample.image_path)
+    uid_key = f"medsynth {__version__}|{sid}|{source_sha}"
+    rec: dict[str, Any] = {"id": sid, "modality": vol.modality, "shape": list(vol.shape),
+                           "spacing": [float(s) for s in vol.spacing], "image": None, "label": None,
+                           "label_values": sorted(int(v) for v in np.unique(label_arr)) if label_arr is not None else [],
+                           "label_names": names}
+    if "nifti" in formats:
+        img_path = nifti.write_image(out_vol, tmp / "imagesTr" / f"{sid}_0000.nii.gz")
+        rec["image"] = img_path
+        if label_arr is not None:
+            rec["label"] = nifti.write_label(vol.with_array(label_arr, modality="SEG", units="label"),
+                                             tmp / "labelsTr" / f"{sid}.nii.gz")
+    dicom_info: dict[str, Any] = {}
+    if "dicom" in formats:
+        checkpoint = str(sample.sidecar.get("checkpoint_hash") or sample.sidecar.get("checkpoint") or "")[:16]
+        info, datasets = dcm.write_series(
+            vol, encoding, tmp / "dicom" / sid, case_id=sid, uid_key=uid_key, uid_root=uid_root,
+            description=f"sample {sid}, seed {sample.sidecar.get('seed')}"
+                        + (f", checkpoint {checkpoint}" if checkpoint else ""))
+        dicom_info = info.as_dict(tmp)
+        rec["n_dicom_files"] = len(info.files)
+        if rec["image"] is None:
+            rec["image"] = info.folder
+        if "seg" in formats and label_arr is not None:
+            if np.any(label_arr):
+                seg_path = tmp / "dicom_seg" / f"{sid}.dcm"
+                seg_uid, n_seg = dcm.write_seg(
+                    vol.with_array(label_arr, modality="SEG", units="label"), datasets, seg_path,
+                    uid_key=uid_key, uid_root=uid_root, label_names=names)
+                dicom_info["seg"] = {"file": seg_path.relative_to(tmp).as_posix(), "series_uid": seg_uid,
+                                     "n_segments": n_seg}
+            else:
+                log.warning("%s: label map is empty; no DICOM SEG written", sid)
+    rec["class_label"] = sample.sidecar.get("class")
+    rec["provenance"] = {
+        "sample_format": sample.sidecar.get("format"),
+        "index": sample.sidecar.get("index"),
+        "seed": sample.sidecar.get("seed"),
+        "class": sample.sidecar.get("class"),
+        "checkpoint_hash": sample.sidecar.get("checkpoint_hash", sample.sidecar.get("checkpoint")),
+        "config_hash": sample.sidecar.get("config_hash"),
+        "versions": sample.sidecar.get("versions"),
+        "source_image_sha256": source_sha,
+        "qc": {"status": qc, "passed": bool(verdict and verdict.get("passed") is True),
+               "reasons": list(verdict.get("reasons", [])) if verdict else []},
+        "exported_by": f"medsynth {__version__}",
+        "dicom": dicom_info or None,
+    }
+    return rec
+
+
+def _remove_case(tmp: Path, sid: str) -> None:
+    """Remove whatever a failed sample left in the temporary tree."""
+    for p in (tmp / "imagesTr" / f"{sid}_0000.nii.gz", tmp / "labelsTr" / f"{sid}.nii.gz",
+              tmp / "dicom_seg" / f"{sid}.dcm"):
+        p.unlink(missing_ok=True)
+    shutil.rmtree(tmp / "dicom" / sid, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset files
+# ---------------------------------------------------------------------------------------------
+
+
+def _dataset_labels(records: list[dict[str, Any]]) -> dict[str, int]:
+    """nnU-Net label dict {name: value}, consecutive from 0 ("background": 0) over all cases."""
+    names: dict[int, str] = {}
+    top = 0
+    for r in records:
+        for v, n in r["label_names"].items():
+            names.setdefault(int(v), n)
+        top = max([top, *r["label_values"], *[int(v) for v in r["label_names"]]])
+    out: dict[str, int] = {}
+    for v in range(top + 1):
+        name = "background" if v == 0 else names.get(v, f"label_{v}")
+        if name in out:
+            name = f"{name}_{v}"
+        out[name] = v
+    return out
+
+
+def _write_dataset_files(tmp: Path, name: str, modality: str, records: list[dict[str, Any]],
+                         result: ExportResult) -> None:
+    from medsynth.manifest import Case, Manifest, save_manifest
+
+    labelled = [r for r in records if r["label"] is not None]
+    labels = _dataset_labels(labelled) if labelled else {}
+    if records and records[0]["image"] is not None and str(records[0]["image"]).endswith(".nii.gz"):
+        if labelled and len(labelled) == len(records):
+            write_json(tmp / "dataset.json", {
+                "channel_names": {"0": modality},
+                "labels": labels,
+                "numTraining": len(records),
+                "file_ending": ".nii.gz",
+                "name": name,
+                "description": f"SYNTHETIC images generated by medsynth {__version__}; no real patient data",
+                "licence": "see the licence of the medsynth model that generated these samples",
+                "reference": "medsynth",
+                "release": __version__,
+            })
+            result.dataset_files.append("dataset.json")
+        else:
+            log.warning("not writing nnU-Net dataset.json: %d of %d samples have no label map",
+                        len(records) - len(labelled), len(records))
+        training = []
+        for r in records:
+            item: dict[str, Any] = {"image": "./" + r["image"].relative_to(tmp).as_posix()}
+            if r["label"] is not None:
+                item["label"] = "./" + r["label"].relative_to(tmp).as_posix()
+            if r["class_label"] is not None:
+                item["class_label"] = r["class_label"]
+            training.append(item)
+        write_json(tmp / "datalist.json", {
+            "name": name,
+            "description": f"SYNTHETIC images generated by medsynth {__version__}; no real patient data",
+            "modality": {"0": modality},
+            "labels": {str(v): k for k, v in labels.items()},
+            "numTraining": len(training),
+            "numTest": 0,
+            "training": training,
+            "test": [],
+        })
+        result.dataset_files.append("datalist.json")
+    cases = [Case(id=r["id"], image=r["image"], label=r["label"], class_label=r["class_label"],
+                  modality=r["modality"], shape=tuple(r["shape"]), spacing=tuple(r["spacing"]),
+                  sha256=sha256_file(r["image"]) if Path(r["image"]).is_file() else None,
+                  extra={"synthetic": True, "provenance": r["provenance"]})
+             for r in records]
+    extra: dict[str, Any] = {"synthetic": True, "generator": f"medsynth {__version__}"}
+    if labels:
+        extra["labels"] = labels
+    save_manifest(Manifest(cases, name=name, modality=modality, extra=extra), tmp / "manifest.json")
+    result.dataset_files.append("manifest.json")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"medsynth": __version__}
+    for dist in ("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# PHI scan and publishing
+# ---------------------------------------------------------------------------------------------
+
+
+def _phi_scan(tmp: Path, reference: Path) -> str:
+    """Run the privacy stage's PHI scan over the finished export; raise PrivacyError on findings."""
+    try:
+        from medsynth.privacy.phi_scan import scan_phi
+    except ImportError:
+        raise ExportError("--reference needs the PHI scanner (medsynth.privacy.phi_scan), "
+                          "which this installation lacks",
+                          hint="update medsynth, or export without --reference") from None
+    report = scan_phi(tmp, reference)
+    findings = _findings(report)
+    if findings:
+        raise PrivacyError(f"PHI scan found {findings} possible identifier(s) from the reference in the "
+                           "export; nothing was published", hint="inspect the samples with 'medsynth privacy'")
+    return "PHI scan against the reference: clean"
+
+
+def _findings(report: Any) -> int:
+    """The number of findings in a scan_phi report (an object, a dict, or a list of findings)."""
+    if report is None:
+        return 0
+    if isinstance(report, (list, tuple)):
+        return len(report)
+    for attr in ("findings", "hits", "matches"):
+        val = report.get(attr) if isinstance(report, dict) else getattr(report, attr, None)
+        if val is not None:
+            return len(val) if hasattr(val, "__len__") else int(val)
+    clean = report.get("clean") if isinstance(report, dict) else getattr(report, "clean", None)
+    if clean is not None:
+        return 0 if clean else 1
+    passed = report.get("passed") if isinstance(report, dict) else getattr(report, "passed", None)
+    if passed is not None:
+        return 0 if passed else 1
+    raise ExportError("the PHI scanner returned a report export does not understand",
+                      hint="update medsynth so export and privacy match")
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished temporary tree onto ``out_dir`` (replacing it only with ``overwrite``)."""
+    old: Optional[Path] = None
+    if out_dir.exists():
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        elif overwrite:
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        else:  # checked before starting; re-checked because the folder may have appeared meanwhile
+            raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+
+
+def export_samples(
+    samples_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    formats: str | Sequence[str] = DEFAULT_FORMATS,
+    uid_root: Optional[str] = None,
+    force: bool = False,
+    reference: Optional[str | os.PathLike] = None,
+    overwrite: bool = False,
+    name: Optional[str] = None,
+) -> ExportResult:
+    """Export every sample of ``samples_dir`` into the dataset folder ``out_dir``.
+
+    Samples without a passing QC verdict are refused unless ``force``; a sample that fails is
+    reported in ``ExportResult.failed`` and skipped.  With ``reference`` (a data manifest of the
+    real training scans) the privacy stage's PHI scan runs over the finished export and must be
+    clean before the folder is published.  The inputs are never modified.
+
+    Raises:
+        ExportError: bad arguments, no samples, nothing exportable, or ``out_dir`` not empty.
+        PrivacyError: the PHI scan found identifiers (nothing is published).
+    """
+    from medsynth.export.dicom import check_uid_root
+
+    samples_dir, out_dir = Path(samples_dir), Path(out_dir)
+    fmts = parse_formats(formats)
+    root = check_uid_root(uid_root)
+    if reference is not None and not Path(reference).exists():
+        raise ExportError(f"{reference}: reference manifest not found", hint="pass the manifest the model was trained on")
+    res_in, res_out = samples_dir.resolve(), out_dir.resolve()
+    if res_out == res_in or res_in in res_out.parents or res_out in res_in.parents:
+        raise ExportError(f"{out_dir}: --out must not contain or be inside the samples folder",
+                          hint="export to a separate folder")
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
+        raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
+
+    samples, broken = collect_samples(samples_dir)
+    result = ExportResult(out_dir=out_dir, formats=fmts, failed=dict(broken))
+    todo: list[tuple[Sample, str, Optional[dict[str, Any]]]] = []
+    for s in samples:
+        status, verdict = qc_status(s)
+        if status != "passed" and not force:
+            result.refused[s.id] = _REFUSAL[status]
+            continue
+        if status != "passed":
+            log.warning("%s: exporting without a passing QC verdict (%s) because of --force", s.id, status)
+        todo.append((s, status, verdict))
+    if result.refused:
+        log.debug(refusal_summary(result.refused))
+    if not todo:
+        why = [refusal_summary(result.refused)] if result.refused else []
+        why += [f"{sid}: {msg}" for sid, msg in result.failed.items()]
+        raise ExportError(f"{samples_dir}: nothing to export; " + "; ".join(why))
+
+    modalities = sorted({str(s.sidecar.get("modality", "CT")) for s, _, _ in todo})
+    if len(modalities) > 1:
+        raise ExportError(f"{samples_dir}: mixes modalities {modalities}; one dataset holds one modality",
+                          hint="export each modality's samples to its own folder")
+    modality = modalities[0]
+
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        records = []
+        for s, status, verdict in progress(todo, desc="export", total=len(todo)):
+            try:
+                records.append(_export_one(s, tmp, fmts, root, status, verdict))
+            except MedsynthError as exc:
+                result.failed[s.id] = exc.message
+                _remove_case(tmp, s.id)
+            except Exception as exc:  # one bad sample never sinks the batch
+                log.debug("%s: export failed", s.id, exc_info=True)
+                result.failed[s.id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                _remove_case(tmp, s.id)
+        for sid, msg in result.failed.items():
+            log.debug("%s: export failed: %s", sid, msg)
+        if not records:
+            raise ExportError(f"{samples_dir}: every sample failed to export",
+                              hint="see the messages above; rerun with --debug for details")
+        result.exported = [r["id"] for r in records]
+        result.n_dicom_files = sum(r.get("n_dicom_files", 0) for r in records)
+        result.n_seg = sum(1 for r in records if (r["provenance"]["dicom"] or {}).get("seg"))
+        _write_dataset_files(tmp, name or out_dir.name, modality, records, result)
+        if reference is not None:
+            result.phi_scan = _phi_scan(tmp, Path(reference))
+        write_json(tmp / "export.json", {
+            "format": EXPORT_REPORT_FORMAT,
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "formats": list(fmts),
+            "uid_root": root,
+            "uid_scheme": "deterministic: 2.25.<uuid5> or <root>.<sha256 digits> of (medsynth version, "
+                          "sample id, source image sha256, object)",
+            "dicom_dates": "fixed synthetic date 20000101 (no date relates to a person or event)",
+            "force": force,
+            "phi_scan": result.phi_scan,
+            "exported": result.exported,
+            "refused": result.refused,
+            "failed": result.failed,
+        })
+        _publish(tmp, out_dir, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
