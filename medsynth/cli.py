@@ -188,11 +188,74 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# manifest build / verify
+# --------------------------------------------------------------------------------------------
+
+
+def _add_manifest(sub) -> None:
+    p = sub.add_parser("manifest", help="build and verify data manifests",
+                       description="Build a data manifest from a folder of scans, or verify one.")
+    msub = p.add_subparsers(dest="manifest_cmd", metavar="ACTION", parser_class=_Parser)
+    msub.required = True
+    b = _verb(msub, "build",
+              "scan a folder for NIfTI volumes and DICOM series and write a manifest (no PHI copied)",
+              "medsynth manifest build scans/ -o data_manifests/chest.json --labels masks/ --classes classes.csv",
+              _run_manifest_build)
+    b.add_argument("src", type=Path, metavar="SRC", help="folder scanned recursively (NIfTI files, DICOM files)")
+    b.add_argument("-o", "--out", type=Path, required=True, metavar="OUT.json", help="manifest file to write")
+    b.add_argument("--labels", type=Path, default=None, metavar="DIR",
+                   help="folder of label maps, matched to images by identical file name "
+                        "(DICOM series: <series folder name>.nii.gz)")
+    b.add_argument("--classes", type=Path, default=None, metavar="CSV",
+                   help="CSV with columns id,class: id is a case id, image file name or path relative to SRC")
+    b.add_argument("--modality", choices=("CT", "MR"), default=None,
+                   help="modality of every case (default: DICOM Modality tag; NIfTI guessed from intensities)")
+    b.add_argument("--name", default=None, help="dataset name (default: SRC folder name)")
+    v = _verb(msub, "verify",
+              "open every case of a manifest and report all problems, one line each (exit 3 if any)",
+              "medsynth manifest verify data_manifests/chest.json", _run_manifest_verify)
+    v.add_argument("manifest", type=Path, metavar="MANIFEST",
+                   help="medsynth manifest or Decathlon/nnU-Net dataset.json")
+
+
+def _run_manifest_build(args: argparse.Namespace) -> int:
+    from medsynth.manifest import build_manifest, save_manifest
+
+    report = build_manifest(args.src, labels=args.labels, classes=args.classes, modality=args.modality,
+                            name=args.name)
+    for note in report.notes:
+        log.warning("%s", note)
+    path = save_manifest(report.manifest, args.out)
+    m = report.manifest
+    print(f"wrote {path}: {len(m.cases)} case(s) ({report.n_nifti} NIfTI, {report.n_dicom} DICOM series), "
+          f"modality {m.modality or 'mixed'}, {sum(c.label is not None for c in m.cases)} with label; "
+          f"{len(report.notes)} note(s)")
+    return 0
+
+
+def _run_manifest_verify(args: argparse.Namespace) -> int:
+    from medsynth.errors import ManifestError
+    from medsynth.manifest import load_manifest, verify_manifest
+
+    manifest = load_manifest(args.manifest)
+    problems = verify_manifest(manifest)
+    for p in problems:
+        print(p)
+    n = len(manifest.cases)
+    if problems:
+        bad = len({p.case for p in problems})
+        print(f"{manifest.path}: {len(problems)} problem(s) in {bad} of {n} case(s)")
+        return ManifestError.exit_code
+    print(f"{manifest.path}: OK, {n} case(s) verified, no problems")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
-REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export]
+REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest]
 
 
 def build_parser() -> argparse.ArgumentParser:

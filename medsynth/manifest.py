@@ -7,18 +7,29 @@ A manifest is a JSON file (format ``medsynth-manifest/1``, schema in ``data_mani
                 "class_label": 1, "modality": "CT", "shape": [..], "spacing": [..], "sha256": "..."}]}
 
 ``image`` is a NIfTI file or a DICOM series folder; paths are relative to the manifest file.
+A DICOM case whose folder holds more than one series lists its files in ``series_files``.
 Decathlon / nnU-Net ``dataset.json`` files are read too (:func:`load_manifest` detects them).
+
+Three jobs live here: :func:`load_manifest` checks structure (all problems at once),
+:func:`build_manifest` measures a folder of NIfTI files and DICOM series into a manifest without
+copying any header value that identifies a person, and :func:`verify_manifest` opens every case
+and returns every problem it finds, each naming the case and the fix.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from medsynth.errors import ManifestError
+import numpy as np
+
+from medsynth.errors import ImageReadError, ManifestError, MedsynthError
 
 log = logging.getLogger("medsynth.manifest")
 
@@ -121,45 +132,15 @@ def load_manifest(path: str | Path) -> Manifest:
     fmt = raw.get("format")
     if fmt != MANIFEST_FORMAT:
         errors.append(f"'format' must be '{MANIFEST_FORMAT}', got {fmt!r}")
+    if "name" in raw and not isinstance(raw["name"], str):
+        errors.append(f"'name' must be a string, got {raw['name']!r}")
+    if raw.get("modality") not in (None, "CT", "MR"):
+        errors.append(f"'modality' must be 'CT', 'MR' or null, got {raw.get('modality')!r}")
     cases_raw = raw.get("cases")
     if not isinstance(cases_raw, list):
         raise ManifestError(f"{path}: 'cases' must be a list of case objects",
                             hint="see data_manifests/README.md for the format")
-    root = path.parent
-    cases: list[Case] = []
-    known = {"id", "image", "label", "class_label", "modality", "shape", "spacing", "sha256"}
-    for i, c in enumerate(cases_raw):
-        where = f"cases[{i}]"
-        if not isinstance(c, dict):
-            errors.append(f"{where}: must be an object")
-            continue
-        cid = c.get("id")
-        if not isinstance(cid, str) or not cid:
-            errors.append(f"{where}.id: must be a non-empty string")
-            cid = f"#{i}"
-        img = c.get("image")
-        if not isinstance(img, str) or not img:
-            errors.append(f"{where} ({cid}).image: must be a path string")
-            continue
-        lab = c.get("label")
-        if lab is not None and not isinstance(lab, str):
-            errors.append(f"{where} ({cid}).label: must be a path string or null")
-            lab = None
-        cl = c.get("class_label")
-        if cl is not None and (isinstance(cl, bool) or not isinstance(cl, int)):
-            errors.append(f"{where} ({cid}).class_label: must be an integer or null, got {cl!r}")
-            cl = None
-        mod = c.get("modality")
-        if mod is not None and mod not in ("CT", "MR"):
-            errors.append(f"{where} ({cid}).modality: must be 'CT' or 'MR', got {mod!r}")
-        shape = c.get("shape")
-        spacing = c.get("spacing")
-        cases.append(Case(
-            id=cid, image=(root / img).resolve(), label=(root / lab).resolve() if lab else None,
-            class_label=cl, modality=mod,
-            shape=tuple(shape) if isinstance(shape, list) else None,  # type: ignore[arg-type]
-            spacing=tuple(float(s) for s in spacing) if isinstance(spacing, list) else None,  # type: ignore
-            sha256=c.get("sha256"), extra={k: v for k, v in c.items() if k not in known}))
+    cases = [c for i, item in enumerate(cases_raw) if (c := _case_from_json(item, i, path.parent, errors))]
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ManifestError(f"{path}: {len(errors)} problem(s):\n{lines}",
@@ -169,32 +150,112 @@ def load_manifest(path: str | Path) -> Manifest:
                     path=path, extra=extra)
 
 
+_KNOWN_CASE_KEYS = {"id", "image", "label", "class_label", "modality", "shape", "spacing", "sha256"}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _case_from_json(c: Any, i: int, root: Path, errors: list[str]) -> Optional[Case]:
+    """One case from its JSON object; structural problems go to ``errors`` (None if unusable)."""
+    where = f"cases[{i}]"
+    if not isinstance(c, dict):
+        errors.append(f"{where}: must be an object")
+        return None
+    cid = c.get("id")
+    if not isinstance(cid, str) or not cid.strip():
+        errors.append(f"{where}.id: must be a non-empty string")
+        cid = f"#{i}"
+    where = f"{where} ({cid})"
+    img = c.get("image")
+    if not isinstance(img, str) or not img:
+        errors.append(f"{where}.image: must be a path string (NIfTI file or DICOM series folder)")
+        return None
+    lab = c.get("label")
+    if lab is not None and (not isinstance(lab, str) or not lab):
+        errors.append(f"{where}.label: must be a path string or null")
+        lab = None
+    cl = c.get("class_label")
+    if cl is not None and (isinstance(cl, bool) or not isinstance(cl, int) or cl < 0):
+        errors.append(f"{where}.class_label: must be an integer >= 0 or null, got {cl!r}")
+        cl = None
+    mod = c.get("modality")
+    if mod is not None and mod not in ("CT", "MR"):
+        errors.append(f"{where}.modality: must be 'CT', 'MR' or null, got {mod!r}")
+        mod = None
+    shape = c.get("shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3
+                                  and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        errors.append(f"{where}.shape: must be 3 positive integers or null, got {shape!r}")
+        shape = None
+    spacing = c.get("spacing")
+    if spacing is not None and not (isinstance(spacing, list) and len(spacing) == 3 and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in spacing)):
+        errors.append(f"{where}.spacing: must be 3 positive numbers (mm) or null, got {spacing!r}")
+        spacing = None
+    sha = c.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+        errors.append(f"{where}.sha256: must be 64 lowercase hex digits or null")
+        sha = None
+    files = c.get("series_files")
+    if files is not None and not (isinstance(files, list) and files
+                                  and all(isinstance(f, str) and f for f in files)):
+        errors.append(f"{where}.series_files: must be a non-empty list of file names (relative to 'image')")
+    return Case(id=cid, image=(root / img).resolve(), label=(root / lab).resolve() if lab else None,
+                class_label=cl, modality=mod,
+                shape=tuple(shape) if shape else None,  # type: ignore[arg-type]
+                spacing=tuple(float(s) for s in spacing) if spacing else None,  # type: ignore[arg-type]
+                sha256=sha, extra={k: v for k, v in c.items() if k not in _KNOWN_CASE_KEYS})
+
+
 def _load_decathlon(raw: dict[str, Any], path: Path) -> Manifest:
-    """Read a Medical Segmentation Decathlon / nnU-Net v2 ``dataset.json``."""
+    """Read a Medical Segmentation Decathlon / nnU-Net v2 ``dataset.json`` (or a MONAI datalist).
+
+    Decathlon files list ``training`` pairs; nnU-Net v2 files are resolved from
+    ``imagesTr/<case>_0000<file_ending>`` and ``labelsTr/<case><file_ending>``.  Only single-channel
+    datasets are supported: medsynth models one image per case.
+    """
     root = path.parent
     mods = raw.get("modality") or raw.get("channel_names") or {}
-    first = str(next(iter(mods.values()), "")).upper() if isinstance(mods, dict) else ""
+    names = [str(v) for v in mods.values()] if isinstance(mods, dict) else []
+    if len(names) > 1:
+        raise ManifestError(f"{path}: dataset has {len(names)} channels ({', '.join(names)}); "
+                            "medsynth reads single-channel datasets",
+                            hint="write a medsynth manifest that lists one channel's files "
+                                 "(e.g. 'medsynth manifest build imagesTr/ ...' on one channel)")
+    first = names[0].upper() if names else ""
     modality = "CT" if first == "CT" else ("MR" if first else None)
     cases: list[Case] = []
+    errors: list[str] = []
     training = raw.get("training")
     if isinstance(training, list):  # Decathlon: explicit pairs
         for i, item in enumerate(training):
-            if not isinstance(item, dict) or "image" not in item:
-                raise ManifestError(f"{path}: training[{i}] must be an object with 'image'")
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+                errors.append(f"training[{i}]: must be an object whose 'image' is one path string")
+                continue
             img = (root / item["image"]).resolve()
             lab = item.get("label")
+            if lab is not None and not isinstance(lab, str):
+                errors.append(f"training[{i}].label: must be a path string")
+                lab = None
+            cl = item.get("class_label")
+            cl = cl if isinstance(cl, int) and not isinstance(cl, bool) and cl >= 0 else None
             cases.append(Case(id=_strip_nii(img.name), image=img,
-                              label=(root / lab).resolve() if lab else None, modality=modality))
+                              label=(root / lab).resolve() if lab else None, class_label=cl, modality=modality))
     else:  # nnU-Net v2: imagesTr/<case>_0000<ending>
-        ending = raw.get("file_ending", ".nii.gz")
+        ending = str(raw.get("file_ending", ".nii.gz"))
         for img in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
             cid = img.name[: -len(f"_0000{ending}")]
             lab = root / "labelsTr" / f"{cid}{ending}"
             cases.append(Case(id=cid, image=img.resolve(), label=lab.resolve() if lab.exists() else None,
                               modality=modality))
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ManifestError(f"{path}: {len(errors)} problem(s):\n{lines}")
     if not cases:
-        raise ManifestError(f"{path}: dataset.json lists no training cases")
-    return Manifest(cases, name=str(raw.get("name", root.name)), modality=modality, path=path)
+        raise ManifestError(f"{path}: dataset.json lists no training cases",
+                            hint="Decathlon files need a 'training' list; nnU-Net v2 files need "
+                                 "imagesTr/<case>_0000<file_ending> beside them")
+    extra = {k: raw[k] for k in ("labels", "description") if k in raw}
+    return Manifest(cases, name=str(raw.get("name", root.name)), modality=modality, path=path, extra=extra)
 
 
 def _strip_nii(name: str) -> str:
@@ -202,3 +263,393 @@ def _strip_nii(name: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+# --------------------------------------------------------------------------------------------
+# verify: open every case, report every problem
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found by :func:`verify_manifest`: which case, which field, what is wrong, the fix."""
+
+    case: str
+    field: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        msg = " ".join(self.message.split())  # one line per problem, whatever the source message held
+        return f"{self.case}: {self.field}: {msg} (fix: {self.fix})"
+
+
+_FIX_MISSING = "correct the path (relative to the manifest's folder) or remove the case"
+_FIX_UNREADABLE = "replace the file with a complete, valid copy or remove the case"
+_FIX_REBUILD = "rebuild the manifest with 'medsynth manifest build' or correct the recorded value"
+
+
+def _read(path: Path, modality: Optional[str], extra: dict[str, Any]):
+    from medsynth.data.io import read_image
+
+    kw = {"series_files": extra["series_files"]} if path.is_dir() and "series_files" in extra else {}
+    return read_image(path, modality, **kw)
+
+
+def _check_volume(case: Case, field_: str, path: Path, modality: Optional[str], extra: dict[str, Any],
+                  out: list[Problem]):
+    """Read one image/label and append its own problems; returns the Volume or None."""
+    if not path.exists():
+        out.append(Problem(case.id, field_, f"{path}: file or folder not found", _FIX_MISSING))
+        return None
+    try:
+        vol = _read(path, modality, extra)
+    except ImageReadError as exc:
+        shape_msg = "expected a 3D image" in exc.message
+        out.append(Problem(case.id, field_, exc.message,
+                           "use one 3D volume per case (no 2D slices, 4D series or multi-channel images)"
+                           if shape_msg else (exc.hint or _FIX_UNREADABLE)))
+        return None
+    except MedsynthError as exc:
+        out.append(Problem(case.id, field_, f"{path}: {exc.message}", exc.hint or _FIX_UNREADABLE))
+        return None
+    except MemoryError:
+        out.append(Problem(case.id, field_, f"{path}: too large to read into memory", "downsample or crop it"))
+        return None
+    if min(vol.shape) < 2:
+        out.append(Problem(case.id, field_, f"{path}: a 2D image (shape {list(vol.shape)}), not a 3D volume",
+                           "use one 3D volume per case (no 2D slices)"))
+        return None
+    arr = vol.array
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            out.append(Problem(case.id, field_, f"{path}: {bad} voxel(s) are NaN or infinite",
+                               "re-export the image without NaN/Inf voxels or remove the case"))
+    return vol
+
+
+def verify_manifest(manifest: Manifest) -> list[Problem]:
+    """Open every case of ``manifest`` and return ALL problems found, in case order.
+
+    Per case: image and label exist and are readable, are 3D (no axis of size 1) and finite; the
+    label is an integer map on the image's exact grid (same shape and affine); recorded shape,
+    spacing and sha256 match the files (a changed file is reported); the DICOM Modality tag agrees
+    with the manifest.  Across cases: duplicate ids, duplicate images, mixed or unknown modality,
+    class labels given for some cases but not others.  An empty list means the manifest is clean.
+    """
+    from medsynth.jobs import sha256_file
+    from medsynth.progress import progress
+
+    problems: list[Problem] = []
+    cases = manifest.cases
+    if not cases:
+        return [Problem("(manifest)", "cases", "the manifest lists no cases", "add cases or rebuild it")]
+
+    seen_ids: dict[str, int] = {}
+    seen_images: dict[tuple, str] = {}
+    modalities: dict[str, str] = {}
+    for index, case in enumerate(progress(cases, desc="verifying cases", total=len(cases))):
+        if case.id in seen_ids:
+            problems.append(Problem(case.id, "id", f"id already used by case #{seen_ids[case.id] + 1}",
+                                    "give every case a unique id"))
+        else:
+            seen_ids[case.id] = index
+        files_key = tuple(case.extra.get("series_files") or ())
+        img_key = (str(case.image), files_key)
+        if img_key in seen_images:
+            problems.append(Problem(case.id, "image", f"same image as case {seen_images[img_key]!r}",
+                                    "remove the duplicate case (duplicates leak between training and validation)"))
+        else:
+            seen_images[img_key] = case.id
+
+        modality = case.modality or manifest.modality
+        vol = _check_volume(case, "image", case.image, modality, case.extra, problems)
+        if vol is not None:
+            if case.image.is_dir() and case.modality and vol.modality != case.modality:
+                problems.append(Problem(case.id, "modality", f"DICOM Modality is {vol.modality} but the manifest "
+                                        f"says {case.modality}", "correct the case's modality"))
+            modality = modality or (vol.modality if case.image.is_dir() else None)
+            if case.shape is not None and tuple(case.shape) != vol.shape:
+                problems.append(Problem(case.id, "shape", f"recorded {list(case.shape)} but the image is "
+                                        f"{list(vol.shape)}", _FIX_REBUILD))
+            if case.spacing is not None and not np.allclose(case.spacing, vol.spacing, rtol=1e-3, atol=1e-4):
+                problems.append(Problem(case.id, "spacing", f"recorded {[round(s, 4) for s in case.spacing]} mm "
+                                        f"but the image has {[round(s, 4) for s in vol.spacing]} mm", _FIX_REBUILD))
+            if case.sha256 is not None:
+                actual = vol.meta.get("sha256") if case.image.is_dir() else sha256_file(case.image)
+                if actual != case.sha256:
+                    problems.append(Problem(case.id, "sha256", f"{case.image}: content changed since the "
+                                            "manifest was built (sha256 differs)",
+                                            "restore the original file(s) or rebuild the manifest"))
+        if modality is None:
+            problems.append(Problem(case.id, "modality", "modality unknown (not set for the case or the manifest)",
+                                    "set 'modality' to CT or MR"))
+        else:
+            modalities[case.id] = modality
+
+        if case.label is not None:
+            lab = _check_volume(case, "label", case.label, "SEG" if not case.label.is_dir() else None, {}, problems)
+            if lab is not None:
+                arr = lab.array
+                if not np.issubdtype(arr.dtype, np.integer) and not (
+                        np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))):
+                    problems.append(Problem(case.id, "label", f"{case.label}: values are not integers",
+                                            "store the label map as integer class values (e.g. uint8)"))
+                elif arr.size and float(arr.min()) < 0:
+                    problems.append(Problem(case.id, "label", f"{case.label}: negative label values",
+                                            "use 0 for background and positive integers for structures"))
+                if vol is not None:
+                    if lab.shape != vol.shape:
+                        problems.append(Problem(case.id, "label", f"{case.label}: shape {list(lab.shape)} differs "
+                                                f"from the image's {list(vol.shape)}",
+                                                "resample the label onto the image grid or fix the label path"))
+                    elif not np.allclose(lab.affine, vol.affine, atol=1e-3):
+                        d = float(np.abs(lab.affine - vol.affine).max())
+                        problems.append(Problem(case.id, "label", f"{case.label}: affine differs from the image's "
+                                                f"(by up to {d:.3g} mm)",
+                                                "the label must share the image's voxel grid: resample it or fix "
+                                                "its header"))
+        del vol
+
+    counts: dict[str, int] = {}
+    for m in modalities.values():
+        counts[m] = counts.get(m, 0) + 1
+    if len(counts) > 1:
+        majority = manifest.modality or max(sorted(counts), key=lambda m: counts[m])
+        summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+        for cid, m in modalities.items():
+            if m != majority:
+                problems.append(Problem(cid, "modality", f"{m} in a {majority} manifest (mixed modality: {summary})",
+                                        "keep one modality per manifest (split CT and MR into two manifests)"))
+    with_class = [c for c in cases if c.class_label is not None]
+    if with_class and len(with_class) < len(cases):
+        for c in cases:
+            if c.class_label is None:
+                problems.append(Problem(c.id, "class_label", f"missing while {len(with_class)} other case(s) "
+                                        "have one", "give every case a class_label, or none"))
+    order = {c.id: i for i, c in reversed(list(enumerate(cases)))}
+    problems.sort(key=lambda p: order.get(p.case, -1))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# build: measure a folder of NIfTI files and DICOM series into a manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_manifest` made: the manifest plus one line per input it skipped or doubted."""
+
+    manifest: Manifest
+    notes: list[str] = field(default_factory=list)
+    n_nifti: int = 0
+    n_dicom: int = 0
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """"CT" if the values look like Hounsfield units, else "MR".
+
+    CT images hold air at about -1000 HU, so their minimum is <= -500, and apart from padding
+    outside the field of view (scanners write -2048, -3024 or -32768 there) nearly all values lie
+    in [-1100, 3100].  MR magnitude images are non-negative or only slightly negative.
+    """
+    a = np.asarray(array)
+    finite = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a.ravel()
+    if finite.size == 0 or float(finite.min()) > -500:
+        return "MR"
+    inside = finite[finite >= -1100]
+    return "CT" if inside.size and float(np.mean(inside <= 3100)) >= 0.99 else "MR"
+
+
+def _nifti_files(src: Path, exclude: Sequence[Path]) -> list[Path]:
+    import os
+
+    excl = {p.resolve() for p in exclude}
+    out = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() not in excl)
+        out += [d / n for n in sorted(filenames)
+                if not n.startswith(".") and n.lower().endswith((".nii", ".nii.gz"))]
+    return out
+
+
+def read_classes_csv(path: str | Path) -> dict[str, int]:
+    """Read a ``--classes`` CSV: header ``id,class``; ``id`` is a case id, an image file name or an
+    image path relative to the scanned folder; ``class`` an integer >= 0.  All bad rows are reported."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: classes file not found", hint="pass a CSV with columns id,class")
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{path}: not a readable CSV file ({exc})", hint="save it as UTF-8 CSV") from None
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "id" not in header or "class" not in header:
+        raise ManifestError(f"{path}: the first row must name the columns 'id' and 'class', got {rows[0] if rows else []}",
+                            hint="e.g. 'id,class' then one row per case: 'case-001,1'")
+    ci, cc = header.index("id"), header.index("class")
+    out: dict[str, int] = {}
+    errors: list[str] = []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) <= max(ci, cc):
+            errors.append(f"line {n}: needs an id and a class")
+            continue
+        key, val = row[ci].strip(), row[cc].strip()
+        try:
+            cls = int(val)
+            if cls < 0:
+                raise ValueError
+        except ValueError:
+            errors.append(f"line {n}: class must be an integer >= 0, got {val!r}")
+            continue
+        if not key:
+            errors.append(f"line {n}: empty id")
+        elif key in out and out[key] != cls:
+            errors.append(f"line {n}: {key!r} listed twice with different classes")
+        else:
+            out[key] = cls
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ManifestError(f"{path}: {len(errors)} problem(s):\n{lines}", hint="fix the rows named above")
+    return out
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    cid, n = base, 2
+    while cid in taken:
+        cid, n = f"{base}-{n}", n + 1
+    taken.add(cid)
+    return cid
+
+
+def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes: Optional[str | Path] = None,
+                   modality: Optional[str] = None, name: Optional[str] = None) -> BuildReport:
+    """Scan ``src`` recursively for NIfTI files and DICOM series and measure each into a :class:`Case`.
+
+    NIfTI case ids are file names without extension; DICOM series get counter ids ``series-0001``...
+    in folder order (never a UID or header value).  Each case records modality (``modality`` if
+    given, the DICOM Modality tag, or a guess from NIfTI intensities), shape, spacing and sha256.
+    A label in ``labels`` is matched by identical file name (for a DICOM series: the series folder's
+    name plus ``.nii.gz``/``.nii``); ``classes`` is a CSV read by :func:`read_classes_csv`.
+    Unreadable files and irregular series are skipped and described in ``notes``; the input is never
+    modified.  Save the result with :func:`save_manifest`.
+    """
+    from medsynth import __version__
+    from medsynth.data.dicom import read_series, scan_dicom
+    from medsynth.errors import VolumeError
+    from medsynth.jobs import sha256_file
+    from medsynth.progress import progress
+    from medsynth.volume import Volume
+
+    src = Path(src)
+    if not src.is_dir():
+        raise ManifestError(f"{src}: not a folder", hint="pass the folder that holds the NIfTI files / DICOM series")
+    if modality is not None and modality not in ("CT", "MR"):
+        raise ManifestError(f"--modality must be CT or MR, got {modality!r}")
+    label_dir = Path(labels) if labels is not None else None
+    if label_dir is not None and not label_dir.is_dir():
+        raise ManifestError(f"{label_dir}: labels folder not found", hint="pass the folder that holds the label maps")
+    class_map = read_classes_csv(classes) if classes is not None else None
+    exclude = [label_dir] if label_dir is not None else []
+
+    report = BuildReport(Manifest([], name=name or src.resolve().name or "dataset"))
+    cases: list[Case] = []
+    taken: set[str] = set()
+    keys: dict[str, list[str]] = {}  # case id -> names the classes CSV may use for it
+    guessed: dict[str, int] = {}
+    used_labels: set[Path] = set()
+
+    def find_label(stem_names: Sequence[str]) -> Optional[Path]:
+        if label_dir is None:
+            return None
+        for n in stem_names:
+            if (label_dir / n).is_file():
+                used_labels.add((label_dir / n).resolve())
+                return (label_dir / n).resolve()
+        return None
+
+    nifti = _nifti_files(src, exclude)
+    for path in progress(nifti, desc="reading NIfTI", total=len(nifti)):
+        try:
+            vol = Volume.load_nifti(path, modality="CT")
+        except (ImageReadError, VolumeError) as exc:
+            report.notes.append(f"{path}: skipped: {exc.message}")
+            continue
+        if min(vol.shape) < 2:
+            report.notes.append(f"{path}: skipped: a 2D image (shape {list(vol.shape)}), not a 3D volume")
+            continue
+        mod = modality or guess_modality(vol.array)
+        if modality is None:
+            guessed[mod] = guessed.get(mod, 0) + 1
+        cid = _unique(_strip_nii(path.name), taken)
+        cases.append(Case(id=cid, image=path.resolve(), label=find_label([path.name]), modality=mod,
+                          shape=vol.shape, spacing=vol.spacing, sha256=sha256_file(path)))
+        keys[cid] = [path.name, path.relative_to(src).as_posix()]
+        report.n_nifti += 1
+        del vol
+
+    series, dproblems = scan_dicom(src, recursive=True, exclude=exclude)
+    report.notes += [str(p) for p in dproblems]
+    counter = 0
+    for s in progress(series, desc="reading DICOM series", total=len(series)):
+        if modality is not None and s.modality != modality:
+            report.notes.append(f"{s.folder}: skipped: a {s.modality} series (--modality {modality})")
+            continue
+        try:
+            vol = read_series(s.files)
+        except ImageReadError as exc:
+            report.notes.append(f"{s.folder}: rejected: {exc.message}")
+            continue
+        counter += 1
+        cid = _unique(f"series-{counter:04d}", taken)
+        extra: dict[str, Any] = {} if s.exclusive else {"series_files": s.relative_files()}
+        label = find_label([s.folder.name + ".nii.gz", s.folder.name + ".nii"]) if s.exclusive else None
+        cases.append(Case(id=cid, image=s.folder.resolve(), label=label, modality=vol.modality,
+                          shape=vol.shape, spacing=vol.spacing, sha256=vol.meta["sha256"], extra=extra))
+        rel = s.folder.resolve().relative_to(src.resolve()).as_posix()
+        keys[cid] = [rel] if s.exclusive else []
+        report.n_dicom += 1
+        del vol
+
+    if not cases:
+        raise ManifestError(f"{src}: no readable NIfTI file or DICOM series found"
+                            + (f" ({len(report.notes)} input(s) skipped: {report.notes[0]})" if report.notes else ""),
+                            hint="point SRC at the folder holding the images; see 'medsynth manifest build --help'")
+    if guessed:
+        report.notes.append("modality guessed from intensities for NIfTI files: "
+                            + ", ".join(f"{n} {m}" for m, n in sorted(guessed.items()))
+                            + " (pass --modality to set it)")
+    if label_dir is not None:
+        n_lab = sum(c.label is not None for c in cases)
+        unused = [p for p in _nifti_files(label_dir, []) if p.resolve() not in used_labels]
+        if n_lab < len(cases):
+            report.notes.append(f"{len(cases) - n_lab} of {len(cases)} case(s) have no label in {label_dir} "
+                                "(labels are matched by identical file name)")
+        if unused:
+            report.notes.append(f"{len(unused)} label file(s) in {label_dir} match no image, e.g. {unused[0].name}")
+    if class_map is not None:
+        used_keys: set[str] = set()
+        for c in cases:
+            for k in [c.id, *keys.get(c.id, [])]:
+                if k in class_map:
+                    c.class_label = class_map[k]
+                    used_keys.add(k)
+                    break
+        missing = [c.id for c in cases if c.class_label is None]
+        if missing:
+            report.notes.append(f"{len(missing)} case(s) have no row in {classes}: {', '.join(missing[:5])}"
+                                + (" ..." if len(missing) > 5 else ""))
+        stray = sorted(set(class_map) - used_keys)
+        if stray:
+            report.notes.append(f"{len(stray)} row(s) of {classes} match no case: {', '.join(stray[:5])}"
+                                + (" ..." if len(stray) > 5 else ""))
+    mods = {c.modality for c in cases}
+    report.manifest = Manifest(cases, name=report.manifest.name, modality=mods.pop() if len(mods) == 1 else None,
+                               extra={"built_by": f"medsynth {__version__} manifest build"})
+    if report.manifest.modality is None:
+        report.notes.append("cases have mixed modalities; 'medsynth manifest verify' will report them")
+    return report
