@@ -243,25 +243,93 @@ class SamplingConfig:
 
 @dataclass
 class QCConfig:
-    """Per-volume checks and dataset metrics (thresholds per modality)."""
+    """Per-volume checks, dataset metrics and the report of ``medsynth qc`` (thresholds per modality).
+
+    Reference ranges (body/background fraction, intensity percentiles inside the body) are learned
+    from the reference manifest and widened by ``percentile_margin`` times their span on each side,
+    but never by less than ``range_floor`` (fractions) or ``range_floor`` times the reference's
+    p1..p99 intensity span (intensities).
+    """
 
     ct_range: tuple[float, float] = (-1024.0, 3071.0)
+    mr_range: Optional[tuple[float, float]] = None
     percentile_margin: float = 0.25
+    range_floor: float = 0.02
     artefact_threshold: float = 0.35
     min_std: float = 1e-3
+    body_threshold_hu: float = -500.0
+    label_outside_body_max: float = 0.01
+    geometry_atol_mm: float = 1e-3
+    knn_k: int = 5
+    max_pairs: int = 200
+    feature_checkpoint: Optional[str] = None
+    feature_network: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet10"
+    montage_count: int = 4
+    seed: int = 0
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if not self.ct_range[0] < self.ct_range[1]:
+            errs.append(f"{path}.ct_range: lower bound must be below upper bound, got {list(self.ct_range)}")
+        if self.mr_range is not None and not self.mr_range[0] < self.mr_range[1]:
+            errs.append(f"{path}.mr_range: lower bound must be below upper bound, got {list(self.mr_range)}")
+        if self.percentile_margin < 0:
+            errs.append(f"{path}.percentile_margin: must be >= 0, got {self.percentile_margin}")
+        if self.range_floor < 0:
+            errs.append(f"{path}.range_floor: must be >= 0, got {self.range_floor}")
+        if not 0.0 < self.artefact_threshold <= 1.0:
+            errs.append(f"{path}.artefact_threshold: need 0 < value <= 1 (the score is in [0, 1]), "
+                        f"got {self.artefact_threshold}")
+        if not 0.0 <= self.label_outside_body_max <= 1.0:
+            errs.append(f"{path}.label_outside_body_max: need 0 <= value <= 1")
+        if self.knn_k < 1:
+            errs.append(f"{path}.knn_k: must be >= 1")
+        if self.max_pairs < 1:
+            errs.append(f"{path}.max_pairs: must be >= 1")
+        if self.montage_count < 1:
+            errs.append(f"{path}.montage_count: must be >= 1")
+        return errs
 
 
 @dataclass
 class PrivacyConfig:
-    """Memorisation screen and identifier handling."""
+    """Memorisation screen and identifier handling.
+
+    A sample is a ``possible_copy`` when its distance to the nearest training case is below
+    ``threshold_scale`` times the ``memorisation_quantile`` quantile of the nearest-neighbour
+    distances from held-out real cases to the training cases (image space: 1 - NCC of band-passed,
+    downsampled volumes maximised over shifts up to ``max_shift`` voxels; feature space: Euclidean
+    distance of standardised radiomics features).  Without a hold-out manifest a deterministic
+    ``holdout_fraction`` of the reference cases is held out.
+    """
 
     memorisation_quantile: float = 0.01
     downsample: tuple[int, int, int] = (32, 32, 32)
+    threshold_scale: float = 0.5
+    holdout_fraction: float = 0.25
+    holdout_seed: int = 0
+    max_shift: int = 2
+    blur_sigma: float = 1.0
+    highpass_sigma: float = 4.0
+    use_features: bool = True
 
     def check(self, path: str) -> list[str]:
+        errs = []
         if not 0.0 <= self.memorisation_quantile <= 0.5:
-            return [f"{path}.memorisation_quantile: need 0 <= value <= 0.5"]
-        return []
+            errs.append(f"{path}.memorisation_quantile: need 0 <= value <= 0.5")
+        if not 0.0 < self.threshold_scale <= 1.0:
+            errs.append(f"{path}.threshold_scale: need 0 < value <= 1, got {self.threshold_scale}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            errs.append(f"{path}.holdout_fraction: need 0 < value < 1, got {self.holdout_fraction}")
+        if any(s < 8 for s in self.downsample):
+            errs.append(f"{path}.downsample: every size must be >= 8 voxels, got {list(self.downsample)}")
+        if not 0 <= self.max_shift <= 4:
+            errs.append(f"{path}.max_shift: need 0 <= value <= 4 voxels, got {self.max_shift}")
+        if self.blur_sigma < 0 or self.highpass_sigma < 0:
+            errs.append(f"{path}: blur_sigma and highpass_sigma must be >= 0 (0 disables)")
+        elif self.highpass_sigma and self.highpass_sigma <= self.blur_sigma:
+            errs.append(f"{path}.highpass_sigma: must exceed blur_sigma ({self.blur_sigma}) or be 0")
+        return errs
 
 
 @dataclass
@@ -410,6 +478,7 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
     cfg.data.manifest = res(cfg.data.manifest)
     cfg.data.cache_dir = res(cfg.data.cache_dir)
     cfg.training.autoencoder.perceptual_weights = res(cfg.training.autoencoder.perceptual_weights)
+    cfg.qc.feature_checkpoint = res(cfg.qc.feature_checkpoint)
 
 
 def _key(path: str, name: str) -> str:
