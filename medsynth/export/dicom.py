@@ -454,9 +454,16 @@ def write_seg(
         series_time=SYNTHETIC_TIME,
         series_description=f"SYNTHETIC SEG medsynth {__version__}",
     )
-    # highdicom stamps the creation time; keep the file reproducible and date-free of real events.
+    # highdicom stamps creation times and a random dimension UID; make them synthetic and
+    # derived so that a re-export is byte-identical.
     seg.InstanceCreationDate = SYNTHETIC_DATE
     seg.InstanceCreationTime = SYNTHETIC_TIME
+    for item in getattr(seg, "ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = SYNTHETIC_DATE + SYNTHETIC_TIME
+    dim_uid = make_uid(uid_root, f"{uid_key}|seg-dimension-organization")
+    for item in [*getattr(seg, "DimensionOrganizationSequence", []), *getattr(seg, "DimensionIndexSequence", [])]:
+        item.DimensionOrganizationUID = dim_uid
     seg.SyntheticData = "YES"
     seg.PatientIdentityRemoved = "YES"
     seg.DeidentificationMethod = source_datasets[0].DeidentificationMethod
