@@ -1,0 +1,1 @@
+"""Privacy: DICOM/NIfTI de-identification (``deid``), PHI scanning (``phi_scan``), memorisation audit."""
