@@ -251,11 +251,70 @@ def _run_manifest_verify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# anonymise / phi-scan (de-identification)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_anonymise(sub) -> None:
+    from medsynth.privacy.deid_profile import OPTIONS
+
+    p = _verb(sub, "anonymise",
+              "de-identify DICOM folders and NIfTI files (DICOM PS3.15 Annex E Basic Profile + options)",
+              "medsynth anonymise scans/ deid/ --key-file ~/medsynth.key "
+              "--options retain-long-modified-dates,clean-descriptors", _run_anonymise)
+    p.add_argument("input", type=Path, help="DICOM folder (files with or without extension), NIfTI file, or both")
+    p.add_argument("output", type=Path, help="output folder (outside the input; names come from keyed UIDs)")
+    p.add_argument("--key-file", type=Path, required=True,
+                   help="secret key file (>= 16 random bytes; make one: head -c 32 /dev/urandom > KEY)")
+    p.add_argument("--options", action="append", default=[], metavar="OPT[,OPT]",
+                   help="profile options, comma-separated or repeated: " + ", ".join(OPTIONS))
+    p.add_argument("--allow-burned-in", action="store_true",
+                   help="also write files flagged or likely to carry burned-in text (after checking their pixels)")
+    p.add_argument("--audit", type=Path, default=None, help="audit log JSONL (default OUTPUT/deid_audit.jsonl)")
+
+
+def _run_anonymise(args: argparse.Namespace) -> int:
+    from medsynth.privacy.deid import anonymise
+
+    opts = [o for chunk in args.options for o in chunk.split(",") if o.strip()]
+    rep = anonymise(args.input, args.output, args.key_file, options=opts, allow_burned_in=args.allow_burned_in,
+                    audit=args.audit)
+    print(f"anonymise: {rep.processed} processed, {rep.quarantined} quarantined, {rep.failed} failed "
+          f"(of {rep.total} files); output {args.output}; audit {rep.audit}")
+    return 1 if rep.failed else 0
+
+
+def _add_phi_scan(sub) -> None:
+    p = _verb(sub, "phi-scan", "scan outputs for identifiers taken from the reference inputs (exit 6 on any hit)",
+              "medsynth phi-scan deid/ --reference scans/", _run_phi_scan)
+    p.add_argument("directory", type=Path, help="folder to scan (every file, name and value in it)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="manifest JSON or DICOM folder the outputs came from (without: structural checks only)")
+
+
+def _run_phi_scan(args: argparse.Namespace) -> int:
+    from medsynth.errors import PrivacyError
+    from medsynth.privacy.phi_scan import collect_identifiers, scan_phi
+
+    ref = collect_identifiers(args.reference) if args.reference is not None else None
+    hits = scan_phi(args.directory, ref)
+    for h in hits:
+        print(h)
+    if hits:
+        raise PrivacyError(f"phi-scan: {len(hits)} identifier hit(s) in {args.directory}",
+                           hint="do not share this folder; re-run anonymise or remove the files listed")
+    what = f"{len(ref)} identifiers from {ref.sources} reference headers" if ref is not None else "structural checks"
+    print(f"phi-scan: no identifiers found in {args.directory} ({what})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
-REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest]
+REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest,
+                             _add_anonymise, _add_phi_scan]
 
 
 def build_parser() -> argparse.ArgumentParser:
