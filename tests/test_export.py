@@ -384,18 +384,32 @@ def test_manifest_has_provenance_and_loads(exported):
         assert prov["checkpoint_hash"] == "c0ffee" * 4 and prov["seed"] == 1000 + prov["index"]
         assert prov["class"] == case.class_label and prov["qc"]["passed"] is True
         assert prov["source_image_sha256"] == sha256_file(samples / f"{case.id}.nii.gz")
-    manifest_mod = pytest.importorskip("medsynth.manifest")
-    if hasattr(manifest_mod, "verify_manifest"):
-        manifest_mod.verify_manifest(m)
+    from medsynth.manifest import verify_manifest
+
+    assert verify_manifest(m) == []
+    # the nnU-Net dataset.json reads as a manifest too
+    assert sorted(c.id for c in load_manifest(out / "dataset.json").cases) == sorted(ids.values())
+
+
+def test_dicom_only_export_manifest_points_at_series(exported, tmp_path):
+    from medsynth.manifest import load_manifest, verify_manifest
+
+    _, samples, _, ids, _ = exported
+    from medsynth.export import export_samples
+
+    result = export_samples(samples, tmp_path / "dcm", formats="dicom")
+    assert result.dataset_files == ["manifest.json"]
+    assert not (tmp_path / "dcm" / "imagesTr").exists()
+    m = load_manifest(tmp_path / "dcm" / "manifest.json")
+    assert all(c.image.is_dir() and c.label is None for c in m.cases)
+    assert verify_manifest(m) == []
 
 
 def test_manifest_verify_cli_accepts_export(exported, run_cli):
     from medsynth.cli import build_parser
 
     _, _, out, _, _ = exported
-    choices = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
-    if "manifest" not in choices:
-        pytest.skip("'medsynth manifest' is not registered in this checkout")
+    assert "manifest" in build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
     code, stdout, stderr = run_cli("manifest", "verify", out / "manifest.json")
     assert code == 0, stdout + stderr
 
@@ -529,17 +543,67 @@ def test_out_inside_samples_is_refused(tmp_path, run_cli):
     assert code == 5 and "must not contain or be inside" in err
 
 
-def test_reference_runs_phi_scan_or_says_why_not(tmp_path, run_cli):
-    """With --reference the PHI scan must run before the export is published."""
-    import importlib.util
+def make_reference(tmp_path: Path) -> Path:
+    """A 'real patient' DICOM series and a manifest listing it, as the PHI scan's reference."""
+    import pydicom
 
+    from medsynth.export import dicom as dcm
+
+    hu, _ = ct_phantom(9)
+    vol = Volume(hu, affine_for("RAS"))
+    info, _ = dcm.write_series(vol, dcm.encode_ct(hu), tmp_path / "ref" / "series", case_id="x", uid_key="ref")
+    for f in info.files:
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.AccessionNumber = "Oakenshield^Thorina", "PAT83731", "ACC55123"
+        ds.PatientBirthDate, ds.InstitutionName = "19580317", "Erebor General Hospital"
+        ds.StudyID, ds.StudyInstanceUID = "ST7781", "1.2.826.0.1.3680043.10.999.4.7781"
+        ds.save_as(f)
+    ref = tmp_path / "ref" / "manifest.json"
+    ref.write_text(json.dumps({"format": "medsynth-manifest/1", "name": "ref", "modality": "CT", "cases": [
+        {"id": "case-000", "image": "series", "label": None, "class_label": None, "modality": "CT"}]}))
+    return ref
+
+
+def test_reference_phi_scan_runs_before_publishing(tmp_path, run_cli):
+    """With --reference the privacy stage's PHI scan must be clean before the export is published."""
+    pytest.importorskip("medsynth.privacy.phi_scan")
+    ref = make_reference(tmp_path)
+    clean = tmp_path / "clean"
+    make_sample(clean, 0, "RAS")
+    code, out, err = run_cli("export", clean, "--out", tmp_path / "out", "--format", "nifti,dicom,seg",
+                             "--reference", ref)
+    assert code == 0, err
+    assert "PHI scan against the reference: clean" in out
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["phi_scan"].endswith("clean")
+
+    leaky = tmp_path / "leaky"
+    make_sample(leaky, 0, "RAS", run="PAT83731")  # a patient ID smuggled into the sample id
+    code, out, err = run_cli("export", leaky, "--out", tmp_path / "out2", "--reference", ref)
+    assert code == 6 and "PHI scan found" in err and "nothing was published" in err
+    assert "PAT83731" not in err and "Traceback" not in err  # hits are masked
+    assert not (tmp_path / "out2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
+
+
+def test_reference_must_exist(tmp_path, run_cli):
     samples = tmp_path / "samples"
     make_sample(samples, 0, "RAS")
-    ref = tmp_path / "reference.json"
-    ref.write_text(json.dumps({"format": "medsynth-manifest/1", "name": "ref", "modality": "CT", "cases": []}))
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti", "--reference", ref)
-    if importlib.util.find_spec("medsynth.privacy.phi_scan") is None:
-        assert code == 5 and "PHI scanner" in err and not (tmp_path / "out").exists()
-    else:
-        assert code == 0, err
-        assert "PHI scan" in out
+    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--reference", tmp_path / "nope.json")
+    assert code == 5 and "reference manifest not found" in err
+
+
+def test_cli_config_export_section_gives_defaults(tmp_path, run_cli):
+    import pydicom
+
+    samples = tmp_path / "samples"
+    sid = make_sample(samples, 0, "RAS")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text('export:\n  formats: [dicom]\n  uid_root: "1.2.826.0.1.3680043.10.999"\n')
+    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--config", cfg)
+    assert code == 0, err
+    assert not (tmp_path / "out" / "imagesTr").exists()
+    ds = pydicom.dcmread(next((tmp_path / "out" / "dicom" / sid).glob("*.dcm")))
+    assert ds.SeriesInstanceUID.startswith("1.2.826.0.1.3680043.10.999.")
+    # command-line flags win over the config
+    code, out, err = run_cli("export", samples, "--out", tmp_path / "out2", "--config", cfg, "--format", "nifti")
+    assert code == 0 and (tmp_path / "out2" / "imagesTr").is_dir() and not (tmp_path / "out2" / "dicom").exists()

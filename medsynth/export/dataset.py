@@ -379,39 +379,24 @@ def _versions() -> dict[str, str]:
 
 
 def _phi_scan(tmp: Path, reference: Path) -> str:
-    """Run the privacy stage's PHI scan over the finished export; raise PrivacyError on findings."""
+    """Run the privacy stage's PHI scan over the finished export; raise PrivacyError on any hit.
+
+    Hits name the file, the place in it and a masked form of the identifier, never the value.
+    """
     try:
         from medsynth.privacy.phi_scan import scan_phi
     except ImportError:
         raise ExportError("--reference needs the PHI scanner (medsynth.privacy.phi_scan), "
                           "which this installation lacks",
                           hint="update medsynth, or export without --reference") from None
-    report = scan_phi(tmp, reference)
-    findings = _findings(report)
-    if findings:
-        raise PrivacyError(f"PHI scan found {findings} possible identifier(s) from the reference in the "
-                           "export; nothing was published", hint="inspect the samples with 'medsynth privacy'")
+    hits = list(scan_phi(tmp, reference))
+    if hits:
+        shown = "; ".join(str(h).replace(str(tmp), "OUT") for h in hits[:5])
+        more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
+        raise PrivacyError(f"PHI scan found {len(hits)} possible identifier(s) of the reference patients in "
+                           f"the export, so nothing was published: {shown}{more}",
+                           hint="find how they reached the samples (sample ids, sidecars) and regenerate")
     return "PHI scan against the reference: clean"
-
-
-def _findings(report: Any) -> int:
-    """The number of findings in a scan_phi report (an object, a dict, or a list of findings)."""
-    if report is None:
-        return 0
-    if isinstance(report, (list, tuple)):
-        return len(report)
-    for attr in ("findings", "hits", "matches"):
-        val = report.get(attr) if isinstance(report, dict) else getattr(report, attr, None)
-        if val is not None:
-            return len(val) if hasattr(val, "__len__") else int(val)
-    clean = report.get("clean") if isinstance(report, dict) else getattr(report, "clean", None)
-    if clean is not None:
-        return 0 if clean else 1
-    passed = report.get("passed") if isinstance(report, dict) else getattr(report, "passed", None)
-    if passed is not None:
-        return 0 if passed else 1
-    raise ExportError("the PHI scanner returned a report export does not understand",
-                      hint="update medsynth so export and privacy match")
 
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
