@@ -231,6 +231,12 @@ def test_dciodvfy_zero_errors_on_every_file(exported):
             warnings.update(w.split(" - attribute")[0] for w in warns)
     # The one warning we accept: Laterality is present and empty because it is genuinely unknown.
     assert all("Laterality" in w for w in warnings), warnings
+    # dcentvfy: patient/study/series attributes agree across every file of a case (images + SEG)
+    for series in sorted((out / "dicom").iterdir()):
+        case_files = sorted(series.glob("*.dcm")) + [out / "dicom_seg" / f"{series.name}.dcm"]
+        proc = subprocess.run([tool("dcentvfy"), *map(str, case_files)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and "Error" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)

@@ -412,7 +412,10 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
     os.replace(tmp, out_dir)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +489,9 @@ def export_samples(
     try:
         records = []
         for s, status, verdict in progress(todo, desc="export", total=len(todo)):
+            if s.id in {r["id"] for r in records}:
+                result.failed[f"{s.id} ({s.sidecar_path.name})"] = "duplicate sample id; the first one was exported"
+                continue
             try:
                 records.append(_export_one(s, tmp, fmts, root, status, verdict))
             except MedsynthError as exc:

@@ -167,8 +167,11 @@ class PixelEncoding:
 
 def encode_ct(hu: np.ndarray) -> PixelEncoding:
     """CT: signed 16-bit HU with slope 1 and intercept 0, so stored value == HU exactly."""
-    stored = np.clip(np.rint(np.asarray(hu, dtype=np.float64)), -32768, 32767).astype(np.int16)
-    return PixelEncoding(stored, "1", "0", "HU", CT_WINDOW)
+    hu = np.rint(np.asarray(hu, dtype=np.float64))
+    clipped = int(np.count_nonzero((hu < -32768) | (hu > 32767)))
+    if clipped:
+        log.warning("%d voxel(s) outside the int16 HU range were clipped", clipped)
+    return PixelEncoding(np.clip(hu, -32768, 32767).astype(np.int16), "1", "0", "HU", CT_WINDOW)
 
 
 def encode_mr(values: np.ndarray) -> PixelEncoding:
@@ -269,8 +272,6 @@ def write_series(
     Returns:
         The :class:`SeriesInfo` and the written pydicom datasets (in k order, for DICOM SEG).
     """
-    from pydicom.sequence import Sequence  # noqa: F401  (kept close to the writer for readers)
-
     if vol.modality not in SOP_CLASS:
         raise ExportError(f"cannot write modality {vol.modality!r} as a DICOM image series (CT or MR only)")
     if encoding.stored.shape != vol.shape:
@@ -361,8 +362,11 @@ def write_series(
         ds.RescaleSlope = encoding.slope
         ds.RescaleType = encoding.rescale_type
         ds.WindowCenter = _ds(encoding.window[0])
-        ds.WindowWidth = _ds(max(encoding.window[1], 1.0 if vol.modality == "CT" else encoding.window[1]))
+        ds.WindowWidth = _ds(encoding.window[1])
         ds.WindowCenterWidthExplanation = "SOFT TISSUE" if vol.modality == "CT" else "1-99 PERCENTILE"
+        if encoding.window[1] < 1:
+            # LINEAR windows must be at least 1 wide; MR in small float units needs LINEAR_EXACT
+            ds.VOILUTFunction = "LINEAR_EXACT"
         if vol.modality == "CT":
             ds.KVP = ""
         else:
