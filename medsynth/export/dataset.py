@@ -240,7 +240,7 @@ def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: s
                                              tmp / "labelsTr" / f"{sid}.nii.gz")
     dicom_info: dict[str, Any] = {}
     if "dicom" in formats:
-        checkpoint = str(sample.sidecar.get("checkpoint_hash") or sample.sidecar.get("checkpoint") or "")[:16]
+        checkpoint = str(_checkpoint_hash(sample.sidecar) or "")[:16]
         info, datasets = dcm.write_series(
             vol, encoding, tmp / "dicom" / sid, case_id=sid, uid_key=uid_key, uid_root=uid_root,
             description=f"sample {sid}, seed {sample.sidecar.get('seed')}"
@@ -265,7 +265,7 @@ def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: s
         "index": sample.sidecar.get("index"),
         "seed": sample.sidecar.get("seed"),
         "class": sample.sidecar.get("class"),
-        "checkpoint_hash": sample.sidecar.get("checkpoint_hash", sample.sidecar.get("checkpoint")),
+        "checkpoint_hash": _checkpoint_hash(sample.sidecar),
         "config_hash": sample.sidecar.get("config_hash"),
         "versions": sample.sidecar.get("versions"),
         "source_image_sha256": source_sha,
@@ -273,8 +273,22 @@ def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: s
                "reasons": list(verdict.get("reasons", [])) if verdict else []},
         "exported_by": f"medsynth {__version__}",
         "dicom": dicom_info or None,
+        # everything else the generator recorded, so no provenance is lost in export
+        "generation": {k: v for k, v in sample.sidecar.items() if k not in _SIDECAR_GEOMETRY_KEYS},
     }
     return rec
+
+
+_SIDECAR_GEOMETRY_KEYS = {"format", "id", "index", "seed", "class", "image", "label", "affine", "shape",
+                          "spacing", "orientation", "modality", "units", "versions", "config_hash",
+                          "checkpoint_hash", "label_values"}
+
+
+def _checkpoint_hash(sidecar: dict[str, Any]) -> Optional[str]:
+    for key in ("checkpoint_hash", "checkpoint_sha256", "checkpoint"):
+        if sidecar.get(key):
+            return str(sidecar[key])
+    return None
 
 
 def _remove_case(tmp: Path, sid: str) -> None:
