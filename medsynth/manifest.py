@@ -348,7 +348,7 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
 
     seen_ids: dict[str, int] = {}
     seen_images: dict[tuple, str] = {}
-    modalities: dict[str, str] = {}
+    modalities: list[tuple[str, str]] = []  # (case id, modality), per case even if ids repeat
     for index, case in enumerate(progress(cases, desc="verifying cases", total=len(cases))):
         if case.id in seen_ids:
             problems.append(Problem(case.id, "id", f"id already used by case #{seen_ids[case.id] + 1}",
@@ -386,7 +386,7 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
             problems.append(Problem(case.id, "modality", "modality unknown (not set for the case or the manifest)",
                                     "set 'modality' to CT or MR"))
         else:
-            modalities[case.id] = modality
+            modalities.append((case.id, modality))
 
         if case.label is not None:
             lab = _check_volume(case, "label", case.label, "SEG" if not case.label.is_dir() else None, {}, problems)
@@ -413,12 +413,12 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
         del vol
 
     counts: dict[str, int] = {}
-    for m in modalities.values():
+    for _, m in modalities:
         counts[m] = counts.get(m, 0) + 1
     if len(counts) > 1:
         majority = manifest.modality or max(sorted(counts), key=lambda m: counts[m])
         summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
-        for cid, m in modalities.items():
+        for cid, m in modalities:
             if m != majority:
                 problems.append(Problem(cid, "modality", f"{m} in a {majority} manifest (mixed modality: {summary})",
                                         "keep one modality per manifest (split CT and MR into two manifests)"))
