@@ -499,6 +499,8 @@ def test_cli_not_a_samples_dir(tmp_path, run_cli):
     assert code == 5 and "holds no medsynth samples" in err and "fix:" in err and "Traceback" not in err
     code, out, err = run_cli("export", tmp_path / "missing", "--out", tmp_path / "out")
     assert code == 5 and "samples folder not found" in err and "Traceback" not in err
+    code, out, err = run_cli("export", junk / "scan.nii.gz", "--out", tmp_path / "out")
+    assert code == 5 and "is a file, not a samples folder" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -515,17 +517,20 @@ def test_one_bad_sample_does_not_sink_the_batch(tmp_path, run_cli):
                  label=Volume(label, aff, "SEG", "label"))
     missing = make_sample(samples, 3, "RAS")
     (samples / f"{missing}.nii.gz").unlink()
+    pet = make_sample(samples, 4, "RAS")
+    side = json.loads((samples / f"{pet}.json").read_text())
+    (samples / f"{pet}.json").write_text(json.dumps({**side, "modality": "PET"}))
     code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti,dicom,seg")
     assert code == 5, out + err
-    assert "3 sample(s) failed" in out and "Traceback" not in out + err
+    assert "4 sample(s) failed" in out and "Traceback" not in out + err
     assert f"{corrupt}: " in out and "not a readable NIfTI" in out
     assert f"{sheared}: " in out and "not orthogonal" in out
-    assert "is missing" in out
+    assert "is missing" in out and "modality 'PET' cannot be exported" in out
     out_dir = tmp_path / "out"
     assert [p.name for p in (out_dir / "imagesTr").iterdir()] == [f"{good}_0000.nii.gz"]
     assert [p.name for p in (out_dir / "dicom").iterdir()] == [good]
     assert json.loads((out_dir / "dataset.json").read_text())["numTraining"] == 1
-    assert set(json.loads((out_dir / "export.json").read_text())["failed"]) == {corrupt, sheared, missing}
+    assert set(json.loads((out_dir / "export.json").read_text())["failed"]) == {corrupt, sheared, missing, pet}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -136,6 +136,9 @@ def collect_samples(samples_dir: Path) -> tuple[list[Sample], dict[str, str]]:
     not hide the others.  Raises ExportError when the folder holds nothing that is a sample.
     """
     samples_dir = Path(samples_dir)
+    if samples_dir.exists() and not samples_dir.is_dir():
+        raise ExportError(f"{samples_dir}: is a file, not a samples folder",
+                          hint="pass the --out folder of 'medsynth generate'")
     if not samples_dir.is_dir():
         raise ExportError(f"{samples_dir}: samples folder not found",
                           hint="pass the --out folder of 'medsynth generate'")
@@ -477,6 +480,10 @@ def export_samples(
     result = ExportResult(out_dir=out_dir, formats=fmts, failed=dict(broken))
     todo: list[tuple[Sample, str, Optional[dict[str, Any]]]] = []
     for s in samples:
+        if s.sidecar.get("modality", "CT") not in ("CT", "MR"):
+            result.failed[s.id] = (f"sidecar modality {s.sidecar.get('modality')!r} cannot be exported "
+                                   "(CT or MR only)")
+            continue
         status, verdict = qc_status(s)
         if status != "passed" and not force:
             result.refused[s.id] = _REFUSAL[status]
