@@ -65,8 +65,11 @@ BYTES_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 # and the ones that are Type 1 in enhanced multi-frame and SEG objects (Enhanced General Equipment,
 # Multi-frame Functional Groups).  Everything else gets the most removing choice.
 _TYPE2 = {0x00400555, 0x00102203, 0x300E0008, 0x300A00B2, 0x00080023, 0x00080033, 0x00700084, 0x00180010,
-          0x00189919}
+          0x00189919, 0x00081070, 0x300A0006, 0x300A0007}
 _TYPE1_MULTIFRAME = {0x00080023, 0x00080033, 0x0008002A, 0x00181000}
+_TYPE1_BY_SOP_PREFIX = {
+    "1.2.840.10008.5.1.4.1.1.9.": {0x00080023, 0x00080033, 0x0008002A},  # waveforms: Waveform Identification
+}
 _PATIENT_ID, _PATIENT_NAME = 0x00100020, 0x00100010
 # Inside sequences the profile replaces wholesale (action D on a sequence: Content Sequence,
 # Verifying Observer Sequence, ...) only coded values survive; free text does not.
@@ -111,7 +114,7 @@ class _FileCtx:
     pseudonym: str
     shift_days: int
     ids: Identifiers
-    multiframe: bool
+    type1: set[int]
     actions: dict[str, str] = field(default_factory=dict)
 
     def act(self, loc: str, code: str) -> None:
@@ -219,9 +222,15 @@ class Deidentifier:
         ids = identifiers_from_dataset(ds, uids="retain-uids" not in self.options,
                                        institution="retain-institution-id" not in self.options,
                                        device="retain-device-id" not in self.options)
-        multiframe = "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
+        type1: set[int] = set()
+        if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+            type1 |= _TYPE1_MULTIFRAME
+        sop = str(ds.get("SOPClassUID", "") or "")
+        for prefix, tags in _TYPE1_BY_SOP_PREFIX.items():
+            if sop.startswith(prefix):
+                type1 |= tags
         ctx = _FileCtx(pseudonym=self.pseudonym(pkey), shift_days=self.date_shift_days(pkey), ids=ids,
-                       multiframe=multiframe)
+                       type1=type1)
         self._walk(ds, ctx, "", top=True, strict=False)
         self._residual_sweep(ds, ctx, "")
         self._mark(ds)
@@ -271,11 +280,11 @@ class Deidentifier:
         if "/" not in code:
             return code
         parts = code.split("/")
-        if "D" in parts and ctx.multiframe and int(tag) in _TYPE1_MULTIFRAME:
+        if "D" in parts and int(tag) in ctx.type1:
             return "D"
-        if "Z" in parts and (int(tag) in _TYPE2 or "X" not in parts):
-            return "Z"
-        return "X" if "X" in parts else parts[0]
+        if int(tag) in _TYPE2 or "X" not in parts:  # must stay present: empty if allowed, else dummy
+            return "Z" if "Z" in parts else "D"
+        return "X"
 
     def _apply(self, ds, elem, code: str, ctx: _FileCtx, loc: str) -> None:
         from pydicom.sequence import Sequence

@@ -58,6 +58,13 @@ _DATE_RES = (
     (re.compile(r"(?<![0-9])([01]?[0-9])[-./]([0-3]?[0-9])[-./]((?:19|20)[0-9]{2})(?![0-9])"), "mdy"),
 )
 MIN_TOKEN = 3  # shorter name parts / IDs ("LI", "42") match everything; they are not searched
+MIN_NUMERIC_ID = 5  # all-digit IDs shorter than this ("204", "1234") collide with ordinary numbers
+# Placeholders that de-identifiers, test data and forms put into name fields: not identities.
+PLACEHOLDER_NAMES = {"ANONYMOUS", "ANONYMIZED", "ANONYMISED", "ANON", "REMOVED", "UNKNOWN", "NONE", "NULL",
+                     "TEST", "PATIENT", "PHANTOM", "FIRST", "LAST", "MIDDLE", "NAME", "ENTER", "DUMMY", "SAMPLE",
+                     "DOCTOR", "MRS", "MISS", "PROF", "PHD", "SYNTHETIC", "MEDSYNTH"}
+# Keys of medsynth's own audit log whose values are fixed vocabulary, not data.
+AUDIT_VOCABULARY_KEYS = {"reason", "status", "kind"}
 
 
 def mask(value: str) -> str:
@@ -93,14 +100,26 @@ class Identifiers:
     uids: dict[str, str] = field(default_factory=dict)
     dates: dict[str, str] = field(default_factory=dict)
     sources: int = 0
+    vendors: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.tokens) + len(self.phrases) + len(self.uids) + len(self.dates)
 
     def merge(self, other: "Identifiers") -> "Identifiers":
-        for name in ("tokens", "phrases", "uids", "dates"):
+        for name in ("tokens", "phrases", "uids", "dates", "vendors"):
             getattr(self, name).update(getattr(other, name))
         self.sources += other.sources
+        return self.prune_vendors()
+
+    def prune_vendors(self) -> "Identifiers":
+        """Drop institution entries that are (part of) a device vendor or model name: not identities.
+
+        Test data and some devices write the vendor into Institution Name.
+        """
+        for table in (self.tokens, self.phrases):
+            for k in [k for k, kind in table.items() if kind == "institution"]:
+                if any(k in v for v in self.vendors):
+                    del table[k]
         return self
 
     # -- building ---------------------------------------------------------------------------
@@ -110,15 +129,18 @@ class Identifiers:
         if not text:
             return
         for part in re.split(r"[\^=,\s]+", text):
-            part = part.strip(".").upper()
-            if len(part) >= MIN_TOKEN and not part.isdigit():
+            part = part.strip(".-'").upper()
+            alnum = re.sub(r"[^A-Z0-9]", "", part)
+            if len(alnum) >= MIN_TOKEN and not part.isdigit() and part not in PLACEHOLDER_NAMES:
                 self.tokens.setdefault(part, kind)
 
     def add_id(self, value: Any, kind: str) -> None:
         text = str(value or "").strip()
-        if len(text) < MIN_TOKEN:
+        if len(text) < MIN_TOKEN or (text.isdigit() and len(text) < MIN_NUMERIC_ID):
             return
         key = text.upper()
+        if key in PLACEHOLDER_NAMES:
+            return
         if re.fullmatch(r"[A-Z0-9]+", key):
             self.tokens.setdefault(key, kind)
         else:
@@ -126,7 +148,7 @@ class Identifiers:
 
     def add_phrase(self, value: Any, kind: str) -> None:
         text = " ".join(str(value or "").split()).upper()
-        if len(text) < 4:
+        if len(text) < 4 or text in PLACEHOLDER_NAMES or (text.isdigit() and len(text) < MIN_NUMERIC_ID):
             return
         if re.fullmatch(r"[A-Z0-9]+", text):
             self.tokens.setdefault(text, kind)
@@ -187,7 +209,7 @@ class Identifiers:
                     k = self.dates.get(key)
                     if k:
                         found.append((k, key))
-        return found
+        return list(dict.fromkeys(found))
 
 
 
@@ -280,8 +302,8 @@ def element_text(elem) -> Optional[str]:
         if len(v) > (16 << 20):
             return None
         return printable_runs(bytes(v))
-    if elem.VR in ("US", "SS", "UL", "SL", "FL", "FD", "OF", "OD", "OL", "OV", "UV", "SV", "AT"):
-        return None
+    if elem.VR in ("US", "SS", "UL", "SL", "FL", "FD", "OF", "OD", "OL", "OV", "UV", "SV", "AT", "IS", "DS"):
+        return None  # numbers: an ID would not survive being stored as one
     if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
         return "\\".join(str(x) for x in v)
     return str(v)
@@ -303,6 +325,10 @@ def identifiers_from_dataset(ds, ids: Optional[Identifiers] = None, *, uids: boo
     datasets = [ds]
     if getattr(ds, "file_meta", None) is not None:
         datasets.append(ds.file_meta)
+    for kw in ("Manufacturer", "ManufacturerModelName"):
+        vendor = " ".join(str(ds.get(kw, "") or "").split()).upper()
+        if vendor:
+            ids.vendors.add(vendor)
     for d in datasets:
         for _, elem in walk_dataset(d):
             if elem.tag.is_private or elem.value is None or elem.VR == "SQ":
@@ -328,7 +354,7 @@ def identifiers_from_dataset(ds, ids: Optional[Identifiers] = None, *, uids: boo
             if elem.VR == "UI" and uids and not is_class_uid_keyword(kw):
                 for v in values:
                     ids.add_uid(v)
-    return ids
+    return ids.prune_vendors()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,6 +426,7 @@ def collect_identifiers(reference: Union[str, os.PathLike, Identifiers]) -> Iden
                     ds = None
                 if ds is not None:
                     identifiers_from_dataset(ds, ids)
+    ids.prune_vendors()
     if ids.sources == 0:
         log.warning("reference %s holds no DICOM headers: only generic checks are possible", ref)
     return ids
@@ -453,15 +480,17 @@ def _scan_nifti(path: Path, rel: str, ids: Identifiers, structural: bool) -> lis
     return hits
 
 
-def _scan_json(obj: Any, rel: str, ids: Identifiers, loc: str = "$") -> list[Hit]:
+def _scan_json(obj: Any, rel: str, ids: Identifiers, loc: str = "$", skip_keys: frozenset = frozenset()
+               ) -> list[Hit]:
     hits: list[Hit] = []
     if isinstance(obj, dict):
         for k, v in obj.items():
             hits += _hits(ids, rel, f"{loc} key", str(k))
-            hits += _scan_json(v, rel, ids, f"{loc}.{k}")
+            if k not in skip_keys:
+                hits += _scan_json(v, rel, ids, f"{loc}.{k}", skip_keys)
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            hits += _scan_json(v, rel, ids, f"{loc}[{i}]")
+            hits += _scan_json(v, rel, ids, f"{loc}[{i}]", skip_keys)
     elif obj is not None:
         hits += _hits(ids, rel, loc, str(obj))
     return hits
@@ -479,9 +508,13 @@ def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) 
         if name.endswith(".json"):
             return hits + _scan_json(json.loads(path.read_text(encoding="utf-8")), rel, ids)
         if name.endswith(".jsonl"):
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            first = json.loads(lines[0]) if lines and lines[0].strip() else None
+            audit = isinstance(first, dict) and isinstance(first.get("run"), dict) and "medsynth" in first["run"]
+            skip = frozenset(AUDIT_VOCABULARY_KEYS) if audit else frozenset()
+            for i, line in enumerate(lines):
                 if line.strip():
-                    hits += _scan_json(json.loads(line), rel, ids, f"line {i + 1}")
+                    hits += _scan_json(json.loads(line), rel, ids, f"line {i + 1}", skip)
             return hits
         ds = read_dicom(path, defer_size=1 << 20)
         if ds is not None:
