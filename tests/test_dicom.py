@@ -442,3 +442,32 @@ def test_build_reads_dicom_modality_and_matches_label_by_folder_name(tmp_path, r
     assert run_cli("manifest", "verify", out)[0] == 0
     code, stdout, _ = run_cli("manifest", "build", src, "-o", out, "--modality", "CT")
     assert code == 3  # nothing left: the only series is MR
+
+
+def test_jpeg_lossless_series_is_decoded(tmp_path):
+    """JPEG Lossless (process 14) is the usual PACS export; pydicom alone may lack its codec, so
+    reading falls back to GDCM.  The pixel data is compressed here by GDCM via SimpleITK."""
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.uid import JPEGLosslessSV1
+
+    hu = hu_volume((12, 8, 5), seed=20)
+    files = write_series(tmp_path / "raw", hu, names=[f"r{k}" for k in range(5)])
+    (tmp_path / "jpeg").mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        tmp = tmp_path / "jpeg_tmp.dcm"
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetImageIO("GDCMImageIO")
+        writer.UseCompressionOn()
+        writer.SetCompressor("JPEG")
+        writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None].astype(np.uint16)))
+        enc = pydicom.dcmread(tmp)
+        assert enc.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+        ds["PixelData"] = enc["PixelData"]
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.save_as(tmp_path / "jpeg" / f.name, enforce_file_format=True)
+    vol = read_series(tmp_path / "jpeg")
+    assert np.array_equal(vol.array, hu) and vol.array.dtype == np.int16
+    assert np.allclose(vol.affine, read_series(tmp_path / "raw").affine)

@@ -593,8 +593,9 @@ def _pixels(ds, path: Path) -> np.ndarray:
         # GDCM already applied the rescale; undo it so _to_physical applies it exactly once.
         slope = float(ds.get("RescaleSlope", 1) or 1)
         icpt = float(ds.get("RescaleIntercept", 0) or 0)
-        arr = (arr.astype(np.float64) - icpt) / slope
-        return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 and "NumberOfFrames" not in ds else arr
+        arr = np.rint((arr.astype(np.float64) - icpt) / slope)  # stored values are integers
+        single = int(ds.get("NumberOfFrames", 1) or 1) == 1
+        return arr[0] if single and arr.ndim == 3 else arr
     except Exception:
         raise ImageReadError(f"{path}: pixel data cannot be decoded ({first_error[:120]})",
                              hint="the file may be truncated, or compressed with a codec that is not installed "
