@@ -393,6 +393,10 @@ def test_manifest_has_provenance_and_loads(exported):
     from medsynth.manifest import verify_manifest
 
     assert verify_manifest(m) == []
+    schema_path = Path(__file__).resolve().parents[1] / "data_manifests" / "manifest.schema.json"
+    if schema_path.is_file():
+        jsonschema = pytest.importorskip("jsonschema")
+        jsonschema.validate(raw, json.loads(schema_path.read_text()))
     # the nnU-Net dataset.json reads as a manifest too
     assert sorted(c.id for c in load_manifest(out / "dataset.json").cases) == sorted(ids.values())
 
