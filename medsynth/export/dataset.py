@@ -531,9 +531,7 @@ def export_samples(
         result.n_dicom_files = sum(r.get("n_dicom_files", 0) for r in records)
         result.n_seg = sum(1 for r in records if (r["provenance"]["dicom"] or {}).get("seg"))
         _write_dataset_files(tmp, name or out_dir.name, modality, records, result)
-        if reference is not None:
-            result.phi_scan = _phi_scan(tmp, Path(reference))
-        write_json(tmp / "export.json", {
+        report = {
             "format": EXPORT_REPORT_FORMAT,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
@@ -543,11 +541,15 @@ def export_samples(
                           "sample id, source image sha256, object)",
             "dicom_dates": "fixed synthetic date 20000101 (no date relates to a person or event)",
             "force": force,
-            "phi_scan": result.phi_scan,
+            "phi_scan": None,
             "exported": result.exported,
             "refused": result.refused,
             "failed": result.failed,
-        })
+        }
+        write_json(tmp / "export.json", report)
+        if reference is not None:  # scans every file, this report included
+            result.phi_scan = _phi_scan(tmp, Path(reference))
+            write_json(tmp / "export.json", {**report, "phi_scan": result.phi_scan})
         _publish(tmp, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
