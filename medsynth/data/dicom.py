@@ -266,8 +266,7 @@ def _geometry(frames: list[_Frame]) -> _Geometry:
     ps = np.array([fr.pixel_spacing for fr in frames])
     if np.any(np.abs(ps - ps[0]) > 1e-3 * ps[0]):
         raise _Rejected(f"mixed pixel spacing ({ps.min():.4g} to {ps.max():.4g} mm)")
-    iop0 = frames[0].iop
-    assert iop0 is not None
+    iop0: np.ndarray = frames[0].iop  # type: ignore[assignment]  (checked above)
     row, col = iop0[:3], iop0[3:]
     if (abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2
             or abs(float(row @ col)) > 1e-2):
@@ -505,8 +504,8 @@ def read_series(source: str | os.PathLike | Sequence[str | os.PathLike],
 
 
 def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], strict: bool) -> Volume:
-    import pydicom  # noqa: F401  (imported here so 'medsynth --help' stays fast)
-
+    """Headers of all files first (grouping, geometry, hashes), then pixels one file at a time, so
+    peak memory is the output volume plus one file, not every file's pixel data at once."""
     datasets: dict[Path, Any] = {}
     digests: dict[Path, bytes] = {}
     groups: dict[str, list[Path]] = {}
@@ -520,7 +519,7 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
             if strict:
                 raise ImageReadError(f"{path}: not a DICOM file", hint="list only the files of the series")
             continue
-        ds = _parse(path, data, pixels=True)
+        ds = _parse(path, data)
         try:
             fr = _frames(ds, path)
         except _NotAnImage:
@@ -554,21 +553,26 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
     if mod not in IMAGE_MODALITIES:
         raise ImageReadError(f"{folder}: modality {mod or 'missing'} is not supported (CT and MR only)")
     pixel_cache: dict[Path, np.ndarray] = {}
-    out = np.empty((geom.frames[0].cols, geom.frames[0].rows, len(geom.frames)), dtype=np.float64)
+    # Filled slice-major (k, row, column) so each slice is one contiguous write; transposed to
+    # (i, j, k) at the end.  float32 holds every int16/uint16 HU exactly; the dtype is chosen below.
+    out = np.empty((len(geom.frames), geom.frames[0].rows, geom.frames[0].cols), dtype=np.float32)
+    fits_int16 = True
     for k, fr in enumerate(geom.frames):
         if fr.path not in pixel_cache:
-            pixel_cache = {fr.path: _pixels(datasets[fr.path], fr.path)}  # keep one file's pixels at a time
+            pixel_cache = {fr.path: _pixels(_parse(fr.path, pixels=True), fr.path)}  # one file at a time
         px = pixel_cache[fr.path]
         px = px if fr.frame is None else px[fr.frame]
         if px.shape != (fr.rows, fr.cols):
             raise ImageReadError(f"{fr.path}: pixel data of shape {px.shape} does not match Rows x Columns")
-        out[:, :, k] = _to_physical(px, datasets[fr.path], fr).T  # (rows, cols) -> (i = column, j = row)
-    if not np.all(np.isfinite(out)):
-        raise ImageReadError(f"{folder}: non-finite values after rescaling", hint="check RescaleSlope/Intercept")
-    if np.all(out == np.rint(out)) and out.min() >= -32768 and out.max() <= 32767:
-        arr = out.astype(np.int16)
-    else:
-        arr = out.astype(np.float32)
+        phys = _to_physical(px, datasets[fr.path], fr)
+        # Checked per slice, while it is small: finite, and whether int16 can hold it exactly.
+        if not np.all(np.isfinite(phys)):
+            raise ImageReadError(f"{fr.path}: non-finite values after rescaling", hint="check RescaleSlope/Intercept")
+        fits_int16 = fits_int16 and bool(phys.min() >= -32768 and phys.max() <= 32767
+                                         and np.array_equal(phys, np.rint(phys)))
+        out[k] = phys
+    arr = out.astype(np.int16) if fits_int16 else out
+    arr = arr.transpose(2, 1, 0)  # (k, row, column) -> (i = column, j = row, k)
     ordered = list(dict.fromkeys(fr.path for fr in geom.frames))
     sha = hashlib.sha256(b"".join(digests[p] for p in ordered)).hexdigest()
     return Volume(arr, _ras_affine(geom), modality=mod, units="HU" if mod == "CT" else "a.u.",
