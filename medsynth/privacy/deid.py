@@ -642,6 +642,20 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
+def _truncation_problem(ds) -> Optional[str]:
+    """pydicom reads a file cut short without complaint: the last value is just shorter than declared."""
+    tags = list(ds.keys())
+    if not tags:
+        return "empty data set"
+    raw = ds.get_item(tags[-1])
+    length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+    if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+        return f"file ends inside an element ({len(value)} of {length} bytes)"
+    if "Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return "image attributes without pixel data (cut short?)"
+    return None
+
+
 def _native_pixel_problem(ds) -> Optional[str]:
     """A truncated native pixel data element means a damaged file."""
     if "PixelData" not in ds:
@@ -764,7 +778,7 @@ def _process_one(deid: Deidentifier, path: Path, out: Path, rec: dict, written: 
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         rec.update(status="failed", reason="no SOP Class/Instance UID: not a composite DICOM instance")
         return
-    problem = _native_pixel_problem(ds)
+    problem = _truncation_problem(ds) or _native_pixel_problem(ds)
     if problem:
         rec.update(status="failed", reason=f"damaged DICOM file: {problem}")
         return

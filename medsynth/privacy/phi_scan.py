@@ -29,7 +29,7 @@ log = logging.getLogger("medsynth.privacy.phi_scan")
 # Attributes whose values identify a patient or the people and places around them.
 NAME_VRS = {"PN"}
 ID_KEYWORDS = {
-    "PatientID": "patient ID", "OtherPatientIDs": "patient ID", "IssuerOfPatientID": "patient ID issuer",
+    "PatientID": "patient ID", "OtherPatientIDs": "patient ID", "IssuerOfPatientID": "institution",
     "AccessionNumber": "accession number", "AdmissionID": "admission ID", "MedicalRecordLocator": "record locator",
     "StudyID": "study ID", "RequestedProcedureID": "procedure ID", "PerformedProcedureStepID": "procedure ID",
     "ScheduledProcedureStepID": "procedure ID", "ServiceEpisodeID": "episode ID",
@@ -338,7 +338,8 @@ def identifiers_from_dataset(ds, ids: Optional[Identifiers] = None, *, uids: boo
             if elem.VR == "PN":
                 for v in values:
                     ids.add_name(v)
-            if kw in ID_KEYWORDS and (device or kw != "DeviceSerialNumber"):
+            if kw in ID_KEYWORDS and (device or kw != "DeviceSerialNumber") and \
+                    (institution or ID_KEYWORDS[kw] != "institution"):
                 for v in values:
                     ids.add_id(v, ID_KEYWORDS[kw])
             if kw in PHRASE_KEYWORDS:
@@ -499,8 +500,10 @@ def _scan_json(obj: Any, rel: str, ids: Identifiers, loc: str = "$", skip_keys: 
 def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) -> list[Hit]:
     """Scan one output file (its name, then its content by type) and return the hits."""
     hits: list[Hit] = []
-    for part in Path(rel).parts:
-        hits += _hits(ids, rel, "file name", part)
+    found_in_name = ids.find(rel)
+    for _, value in found_in_name:  # the report names the file without repeating what it found
+        rel = re.sub(re.escape(value), mask(value), rel, flags=re.IGNORECASE)
+    hits += [Hit(rel, "file name", kind, mask(value)) for kind, value in found_in_name]
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
