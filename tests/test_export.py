@@ -128,7 +128,7 @@ def read_series_sitk(folder: Path) -> Volume:
 def dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([tool("dcm2niix"), "-z", "y", "-b", "n", "-f", "%f", "-o", str(out), str(folder)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = sorted(out.glob("*.nii.gz"))
     assert len(files) == 1, (files, proc.stdout)
@@ -136,7 +136,8 @@ def dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    proc = subprocess.run([tool("dciodvfy"), "-new", str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([tool("dciodvfy"), "-new", str(path)], capture_output=True, text=True, timeout=60,
+                          check=False)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
 
@@ -235,7 +236,7 @@ def test_dciodvfy_zero_errors_on_every_file(exported):
     for series in sorted((out / "dicom").iterdir()):
         case_files = sorted(series.glob("*.dcm")) + [out / "dicom_seg" / f"{series.name}.dcm"]
         proc = subprocess.run([tool("dcentvfy"), *map(str, case_files)], capture_output=True, text=True,
-                              timeout=60)
+                              timeout=60, check=False)
         assert proc.returncode == 0 and "Error" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
@@ -404,7 +405,7 @@ def test_manifest_has_provenance_and_loads(exported):
 def test_dicom_only_export_manifest_points_at_series(exported, tmp_path):
     from medsynth.manifest import load_manifest, verify_manifest
 
-    _, samples, _, ids, _ = exported
+    _, samples, _, _ids, _ = exported
     from medsynth.export import export_samples
 
     result = export_samples(samples, tmp_path / "dcm", formats="dicom")
@@ -419,7 +420,7 @@ def test_manifest_verify_cli_accepts_export(exported, run_cli):
     from medsynth.cli import build_parser
 
     _, _, out, _, _ = exported
-    assert "manifest" in build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    assert "manifest" in build_parser()._subparsers._group_actions[0].choices
     code, stdout, stderr = run_cli("manifest", "verify", out / "manifest.json")
     assert code == 0, stdout + stderr
 
@@ -489,7 +490,7 @@ def test_cli_export_and_qc_gate(tmp_path, run_cli):
 def test_cli_all_refused_is_an_error(tmp_path, run_cli):
     samples = tmp_path / "samples"
     make_sample(samples, 0, "RAS", qc=None)
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out")
+    code, _out, err = run_cli("export", samples, "--out", tmp_path / "out")
     assert code == 5 and "nothing to export" in err and "--force" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
@@ -499,11 +500,11 @@ def test_cli_not_a_samples_dir(tmp_path, run_cli):
     junk.mkdir()
     Volume(np.zeros(SHAPE, np.float32), affine_for("RAS")).save_nifti(junk / "scan.nii.gz")
     (junk / "notes.json").write_text(json.dumps({"hello": "world"}))
-    code, out, err = run_cli("export", junk, "--out", tmp_path / "out")
+    code, _out, err = run_cli("export", junk, "--out", tmp_path / "out")
     assert code == 5 and "holds no medsynth samples" in err and "fix:" in err and "Traceback" not in err
-    code, out, err = run_cli("export", tmp_path / "missing", "--out", tmp_path / "out")
+    code, _out, err = run_cli("export", tmp_path / "missing", "--out", tmp_path / "out")
     assert code == 5 and "samples folder not found" in err and "Traceback" not in err
-    code, out, err = run_cli("export", junk / "scan.nii.gz", "--out", tmp_path / "out")
+    code, _out, err = run_cli("export", junk / "scan.nii.gz", "--out", tmp_path / "out")
     assert code == 5 and "is a file, not a samples folder" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
@@ -546,7 +547,7 @@ def test_one_bad_sample_does_not_sink_the_batch(tmp_path, run_cli):
 def test_cli_bad_arguments(tmp_path, run_cli, argv, message):
     samples = tmp_path / "samples"
     make_sample(samples, 0, "RAS")
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", *argv)
+    code, _out, err = run_cli("export", samples, "--out", tmp_path / "out", *argv)
     assert code == 5 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
@@ -554,7 +555,7 @@ def test_cli_bad_arguments(tmp_path, run_cli, argv, message):
 def test_out_inside_samples_is_refused(tmp_path, run_cli):
     samples = tmp_path / "samples"
     make_sample(samples, 0, "RAS")
-    code, out, err = run_cli("export", samples, "--out", samples / "export")
+    code, _out, err = run_cli("export", samples, "--out", samples / "export")
     assert code == 5 and "must not contain or be inside" in err
 
 
@@ -603,7 +604,7 @@ def test_reference_phi_scan_runs_before_publishing(tmp_path, run_cli):
 def test_reference_must_exist(tmp_path, run_cli):
     samples = tmp_path / "samples"
     make_sample(samples, 0, "RAS")
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--reference", tmp_path / "nope.json")
+    code, _out, err = run_cli("export", samples, "--out", tmp_path / "out", "--reference", tmp_path / "nope.json")
     assert code == 5 and "reference manifest not found" in err
 
 
@@ -614,11 +615,11 @@ def test_cli_config_export_section_gives_defaults(tmp_path, run_cli):
     sid = make_sample(samples, 0, "RAS")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text('export:\n  formats: [dicom]\n  uid_root: "1.2.826.0.1.3680043.10.999"\n')
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--config", cfg)
+    code, _out, err = run_cli("export", samples, "--out", tmp_path / "out", "--config", cfg)
     assert code == 0, err
     assert not (tmp_path / "out" / "imagesTr").exists()
     ds = pydicom.dcmread(next((tmp_path / "out" / "dicom" / sid).glob("*.dcm")))
     assert ds.SeriesInstanceUID.startswith("1.2.826.0.1.3680043.10.999.")
     # command-line flags win over the config
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out2", "--config", cfg, "--format", "nifti")
+    code, _out, err = run_cli("export", samples, "--out", tmp_path / "out2", "--config", cfg, "--format", "nifti")
     assert code == 0 and (tmp_path / "out2" / "imagesTr").is_dir() and not (tmp_path / "out2" / "dicom").exists()

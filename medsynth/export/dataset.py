@@ -233,7 +233,7 @@ def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: s
     uid_key = f"medsynth {__version__}|{sid}|{source_sha}"
     rec: dict[str, Any] = {"id": sid, "modality": vol.modality, "shape": list(vol.shape),
                            "spacing": [float(s) for s in vol.spacing], "image": None, "label": None,
-                           "label_values": sorted(int(v) for v in np.unique(label_arr)) if label_arr is not None else [],
+                           "label_values": [] if label_arr is None else sorted(int(v) for v in np.unique(label_arr)),
                            "label_names": names}
     if "nifti" in formats:
         img_path = nifti.write_image(out_vol, tmp / "imagesTr" / f"{sid}_0000.nii.gz")
@@ -468,7 +468,8 @@ def export_samples(
     fmts = parse_formats(formats)
     root = check_uid_root(uid_root)
     if reference is not None and not Path(reference).exists():
-        raise ExportError(f"{reference}: reference manifest not found", hint="pass the manifest the model was trained on")
+        raise ExportError(f"{reference}: reference manifest not found",
+                          hint="pass the manifest the model was trained on")
     res_in, res_out = samples_dir.resolve(), out_dir.resolve()
     if res_out == res_in or res_in in res_out.parents or res_out in res_in.parents:
         raise ExportError(f"{out_dir}: --out must not contain or be inside the samples folder",

@@ -45,9 +45,9 @@ def check_label(label: Volume, image: Volume) -> np.ndarray:
         raise ExportError("label affine differs from the image affine",
                           hint="regenerate the sample; a label must share its image's grid")
     arr = np.asarray(label.array)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.rint(arr)):
-            raise ExportError("label map holds non-integer values", hint="labels must be integers 0..255")
+    if not np.issubdtype(arr.dtype, np.integer) and (
+            not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.rint(arr))):
+        raise ExportError("label map holds non-integer values", hint="labels must be integers 0..255")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0 or hi > 255:
         raise ExportError(f"label values span {lo:g}..{hi:g}; uint8 export needs 0..255",
