@@ -554,3 +554,51 @@ def test_pydicom_bundled_files(tmp_path):
     assert len(names) >= 10
     for f, raw in _all_bytes(tmp_path / "out"):
         assert not [n for n in names if n.encode("latin-1", "replace") in raw], f.name
+
+
+@pytest.mark.slow
+def test_500_slice_series_anonymises_in_seconds(tmp_path):
+    """Performance: a 500-slice 512x512 CT series (262 MB of pixels)."""
+    import time
+
+    prev = None
+    for i in range(1, 501):
+        ds = _ct_slice(PATIENTS["p1"], "p1", 1, 1, i, 500, prev, [])
+        ds.Rows = ds.Columns = 512
+        ds.PixelData = np.zeros((512, 512), "<u2").tobytes()
+        _save(ds, tmp_path / "in" / f"{i:04d}.dcm")
+        prev = ds.SOPInstanceUID
+    key = tmp_path / "k"
+    key.write_bytes(b"z" * 32)
+    t0 = time.perf_counter()
+    rep = anonymise(tmp_path / "in", tmp_path / "out", key)
+    elapsed = time.perf_counter() - t0
+    assert rep.processed == 500
+    assert elapsed < 60, f"{elapsed:.1f} s"  # ~5 s on an idle core; generous for a shared CI box
+
+
+@pytest.mark.slow
+def test_pydicom_bundled_files_no_new_dciodvfy_errors(tmp_path):
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) not installed")
+    from pydicom.data import get_testdata_file
+
+    inp = tmp_path / "pydicom"
+    shutil.copytree(Path(get_testdata_file("CT_small.dcm")).parent, inp)
+    key = tmp_path / "k"
+    key.write_bytes(b"p" * 32)
+    rep = anonymise(inp, tmp_path / "out", key)
+
+    def errors(path: Path) -> set[str]:
+        r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+        return {re.sub(r"<[0-9.]+>", "<uid>", re.sub(r'"[^"]*"', '"#"', ln)) for ln in lines}
+
+    files = iter_files(inp)
+    new = {}
+    for r in rep.records:
+        if r["status"] == "processed" and r["kind"] == "dicom":
+            extra = errors(tmp_path / "out" / r["output"]) - errors(files[r["index"]])
+            if extra:
+                new[files[r["index"]].name] = sorted(extra)
+    assert new == {}

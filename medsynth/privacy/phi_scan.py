@@ -293,6 +293,15 @@ def walk_dataset(ds, prefix: str = "") -> Iterator[tuple[str, Any]]:
                 yield from walk_dataset(item, f"{loc}[{i}]>")
 
 
+def _iter_elements(ds) -> Iterator[Any]:
+    """Every element, depth first, without building location strings (the fast path)."""
+    for elem in ds:
+        yield elem
+        if elem.VR == "SQ" and elem.value is not None:
+            for item in elem.value:
+                yield from _iter_elements(item)
+
+
 def element_text(elem) -> Optional[str]:
     """The searchable text of an element (strings, names, UIDs, text in UN/OB bytes), else None."""
     if elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
@@ -330,8 +339,8 @@ def identifiers_from_dataset(ds, ids: Optional[Identifiers] = None, *, uids: boo
         if vendor:
             ids.vendors.add(vendor)
     for d in datasets:
-        for _, elem in walk_dataset(d):
-            if elem.tag.is_private or elem.value is None or elem.VR == "SQ":
+        for elem in _iter_elements(d):
+            if elem.tag.is_private or elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
                 continue
             kw = elem.keyword
             values = elem.value if type(elem.value).__name__ == "MultiValue" else [elem.value]
