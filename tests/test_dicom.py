@@ -410,6 +410,9 @@ def test_build_writes_series_files_and_verify_catches_changed_or_missing_dicom(t
     assert code == 0
     assert "missing slice(s)" in stderr and "rejected" in stderr  # the irregular series is named, not fatal
     raw = json.loads(out.read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parents[1] / "data_manifests" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(raw)
     assert [c["id"] for c in raw["cases"]] == ["series-0001", "series-0002"]
     assert all(c["image"] == "study" and len(c["series_files"]) in (4, 5) for c in raw["cases"])
     assert run_cli("manifest", "verify", out)[0] == 0
