@@ -146,7 +146,7 @@ def _ds(x: float) -> str:
     return "0" if s in ("-0", "-0.0") else s
 
 
-def _frames(vol: Volume, array: np.ndarray) -> np.ndarray:
+def _frames(array: np.ndarray) -> np.ndarray:
     """``array`` (i, j, k) as DICOM frames (k, rows=j, columns=i)."""
     return np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))
 
@@ -277,7 +277,7 @@ def write_series(
     if encoding.stored.shape != vol.shape:
         raise ExportError(f"stored pixel shape {encoding.stored.shape} differs from volume shape {vol.shape}")
     geo = slice_geometry(vol)
-    frames = _frames(vol, encoding.stored)
+    frames = _frames(encoding.stored)
     sop_class = SOP_CLASS[vol.modality]
     study_uid = make_uid(uid_root, f"{uid_key}|study")
     series_uid = make_uid(uid_root, f"{uid_key}|series|{series_number}")
@@ -419,7 +419,7 @@ def write_seg(
     lut = np.zeros(int(max(values)) + 1, dtype=np.uint16)
     for n, v in enumerate(values, start=1):
         lut[v] = n
-    seg_frames = _frames(label, lut[np.asarray(label.array, dtype=np.int64)])
+    seg_frames = _frames(lut[np.asarray(label.array, dtype=np.int64)])
     algo = hd.AlgorithmIdentificationSequence(
         name="medsynth", family=codes.cid7162.ArtificialIntelligence, version=__version__)
     names = label_names or {}
