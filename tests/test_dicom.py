@@ -474,3 +474,12 @@ def test_jpeg_lossless_series_is_decoded(tmp_path):
     vol = read_series(tmp_path / "jpeg")
     assert np.array_equal(vol.array, hu) and vol.array.dtype == np.int16
     assert np.allclose(vol.affine, read_series(tmp_path / "raw").affine)
+
+
+def test_unsupported_modality_is_rejected_with_reason(tmp_path):
+    write_series(tmp_path / "pet", hu_volume((8, 8, 4), seed=21), modality="PT")
+    series, problems = scan_dicom(tmp_path)
+    assert series == [] and [p.kind for p in problems] == ["rejected"]
+    assert "modality PT is not supported (CT and MR only)" in problems[0].message
+    with pytest.raises(ImageReadError, match="modality PT is not supported"):
+        read_series(tmp_path / "pet")

@@ -360,17 +360,14 @@ class _Group:
     problem: Optional[str] = None
 
 
-def _group_headers(files: Sequence[Path], problems: list[DicomProblem], quiet_non_dicom: bool = True,
-                   desc: str = "") -> dict[str, _Group]:
+def _group_headers(files: Sequence[Path], problems: list[DicomProblem]) -> dict[str, _Group]:
     """Parse headers of ``files`` and group image frames by SeriesInstanceUID (kept in memory only)."""
     from medsynth.progress import progress
 
     groups: dict[str, _Group] = {}
-    for path in progress(files, desc=desc or "reading DICOM headers", total=len(files)):
+    for path in progress(files, desc="scanning DICOM", total=len(files)):
         if not is_dicom_file(path):
-            if not quiet_non_dicom:
-                log.debug("%s: not DICOM, skipped", path)
-            continue
+            continue  # not DICOM: skipped quietly
         try:
             ds = _parse(path)
         except ImageReadError as exc:
@@ -423,7 +420,7 @@ def scan_dicom(folder: str | os.PathLike, recursive: bool = True,
     files = _candidate_files(root, recursive, [Path(e) for e in exclude])
     problems: list[DicomProblem] = []
     with _quiet_pydicom():
-        groups = _group_headers(files, problems, desc="scanning DICOM")
+        groups = _group_headers(files, problems)
     # Files per folder that reading the folder on its own would try to use (all but 'skipped').
     skipped = {p.path for p in problems if p.kind == "skipped"}
     dicom_in: dict[Path, set[Path]] = {}
@@ -437,6 +434,7 @@ def scan_dicom(folder: str | os.PathLike, recursive: bool = True,
     for g in groups.values():
         where = _common_folder(g.files)
         if g.problem:
+            where = g.files[0] if len(g.files) == 1 else where
             problems.append(DicomProblem(where, "rejected", f"series of {len(g.files)} file(s): {g.problem}",
                                          _FIX_IRREGULAR))
             continue
@@ -446,10 +444,7 @@ def scan_dicom(folder: str | os.PathLike, recursive: bool = True,
             problems.append(DicomProblem(where, "rejected", f"series of {len(g.files)} file(s): {exc}",
                                          _FIX_IRREGULAR))
             continue
-        ordered: list[Path] = []
-        for fr in geom.frames:
-            if not ordered or ordered[-1] != fr.path:
-                ordered.append(fr.path)
+        ordered = list(dict.fromkeys(fr.path for fr in geom.frames))  # a multi-frame file once
         exclusive = all(f.parent == where for f in g.files) and dicom_in.get(where, set()) - skipped == set(g.files)
         fr0 = geom.frames[0]
         series.append(SeriesInfo(files=ordered, folder=where, modality=g.modality,
