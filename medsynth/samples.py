@@ -100,10 +100,13 @@ def read_sample(sidecar_path: Path) -> Sample:
     return Sample(str(sid), img, sidecar_path, meta, label_path)
 
 
-def list_samples(samples_dir: Path) -> list[Sample]:
+def list_samples(samples_dir: Path, errors: Optional[list[str]] = None) -> list[Sample]:
     """All samples in a folder (not in ``quarantine/``), sorted by index then id.
 
-    Raises :class:`MedsynthError` naming the folder if it does not exist or holds no samples.
+    Raises :class:`MedsynthError` naming the folder if it does not exist or holds no samples.  A
+    broken sample (sidecar whose image is missing, ...) raises too, unless ``errors`` is a list: then
+    its message is appended there and the other samples are still returned (one bad case never
+    sinks a batch).
     """
     samples_dir = Path(samples_dir)
     if not samples_dir.is_dir():
@@ -118,8 +121,13 @@ def list_samples(samples_dir: Path) -> list[Sample]:
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT:
-            out.append(read_sample(side))
-    if not out:
+            try:
+                out.append(read_sample(side))
+            except MedsynthError as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc))
+    if not out and not errors:
         raise MedsynthError(f"{samples_dir}: holds no medsynth samples (no '<id>.json' sidecars with "
                             f"format '{SAMPLE_FORMAT}')", hint="pass the --out folder of 'medsynth generate'")
     out.sort(key=lambda s: (s.sidecar.get("index", 0), s.id))
