@@ -316,6 +316,11 @@ def _check_volume(case: Case, field_: str, path: Path, modality: Optional[str], 
     except MemoryError:
         out.append(Problem(case.id, field_, f"{path}: too large to read into memory", "downsample or crop it"))
         return None
+    except Exception as exc:  # a reader failing in an unforeseen way must not sink the other cases
+        log.debug("reading %s failed", path, exc_info=True)
+        out.append(Problem(case.id, field_, f"{path}: could not be read ({type(exc).__name__})",
+                           _FIX_UNREADABLE + "; rerun with --debug for details"))
+        return None
     if min(vol.shape) < 2:
         out.append(Problem(case.id, field_, f"{path}: a 2D image (shape {list(vol.shape)}), not a 3D volume",
                            "use one 3D volume per case (no 2D slices)"))
@@ -579,6 +584,9 @@ def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes
         except (ImageReadError, VolumeError) as exc:
             report.notes.append(f"{path}: skipped: {exc.message}")
             continue
+        except Exception as exc:  # one unreadable file never sinks the build
+            report.notes.append(f"{path}: skipped: could not be read ({type(exc).__name__})")
+            continue
         if min(vol.shape) < 2:
             report.notes.append(f"{path}: skipped: a 2D image (shape {list(vol.shape)}), not a 3D volume")
             continue
@@ -603,6 +611,9 @@ def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes
             vol = read_series(s.files)
         except ImageReadError as exc:
             report.notes.append(f"{s.folder}: rejected: {exc.message}")
+            continue
+        except Exception as exc:  # one unreadable series never sinks the build
+            report.notes.append(f"{s.folder}: rejected: could not be read ({type(exc).__name__})")
             continue
         counter += 1
         cid = _unique(f"series-{counter:04d}", taken)
