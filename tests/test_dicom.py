@@ -272,7 +272,7 @@ def test_two_series_in_one_folder_need_series_files(tmp_path):
     assert problems == [] and len(series) == 2 and not any(s.exclusive for s in series)
     with pytest.raises(ImageReadError, match="(?s)holds 2 DICOM series.*series_files"):
         read_series(tmp_path / "mix")
-    for s, ref in zip(sorted(series, key=lambda s: s.shape[2]), (a, b)):
+    for s, ref in zip(sorted(series, key=lambda s: s.shape[2]), (a, b), strict=True):
         vol = read_series(tmp_path / "mix", series_files=s.relative_files())
         assert np.array_equal(vol.array, ref)
         assert vol.meta["sha256"] == series_sha256(s.files)
