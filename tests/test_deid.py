@@ -19,12 +19,21 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 
-from medsynth.privacy.deid import Deidentifier, anonymise, clean_text
-from medsynth.privacy.deid_profile import OPTIONS, check_options, load_profile, resolve_action
-from medsynth.privacy.phi_scan import Identifiers, iter_files, scan_phi
 from medsynth.errors import ConfigError, PrivacyError
+from medsynth.privacy.deid import Deidentifier, anonymise, clean_text
+from medsynth.privacy.deid_profile import (
+    OPTIONS,
+    check_options,
+    load_profile,
+    resolve_action,
+)
+from medsynth.privacy.phi_scan import Identifiers, iter_files, scan_phi
 
 ROOT = "1.2.826.0.1.3680043.9.7777"  # test UID root (not a registered DICOM UID)
 
@@ -339,7 +348,7 @@ def test_uids_and_references_stay_consistent(data):
     for d in out:
         by_patient.setdefault(str(d.PatientID), []).append(d)
     assert len(by_patient) == 2  # distinct patients stay distinct
-    for pid, dss in by_patient.items():
+    for dss in by_patient.values():
         assert len({str(d.StudyInstanceUID) for d in dss}) == 1
         assert len({str(d.FrameOfReferenceUID) for d in dss}) == 1
         assert len({str(d.SeriesInstanceUID) for d in dss}) == 2
@@ -497,7 +506,7 @@ def test_clean_text_removes_identifiers_dates_and_numbers():
 
 def test_missing_key_file_says_how_to_make_one(tmp_path, run_cli):
     (tmp_path / "in").mkdir()
-    code, out, err = run_cli("anonymise", tmp_path / "in", tmp_path / "out", "--key-file", tmp_path / "nokey")
+    code, _, err = run_cli("anonymise", tmp_path / "in", tmp_path / "out", "--key-file", tmp_path / "nokey")
     assert code == PrivacyError.exit_code
     assert "key file not found" in err and "head -c 32 /dev/urandom" in err and "Traceback" not in err
     short = tmp_path / "short.key"

@@ -64,7 +64,7 @@ def test_matching_rules():
     ids.add_id("204", "patient ID")  # too short to search: would match every number
     ids.add_date(BIRTH)
     ids.add_uid(STUDY_UID)
-    kinds = lambda text: sorted(k for k, _ in ids.find(text))  # noqa: E731
+    kinds = lambda text: sorted(k for k, _ in ids.find(text))
     assert kinds("griet vandermeulen") == ["person name", "person name"]
     assert kinds("Grietje") == []  # whole tokens only
     assert kinds("ref hx-4410978.") == ["patient ID"]

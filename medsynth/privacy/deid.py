@@ -38,16 +38,30 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any
 
 from medsynth.errors import ConfigError, PrivacyError
 from medsynth.jobs import atomic_path, sha256_file
-from medsynth.privacy.deid_profile import (BASIC_CODE, OPTIONS, check_options, load_profile, load_safe_private,
-                                           resolve_action)
-from medsynth.privacy.phi_scan import (Identifiers, element_text, identifiers_from_dataset, is_class_uid_keyword,
-                                       iter_files, quiet_pydicom, read_dicom)
+from medsynth.privacy.deid_profile import (
+    BASIC_CODE,
+    OPTIONS,
+    check_options,
+    load_profile,
+    load_safe_private,
+    resolve_action,
+)
+from medsynth.privacy.phi_scan import (
+    Identifiers,
+    element_text,
+    identifiers_from_dataset,
+    is_class_uid_keyword,
+    iter_files,
+    quiet_pydicom,
+    read_dicom,
+)
 
 log = logging.getLogger("medsynth.privacy.deid")
 
@@ -93,7 +107,7 @@ UNSUPPORTED_SOP_CLASSES = {
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
-def load_key(path: Union[str, os.PathLike]) -> bytes:
+def load_key(path: str | os.PathLike) -> bytes:
     """Read the secret key file (at least 16 bytes).  The key is never logged or written anywhere."""
     p = Path(path)
     make = f"head -c 32 /dev/urandom > {p} && chmod 600 {p}"
@@ -194,7 +208,7 @@ class Deidentifier:
 
     # -- screening ------------------------------------------------------------------------------
 
-    def quarantine_reason(self, ds) -> Optional[str]:
+    def quarantine_reason(self, ds) -> str | None:
         """Why this data set must not be written (pixels or content may identify), or None."""
         sop = str(ds.get("SOPClassUID", "") or "").strip()
         for prefix, what in UNSUPPORTED_SOP_CLASSES.items():
@@ -468,8 +482,12 @@ class Deidentifier:
     @staticmethod
     def _rebuild_meta(ds) -> None:
         from pydicom.dataset import FileMetaDataset
-        from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                                 ImplicitVRLittleEndian)
+        from pydicom.uid import (
+            PYDICOM_IMPLEMENTATION_UID,
+            ExplicitVRBigEndian,
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+        )
 
         from medsynth import __version__
 
@@ -502,7 +520,7 @@ def _fmt_date(d: _dt.date) -> str:
     return f"{d.year:04d}{d.month:02d}{d.day:02d}"
 
 
-def _shift_date8(s: str, days: int) -> Optional[str]:
+def _shift_date8(s: str, days: int) -> str | None:
     try:
         d = _dt.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
         return _fmt_date(d - _dt.timedelta(days=days))
@@ -510,7 +528,7 @@ def _shift_date8(s: str, days: int) -> Optional[str]:
         return None
 
 
-def _shift_da(value: str, days: int) -> Optional[str]:
+def _shift_da(value: str, days: int) -> str | None:
     """Shift a DA value (also ranges and the legacy YYYY.MM.DD form) back by ``days``."""
     value = value.strip()
     if "-" in value:  # range (query form); each side may be empty
@@ -522,7 +540,7 @@ def _shift_da(value: str, days: int) -> Optional[str]:
     return _shift_date8(digits, days)
 
 
-def _shift_dt(value: str, days: int) -> Optional[str]:
+def _shift_dt(value: str, days: int) -> str | None:
     """Shift the date part of a DT value; a partial date (YYYY, YYYYMM) moves with its middle."""
     value = value.strip()
     m = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{0,6}(?:\.\d{1,6})?)?([+-]\d{4})?", value)
@@ -627,7 +645,7 @@ class AnonymiseReport:
     failed: int = 0
     outputs: list[str] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
-    audit: Optional[Path] = None
+    audit: Path | None = None
 
     @property
     def total(self) -> int:
@@ -642,7 +660,7 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
-def _truncation_problem(ds) -> Optional[str]:
+def _truncation_problem(ds) -> str | None:
     """pydicom reads a file cut short without complaint: the last value is just shorter than declared."""
     tags = list(ds.keys())
     if not tags:
@@ -656,7 +674,7 @@ def _truncation_problem(ds) -> Optional[str]:
     return None
 
 
-def _native_pixel_problem(ds) -> Optional[str]:
+def _native_pixel_problem(ds) -> str | None:
     """A truncated native pixel data element means a damaged file."""
     if "PixelData" not in ds:
         return None
@@ -674,9 +692,9 @@ def _native_pixel_problem(ds) -> Optional[str]:
     return f"pixel data truncated ({got} of {expected} bytes)" if got < expected else None
 
 
-def anonymise(inp: Union[str, os.PathLike], out: Union[str, os.PathLike], key_file: Union[str, os.PathLike],
+def anonymise(inp: str | os.PathLike, out: str | os.PathLike, key_file: str | os.PathLike,
               options: Iterable[str] = (), allow_burned_in: bool = False,
-              audit: Union[str, os.PathLike, None] = None, progress_desc: str = "anonymise") -> AnonymiseReport:
+              audit: str | os.PathLike | None = None, progress_desc: str = "anonymise") -> AnonymiseReport:
     """De-identify every DICOM and NIfTI file under ``inp`` into ``out`` (the stage behind the verb).
 
     Bad files are reported and skipped; quarantined files are not written.  The audit log goes to
@@ -731,11 +749,10 @@ def anonymise(inp: Union[str, os.PathLike], out: Union[str, os.PathLike], key_fi
               "options": list(deid.options), "allow_burned_in": allow_burned_in, "key_id": deid.key_id,
               "input_files": len(files), "processed": report.processed, "quarantined": report.quarantined,
               "failed": report.failed}
-    with atomic_path(audit_path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"run": header}) + "\n")
-            for rec in report.records:
-                f.write(json.dumps(rec) + "\n")
+    with atomic_path(audit_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"run": header}) + "\n")
+        for rec in report.records:
+            f.write(json.dumps(rec) + "\n")
     log.info("anonymise: %d processed, %d quarantined, %d failed (of %d files); audit %s",
              report.processed, report.quarantined, report.failed, len(files), audit_path)
     return report
@@ -767,7 +784,6 @@ def _process_one(deid: Deidentifier, path: Path, out: Path, rec: dict, written: 
         rec.update(kind="dicom", status="failed", reason=f"damaged DICOM file ({type(exc).__name__})")
         return
     if ds is None:
-        meta_class = None
         rec.update(kind="other", status="failed", reason="not a DICOM or NIfTI file")
         return
     rec["kind"] = "dicom"

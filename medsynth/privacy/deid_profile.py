@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.resources
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 from medsynth.errors import ConfigError
 
@@ -93,7 +93,7 @@ class Profile:
     exact: dict[int, ProfileRow]
     wildcards: tuple[tuple[int, int, ProfileRow], ...]  # (mask, value, row)
 
-    def lookup(self, tag: int) -> Optional[ProfileRow]:
+    def lookup(self, tag: int) -> ProfileRow | None:
         """The row for a (public) tag, or None when Table E.1-1 does not list it."""
         row = self.exact.get(int(tag))
         if row is not None:

@@ -18,9 +18,10 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any
 
 from medsynth.errors import PrivacyError
 
@@ -105,13 +106,13 @@ class Identifiers:
     def __len__(self) -> int:
         return len(self.tokens) + len(self.phrases) + len(self.uids) + len(self.dates)
 
-    def merge(self, other: "Identifiers") -> "Identifiers":
+    def merge(self, other: Identifiers) -> Identifiers:
         for name in ("tokens", "phrases", "uids", "dates", "vendors"):
             getattr(self, name).update(getattr(other, name))
         self.sources += other.sources
         return self.prune_vendors()
 
-    def prune_vendors(self) -> "Identifiers":
+    def prune_vendors(self) -> Identifiers:
         """Drop institution entries that are (part of) a device vendor or model name: not identities.
 
         Test data and some devices write the vendor into Institution Name.
@@ -257,7 +258,7 @@ def looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read_dicom(path: Path, *, stop_before_pixels: bool = False, defer_size: Optional[int] = None):
+def read_dicom(path: Path, *, stop_before_pixels: bool = False, defer_size: int | None = None):
     """Read a DICOM file (with or without preamble/extension) or return None if it is not DICOM.
 
     Files without the 'DICM' marker are accepted only if they parse into a dataset that has a
@@ -302,7 +303,7 @@ def _iter_elements(ds) -> Iterator[Any]:
                 yield from _iter_elements(item)
 
 
-def element_text(elem) -> Optional[str]:
+def element_text(elem) -> str | None:
     """The searchable text of an element (strings, names, UIDs, text in UN/OB bytes), else None."""
     if elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
         return None
@@ -323,7 +324,7 @@ def printable_runs(data: bytes, min_len: int = 4) -> str:
     return "\n".join(m.group(0).decode("ascii") for m in re.finditer(rb"[\x20-\x7e]{%d,}" % min_len, data))
 
 
-def identifiers_from_dataset(ds, ids: Optional[Identifiers] = None, *, uids: bool = True,
+def identifiers_from_dataset(ds, ids: Identifiers | None = None, *, uids: bool = True,
                              institution: bool = True, device: bool = True) -> Identifiers:
     """Add the identifiers held by one DICOM data set (recursively) to ``ids``.
 
@@ -408,7 +409,7 @@ def _reference_images(path: Path) -> list[Path]:
     return out
 
 
-def collect_identifiers(reference: Union[str, os.PathLike, Identifiers]) -> Identifiers:
+def collect_identifiers(reference: str | os.PathLike | Identifiers) -> Identifiers:
     """Identifiers from the DICOM headers of a reference: manifest JSON, DICOM folder or file.
 
     NIfTI cases in a manifest carry no DICOM header and contribute nothing.  Unreadable files are
@@ -449,7 +450,7 @@ def collect_identifiers(reference: Union[str, os.PathLike, Identifiers]) -> Iden
 _NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name", "data_type")
 
 
-def _hits(ids: Identifiers, rel: str, location: str, text: Optional[str]) -> list[Hit]:
+def _hits(ids: Identifiers, rel: str, location: str, text: str | None) -> list[Hit]:
     if not text:
         return []
     return [Hit(rel, location, kind, mask(value)) for kind, value in ids.find(text)]
@@ -546,7 +547,7 @@ def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) 
     return hits
 
 
-def scan_phi(directory: Union[str, os.PathLike], reference: Union[str, os.PathLike, Identifiers, None] = None
+def scan_phi(directory: str | os.PathLike, reference: str | os.PathLike | Identifiers | None = None
              ) -> list[Hit]:
     """Scan every file under ``directory`` for identifiers of the ``reference`` inputs.
 
