@@ -93,3 +93,20 @@ def test_cached_dataset(phantoms):
     cfg = _cfg(cache="memory")
     ds = make_dataset(phantoms.cases, cfg.data)
     assert len(ds) == 3 and tuple(ds[0]["image"].shape) == (1, 16, 16, 16)
+
+
+def test_loader_reads_one_series_out_of_a_shared_dicom_folder(tmp_path, run_cli):
+    """A manifest case with series_files (two series in one folder) loads through LoadImaged."""
+    from tests.test_dicom import hu_volume, write_series
+
+    a, b = hu_volume((16, 16, 6), seed=1), hu_volume((16, 16, 8), seed=2)
+    write_series(tmp_path / "src" / "mix", a, names=[f"a{k}" for k in range(6)])
+    write_series(tmp_path / "src" / "mix", b, names=[f"b{k}" for k in range(8)], origin=(0.0, 0.0, 100.0))
+    code, out, err = run_cli("manifest", "build", tmp_path / "src", "-o", tmp_path / "m.json")
+    assert code == 0, err
+    man = load_manifest(tmp_path / "m.json")
+    assert len(man.cases) == 2 and all(c.extra.get("series_files") for c in man.cases)
+    cfg = _cfg(spacing=[0.8, 0.7, 2.5], shape=[16, 16, 8], intensity={"window": [-1000.0, 2000.0]})
+    ds = make_dataset(man.cases, cfg.data)
+    shapes = sorted(tuple(ds[i]["image"].shape) for i in range(2))
+    assert shapes == [(1, 16, 16, 8), (1, 16, 16, 8)]

@@ -54,15 +54,19 @@ class MedsynthReader(ImageReader):
         self.case_extra = case_extra
 
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
-        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
-        return all(Path(n).is_dir() or is_nifti(Path(n)) for n in names)
+        if not isinstance(filename, (str, Path)):
+            return True  # a list of DICOM files of one series
+        return Path(filename).is_dir() or is_nifti(Path(filename))
 
     def read(self, data: Sequence[str] | str, **kwargs: Any) -> Volume:
         if not isinstance(data, (str, Path)):
-            data = list(data)
-            if len(data) != 1:
-                raise ImageReadError("MedsynthReader reads one image per case")
-            data = data[0]
+            files = [Path(f) for f in data]
+            if len(files) == 1:
+                return read_image(files[0], **{**self.case_extra, **kwargs})
+            # a list of files = one DICOM series picked out of a shared folder (manifest series_files)
+            from medsynth.data.dicom import read_series
+
+            return read_series(files)
         return read_image(Path(data), **{**self.case_extra, **kwargs})
 
     def get_data(self, img: Volume) -> tuple[np.ndarray, dict]:

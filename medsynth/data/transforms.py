@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -127,7 +128,11 @@ def build_transforms(cfg: DataConfig, with_label: bool = False) -> Any:
 
 def case_dict(case: Case, with_label: bool) -> dict[str, Any]:
     """The MONAI data dict of a manifest case (no PHI: id, paths and class only)."""
-    d: dict[str, Any] = {"id": case.id, "image": str(case.image),
+    image: Any = str(case.image)
+    files = case.extra.get("series_files")
+    if files:  # one series out of a folder holding several: LoadImaged reads the listed files
+        image = [str(Path(case.image) / f) for f in files]
+    d: dict[str, Any] = {"id": case.id, "image": image,
                          "class_label": -1 if case.class_label is None else int(case.class_label)}
     if with_label:
         d["label"] = str(case.label)
