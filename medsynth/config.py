@@ -97,7 +97,14 @@ class DataConfig:
 
 @dataclass
 class AutoencoderConfig:
-    """Stage-1 network: MONAI ``AutoencoderKL`` ("monai") or MAISI's autoencoder ("maisi")."""
+    """Stage-1 network: MONAI ``AutoencoderKL`` ("monai") or MAISI's ``AutoencoderKlMaisi`` ("maisi").
+
+    ``with_nonlocal_attn`` adds a full self-attention block at the latent level of encoder and
+    decoder (MONAI's default is on).  Its attention matrix grows with the square of the latent
+    voxel count (a 64³ latent asks for ~275 GB), so large grids must keep it off, as MAISI does,
+    or set ``use_flash_attention`` (memory-efficient ``scaled_dot_product_attention``).
+    ``num_splits`` (MAISI only) splits each convolution's input into that many slabs to bound memory.
+    """
 
     kind: Literal["monai", "maisi"] = "monai"
     channels: tuple[int, ...] = (32, 64, 64)
@@ -106,6 +113,8 @@ class AutoencoderConfig:
     attention_levels: tuple[bool, ...] = (False, False, False)
     with_nonlocal_attn: bool = False
     norm_num_groups: int = 16
+    use_flash_attention: bool = False
+    num_splits: int = 1
 
     def check(self, path: str) -> list[str]:
         errs = []
@@ -120,19 +129,32 @@ class AutoencoderConfig:
                         f"({self.norm_num_groups}); {bad} are not")
         if self.latent_channels < 1:
             errs.append(f"{path}.latent_channels: must be >= 1")
+        if self.num_res_blocks < 1:
+            errs.append(f"{path}.num_res_blocks: must be >= 1")
+        if self.num_splits < 1:
+            errs.append(f"{path}.num_splits: must be >= 1")
+        if self.num_splits > 1 and self.kind != "maisi":
+            errs.append(f"{path}.num_splits: only the MAISI autoencoder (kind: maisi) splits its "
+                        "convolutions; set num_splits: 1 or kind: maisi")
         return errs
 
 
 @dataclass
 class UNetConfig:
-    """Stage-2 network: MONAI ``DiffusionModelUNet`` in the autoencoder's latent space."""
+    """Stage-2 network: MONAI ``DiffusionModelUNet`` ("monai") or MAISI's ("maisi") in latent space.
 
+    ``num_class_embeds`` makes the model class-conditional with classes 0..n-1; the embedding table
+    gets one more row, index n, the "null" class used for classifier-free guidance.
+    """
+
+    kind: Literal["monai", "maisi"] = "monai"
     channels: tuple[int, ...] = (64, 128, 256)
     attention_levels: tuple[bool, ...] = (False, True, True)
     num_res_blocks: int = 1
     num_head_channels: int = 32
     norm_num_groups: int = 32
     num_class_embeds: Optional[int] = None
+    use_flash_attention: bool = False
 
     def check(self, path: str) -> list[str]:
         errs = []
@@ -145,8 +167,14 @@ class UNetConfig:
         if bad:
             errs.append(f"{path}.channels: every channel count must be divisible by norm_num_groups "
                         f"({self.norm_num_groups}); {bad} are not")
+        badh = [c for c, a in zip(self.channels, self.attention_levels) if a and c % self.num_head_channels]
+        if badh:
+            errs.append(f"{path}.num_head_channels: channel counts of levels with attention must be "
+                        f"divisible by it ({self.num_head_channels}); {badh} are not")
         if self.num_class_embeds is not None and self.num_class_embeds < 2:
             errs.append(f"{path}.num_class_embeds: need >= 2 classes, or null for unconditional")
+        if self.num_res_blocks < 1:
+            errs.append(f"{path}.num_res_blocks: must be >= 1")
         return errs
 
 
@@ -156,50 +184,96 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
+def _steps_checks(obj: Any, path: str) -> list[str]:
+    errs = []
+    for name in ("steps", "batch_size", "val_every", "log_every"):
+        if getattr(obj, name) < 1:
+            errs.append(f"{path}.{name}: must be >= 1, got {getattr(obj, name)}")
+    if obj.lr <= 0:
+        errs.append(f"{path}.lr: must be > 0, got {obj.lr}")
+    if obj.warmup_steps < 0:
+        errs.append(f"{path}.warmup_steps: must be >= 0")
+    return errs
+
+
 @dataclass
 class AutoencoderTrainConfig:
+    """Stage 1: L1 + ``kl_weight`` KL, PatchGAN (``adv_weight``) from step ``adv_start``, optional
+    perceptual loss from a local MedicalNet-style 3D ResNet weights file (never downloaded)."""
+
     steps: int = 2000
     batch_size: int = 1
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
     kl_weight: float = 1e-6
     adv_weight: float = 0.01
     adv_start: int = 500
+    disc_channels: int = 32
+    disc_layers: int = 3
     perceptual_weights: Optional[str] = None
+    perceptual_network: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet10"
     perceptual_weight: float = 0.0
     val_every: int = 200
     log_every: int = 50
 
     def check(self, path: str) -> list[str]:
-        errs = []
+        errs = _steps_checks(self, path)
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             errs.append(f"{path}.perceptual_weights: perceptual_weight > 0 needs a local weights file "
                         "(nothing is downloaded); set the path or set perceptual_weight: 0")
+        if self.kl_weight < 0 or self.adv_weight < 0 or self.perceptual_weight < 0:
+            errs.append(f"{path}: loss weights (kl_weight, adv_weight, perceptual_weight) must be >= 0")
+        if self.disc_layers < 1 or self.disc_channels < 1:
+            errs.append(f"{path}.disc_layers/disc_channels: must be >= 1")
         return errs
 
 
 @dataclass
 class DiffusionTrainConfig:
+    """Stage 2: the noise-prediction (DDPM/DDIM) or velocity (rectified flow) objective on latents
+    scaled to unit variance; EMA weights; gradient accumulation over ``grad_accum`` batches."""
+
     steps: int = 10000
     batch_size: int = 1
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
     grad_accum: int = 1
     ema_decay: float = 0.999
     cond_drop_prob: float = 0.1
     num_train_timesteps: int = 1000
+    schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
     val_every: int = 500
     log_every: int = 100
 
     def check(self, path: str) -> list[str]:
-        errs = []
+        errs = _steps_checks(self, path)
         if not 0.0 <= self.ema_decay < 1.0:
             errs.append(f"{path}.ema_decay: need 0 <= value < 1, got {self.ema_decay}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             errs.append(f"{path}.cond_drop_prob: need 0 <= value < 1, got {self.cond_drop_prob}")
+        if self.grad_accum < 1:
+            errs.append(f"{path}.grad_accum: must be >= 1")
+        if self.num_train_timesteps < 2:
+            errs.append(f"{path}.num_train_timesteps: must be >= 2")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            errs.append(f"{path}.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
         return errs
 
 
 @dataclass
 class TrainingConfig:
+    """Seed, device, precision and the diffusion objective shared by both stages.
+
+    ``scheduler`` picks the stage-2 objective: "ddpm" and "ddim" train the same noise-prediction
+    model (sample it with DDPM or DDIM); "rflow" trains a rectified-flow velocity model.
+    ``precision: bf16`` autocasts where the device supports bf16 natively and falls back to fp32
+    (with a warning) where it does not.
+    """
+
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -208,26 +282,44 @@ class TrainingConfig:
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
 
+    def check(self, path: str) -> list[str]:
+        if self.checkpoint_every < 1:
+            return [f"{path}.checkpoint_every: must be >= 1"]
+        return []
+
 
 @dataclass
 class TilingConfig:
-    """Decode latents in overlapping tiles (MONAI sliding window) to bound memory."""
+    """Decode latents in overlapping tiles (MONAI sliding window, gaussian blending) to bound memory.
+
+    Used only when the latent grid is larger than ``latent_roi`` in some axis.
+    """
 
     enabled: bool = True
     latent_roi: tuple[int, int, int] = (32, 32, 32)
     overlap: float = 0.25
 
     def check(self, path: str) -> list[str]:
+        errs = []
         if not 0.0 <= self.overlap < 1.0:
-            return [f"{path}.overlap: need 0 <= value < 1, got {self.overlap}"]
-        return []
+            errs.append(f"{path}.overlap: need 0 <= value < 1, got {self.overlap}")
+        if any(r < 1 for r in self.latent_roi):
+            errs.append(f"{path}.latent_roi: every size must be >= 1, got {list(self.latent_roi)}")
+        return errs
 
 
 @dataclass
 class SamplingConfig:
+    """Defaults of ``medsynth generate`` (each can be overridden on the command line).
+
+    ``eta`` is DDIM's stochasticity (0 = deterministic); ``guidance_scale`` is classifier-free
+    guidance (1 = plain conditional, 0 = unconditional).
+    """
+
     scheduler: Literal["ddpm", "ddim", "rflow"] = "ddim"
     steps: int = 50
     guidance_scale: float = 1.0
+    eta: float = 0.0
     batch_size: int = 1
     use_ema: bool = True
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -238,6 +330,10 @@ class SamplingConfig:
             errs.append(f"{path}.steps: must be >= 1")
         if self.batch_size < 1:
             errs.append(f"{path}.batch_size: must be >= 1")
+        if self.guidance_scale < 0:
+            errs.append(f"{path}.guidance_scale: must be >= 0, got {self.guidance_scale}")
+        if self.eta < 0:
+            errs.append(f"{path}.eta: must be >= 0, got {self.eta}")
         return errs
 
 
@@ -389,7 +485,42 @@ class Config:
         if self.sampling.scheduler == "ddpm" and self.sampling.steps != self.training.diffusion.num_train_timesteps:
             errs.append("sampling.steps: DDPM samples with all training timesteps "
                         f"({self.training.diffusion.num_train_timesteps}); use 'ddim' for fewer steps")
+        errs.extend(_attention_memory_checks(self, latent))
+        ta = self.training.autoencoder
+        if ta.adv_weight > 0 and min(self.data.shape) < 4 * 2 ** ta.disc_layers:
+            errs.append(f"training.autoencoder.disc_layers: {ta.disc_layers} stride-2 layers need every image size "
+                        f">= {4 * 2 ** ta.disc_layers}, data.shape is {list(self.data.shape)}; use fewer layers")
+        if self.sampling.steps > self.training.diffusion.num_train_timesteps:
+            errs.append(f"sampling.steps: at most training.diffusion.num_train_timesteps "
+                        f"({self.training.diffusion.num_train_timesteps}), got {self.sampling.steps}")
         return errs
+
+
+# Full self-attention over more tokens than this needs a quadratic matrix that does not fit:
+# 32³ tokens -> 4 GiB per head in fp32; a 64³ latent -> ~275 GB.
+_MAX_ATTENTION_TOKENS = 32 ** 3
+
+
+def _attention_memory_checks(cfg: "Config", latent: list[int]) -> list[str]:
+    import math
+
+    errs = []
+    ae = cfg.model.autoencoder
+    if ae.use_flash_attention:
+        return errs
+    n_levels = len(ae.channels)
+    for lvl, on in enumerate(ae.attention_levels):
+        tokens = math.prod(s // 2 ** min(lvl, n_levels - 1) for s in cfg.data.shape)
+        if on and tokens > _MAX_ATTENTION_TOKENS:
+            errs.append(f"model.autoencoder.attention_levels[{lvl}]: self-attention over {tokens} voxels "
+                        f"needs a {tokens}² matrix ({4 * tokens ** 2 / 1e9:.0f} GB in fp32); turn it off or "
+                        "set model.autoencoder.use_flash_attention: true")
+    tokens = math.prod(latent)
+    if ae.with_nonlocal_attn and tokens > _MAX_ATTENTION_TOKENS:
+        errs.append(f"model.autoencoder.with_nonlocal_attn: attention over the whole latent grid {latent} "
+                    f"({tokens} tokens) needs a {tokens}² matrix ({4 * tokens ** 2 / 1e9:.0f} GB in fp32); "
+                    "set with_nonlocal_attn: false (as MAISI's autoencoder does) or use_flash_attention: true")
+    return errs
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""Networks, noise schedulers, devices and precision, all built from the config.
+
+Stage 1 is MONAI's ``AutoencoderKL`` (or MAISI's ``AutoencoderKlMaisi`` for large volumes), stage 2
+MONAI's ``DiffusionModelUNet`` (or ``DiffusionModelUNetMaisi``) in the autoencoder's latent space.
+Shapes that other modules need (image channels, latent grid) are derived here, in one place.
+
+Class conditioning: a model with ``num_class_embeds: n`` gets an embedding table of n + 1 rows;
+row n is the "null" class, used for label dropout in training and for the unconditional branch
+of classifier-free guidance at sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from medsynth.config import Config, DiffusionTrainConfig
+from medsynth.errors import ConfigError
+
+log = logging.getLogger("medsynth.model.networks")
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------
+
+
+def image_channels(cfg: Config) -> int:
+    """Channels of the image the autoencoder sees.  One today (the image); a later version adds
+    label channels for paired image + label generation, here and only here."""
+    return 1
+
+
+def downsample_factor(cfg: Config) -> int:
+    """How much the autoencoder shrinks each axis (2 per level after the first)."""
+    return 2 ** (len(cfg.model.autoencoder.channels) - 1)
+
+
+def latent_shape(cfg: Config) -> tuple[int, int, int, int]:
+    """(channels, x, y, z) of a latent for the configured image grid."""
+    f = downsample_factor(cfg)
+    x, y, z = (s // f for s in cfg.data.shape)
+    return (cfg.model.autoencoder.latent_channels, x, y, z)
+
+
+def num_classes(cfg: Config) -> Optional[int]:
+    """Number of real classes of a class-conditional model (None: unconditional)."""
+    return cfg.model.unet.num_class_embeds
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (hashing, so neighbours are unrelated)."""
+    digest = hashlib.sha256(("medsynth:" + ":".join(str(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: Any) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Make network construction deterministic without touching the caller's global RNG.
+
+    ``nn.Module`` initialisers draw from torch's global generator; it is forked (saved and
+    restored) around the block, so library code never changes global random state.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------------
+
+
+def build_autoencoder(cfg: Config) -> nn.Module:
+    """Stage-1 autoencoder of ``cfg.model.autoencoder`` (random initialisation)."""
+    a = cfg.model.autoencoder
+    n = image_channels(cfg)
+    levels = len(a.channels)
+    if a.kind == "maisi":
+        from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+        return AutoencoderKlMaisi(
+            spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=[a.num_res_blocks] * levels,
+            num_channels=list(a.channels), attention_levels=list(a.attention_levels),
+            latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
+            with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
+            use_flash_attention=a.use_flash_attention, num_splits=a.num_splits, dim_split=1,
+            norm_float16=False, print_info=False, save_mem=False,
+        )
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(
+        spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=a.num_res_blocks,
+        channels=tuple(a.channels), attention_levels=tuple(a.attention_levels),
+        latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
+        with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
+        use_flash_attention=a.use_flash_attention,
+    )
+
+
+def build_unet(cfg: Config) -> nn.Module:
+    """Stage-2 denoiser of ``cfg.model.unet``; class-conditional models get a null-class row."""
+    u = cfg.model.unet
+    c = cfg.model.autoencoder.latent_channels
+    n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
+    if u.kind == "maisi":
+        from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+        return DiffusionModelUNetMaisi(
+            spatial_dims=3, in_channels=c, out_channels=c, num_res_blocks=u.num_res_blocks,
+            num_channels=list(u.channels), attention_levels=list(u.attention_levels),
+            norm_num_groups=u.norm_num_groups, num_head_channels=u.num_head_channels,
+            num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention, include_fc=True,
+        )
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=3, in_channels=c, out_channels=c, num_res_blocks=u.num_res_blocks,
+        channels=tuple(u.channels), attention_levels=tuple(u.attention_levels),
+        norm_num_groups=u.norm_num_groups, num_head_channels=u.num_head_channels,
+        num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
+    )
+
+
+def build_discriminator(cfg: Config) -> nn.Module:
+    """MONAI ``PatchDiscriminator`` for the adversarial loss of stage 1 (instance norm, so its
+    output for one volume does not depend on the rest of the batch)."""
+    from monai.networks.nets import PatchDiscriminator
+
+    t = cfg.training.autoencoder
+    return PatchDiscriminator(spatial_dims=3, num_layers_d=t.disc_layers, channels=t.disc_channels,
+                              in_channels=image_channels(cfg), out_channels=1, norm="INSTANCE")
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Noise schedulers
+# --------------------------------------------------------------------------------------------
+
+
+def build_scheduler(kind: str, t: DiffusionTrainConfig, latent_numel: int) -> Any:
+    """A MONAI noise scheduler: ``DDPMScheduler``, ``DDIMScheduler`` or ``RFlowScheduler``.
+
+    Latents are scaled to unit variance, not to [-1, 1], so predicted samples are not clipped.
+    The rectified flow follows MAISI: continuous time and logit-normal training times.  MAISI's
+    resolution-dependent time shift is off: a model is trained and sampled on one latent grid.
+    """
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+    args: dict[str, Any] = {"schedule": t.schedule}
+    if t.schedule != "cosine":
+        args.update(beta_start=t.beta_start, beta_end=t.beta_end)
+    if kind == "ddpm":
+        return DDPMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False, **args)
+    if kind == "ddim":
+        return DDIMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False, **args)
+    if kind == "rflow":
+        return RFlowScheduler(num_train_timesteps=t.num_train_timesteps, use_discrete_timesteps=False,
+                              sample_method="logit-normal", use_timestep_transform=False,
+                              base_img_size_numel=latent_numel, spatial_dim=3)
+    raise ConfigError(f"unknown scheduler {kind!r}; choose ddpm, ddim or rflow")
+
+
+def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator) -> torch.Tensor:
+    """Training timesteps for ``n`` samples drawn from generator ``g``.
+
+    MONAI's ``RFlowScheduler.sample_timesteps`` draws from the global RNG; this draws the same
+    distribution (uniform integers for DDPM/DDIM, logit-normal for rectified flow) from ``g`` so a
+    run can be replayed.
+    """
+    if kind in ("ddpm", "ddim"):
+        return torch.randint(0, scheduler.num_train_timesteps, (n,), generator=g)
+    return torch.sigmoid(torch.randn(n, generator=g)) * scheduler.num_train_timesteps
+
+
+# --------------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("training.device: 'cuda' requested but torch sees no CUDA device",
+                          hint="use device: auto or cpu, or install the CUDA build of torch")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX).  Without them,
+    bf16 autocast of 3D convolutions is emulated and many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - private API; absent means unknown -> not native
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision actually used: bf16 where supported, fp16 only on CUDA, else fp32 (warned)."""
+    if precision == "bf16":
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        if not ok:
+            log.warning("precision bf16: this %s has no native bf16 support; using fp32", device.type)
+            return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("precision fp16: autocast to fp16 needs CUDA; using fp32")
+        return "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Learning-rate multiplier per optimizer step: linear warm-up, then constant or cosine to 10%."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f

@@ -1,0 +1,311 @@
+"""Sampling: latent noise -> denoising loop -> (tiled) decode -> physical units -> NIfTI + sidecar.
+
+Reproducibility contract: sample ``i`` starts from noise drawn by
+``torch.Generator().manual_seed(sample_seed(seed, i))``; any noise a stochastic step adds (DDPM,
+DDIM with eta > 0) comes from a second generator of that sample only.  On the CPU the networks run
+one sample at a time, so a sample's bytes do not depend on the batch it was computed in (batched
+CPU kernels may round differently); on CUDA batches run together and agree to float tolerance.
+
+Latents larger than ``sampling.tiling.latent_roi`` are decoded in overlapping tiles with MONAI's
+``SlidingWindowInferer`` (gaussian blending, stitched on the CPU, as MAISI does), so decoder
+memory stays bounded by the tile size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsynth.config import Config, config_hash
+from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.jobs import sample_id, sample_seed
+from medsynth.model.networks import (
+    autocast,
+    build_autoencoder,
+    build_scheduler,
+    build_unet,
+    derive_seed,
+    latent_shape,
+    resolve_device,
+    resolve_precision,
+    seeded_init,
+)
+from medsynth.progress import progress
+from medsynth.volume import Volume
+
+log = logging.getLogger("medsynth.model.sample")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample: the knobs of ``medsynth generate`` after defaults are filled in."""
+
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    eta: float
+
+
+class Sampler:
+    """A trained (or, for baselines, untrained) latent diffusion model ready to sample volumes."""
+
+    def __init__(self, cfg: Config, autoencoder: nn.Module, unet: nn.Module, scale_factor: float,
+                 intensity_norm: dict[str, Any], device: torch.device, provenance: dict[str, Any], run: str):
+        from medsynth.data.transforms import IntensityNorm, target_affine
+
+        self.cfg = cfg
+        self.autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+        self.unet = unet.to(device).eval().requires_grad_(False)
+        self.scale_factor = float(scale_factor)
+        self.norm = IntensityNorm.from_dict(intensity_norm)
+        self.affine = target_affine(cfg.data)
+        self.device = device
+        self.precision = resolve_precision(cfg.training.precision, device)
+        self.provenance = provenance
+        self.run = run
+        self.num_classes = cfg.model.unet.num_class_embeds
+        # CPU kernels may round a batch differently from a single sample: run one at a time there
+        self.per_sample = device.type == "cpu"
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: Optional[str] = None, use_ema: Optional[bool] = None) -> "Sampler":
+        """Load a run directory after :func:`medsynth.model.checkpoint.load_run` has checked it."""
+        from medsynth.model.checkpoint import load_run, versions
+
+        run = load_run(run_dir)
+        cfg = run.cfg
+        dev = resolve_device(device or cfg.training.device)
+        ema = cfg.sampling.use_ema if use_ema is None else use_ema
+        ae, unet = build_autoencoder(cfg), build_unet(cfg)
+        ae.load_state_dict(run.autoencoder_state)
+        if ema and run.ema_state is None:
+            raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights", hint="pass --no-ema")
+        unet.load_state_dict(run.ema_state if ema else run.unet_state)
+        prov = {"checkpoint_sha256": run.diffusion_sha256, "autoencoder_sha256": run.autoencoder_sha256,
+                "config_hash": config_hash(cfg), "use_ema": bool(ema), "versions": versions()}
+        return cls(cfg, ae, unet, run.scale_factor, run.intensity_norm, dev, prov, run.name)
+
+    @classmethod
+    def untrained(cls, cfg: Config, seed: int = 0, device: str = "cpu",
+                  intensity_norm: Optional[dict[str, Any]] = None) -> "Sampler":
+        """The same architecture with random weights (a baseline for fidelity figures)."""
+        from medsynth.data.transforms import intensity_norm as make_norm
+
+        with seeded_init(derive_seed(seed, "untrained")):
+            ae, unet = build_autoencoder(cfg), build_unet(cfg)
+        norm = intensity_norm or make_norm(cfg.data).to_dict()
+        prov = {"checkpoint_sha256": None, "config_hash": config_hash(cfg), "use_ema": False, "untrained": True}
+        return cls(cfg, ae, unet, 1.0, norm, torch.device(device), prov, f"{cfg.name}-untrained")
+
+    # -- checks -------------------------------------------------------------------------------
+    def settings(self, seed: int = 0, steps: Optional[int] = None, guidance: Optional[float] = None,
+                 scheduler: Optional[str] = None, eta: Optional[float] = None) -> SampleSettings:
+        """Fill in defaults from ``sampling`` and check them against this model before any compute."""
+        s, t = self.cfg.sampling, self.cfg.training
+        st = SampleSettings(int(seed), int(steps if steps is not None else s.steps),
+                            float(guidance if guidance is not None else s.guidance_scale),
+                            scheduler or s.scheduler, float(eta if eta is not None else s.eta))
+        T = t.diffusion.num_train_timesteps
+        if st.scheduler not in ("ddpm", "ddim", "rflow"):
+            raise ConfigError(f"--scheduler must be ddpm, ddim or rflow, got {st.scheduler!r}")
+        if (st.scheduler == "rflow") != (t.scheduler == "rflow"):
+            raise ConfigError(f"--scheduler {st.scheduler}: this model was trained with objective '{t.scheduler}'",
+                              hint="rectified-flow models sample with rflow; DDPM models with ddpm or ddim")
+        if not 1 <= st.steps <= T:
+            raise ConfigError(f"--steps must be between 1 and {T} (the training timesteps), got {st.steps}")
+        if st.scheduler == "ddpm" and st.steps != T:
+            raise ConfigError(f"--steps: DDPM samples with all {T} training timesteps, got {st.steps}",
+                              hint="use --scheduler ddim for fewer steps")
+        if st.guidance < 0 or st.eta < 0:
+            raise ConfigError("--guidance and eta must be >= 0")
+        if self.num_classes is None and st.guidance != 1.0:
+            raise CheckpointError(f"--guidance {st.guidance}: classifier-free guidance needs a class-conditional "
+                                  "model; this one is unconditional", hint="drop --guidance")
+        return st
+
+    def check_class(self, class_label: Optional[int]) -> None:
+        """Refuse a class for an unconditional model, or one outside the model's classes."""
+        if class_label is None:
+            return
+        if self.num_classes is None:
+            raise CheckpointError(f"--class {class_label}: this model is unconditional (no classes)",
+                                  hint="drop --class")
+        if not 0 <= class_label < self.num_classes:
+            raise CheckpointError(f"--class {class_label}: this model knows classes 0..{self.num_classes - 1}",
+                                  hint="see 'classes' in the run's model_card.json")
+
+    def class_of(self, index: int, class_label: Optional[int]) -> Optional[int]:
+        """The class of sample ``index``: the requested one, else classes in turn (index mod n)."""
+        if self.num_classes is None:
+            return None
+        return int(class_label) if class_label is not None else int(index) % self.num_classes
+
+    # -- the pipeline -------------------------------------------------------------------------
+    def initial_noise(self, indices: Sequence[int], seed: int) -> torch.Tensor:
+        """Latent noise of each sample from its own generator, seeded by (seed, index) only."""
+        shape = latent_shape(self.cfg)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+                            for i in indices])
+
+    def _net(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            if not self.per_sample:
+                return self.unet(x, t, class_labels=labels).float()
+            return torch.cat([self.unet(x[b:b + 1], t[b:b + 1],
+                                        class_labels=None if labels is None else labels[b:b + 1]).float()
+                              for b in range(len(x))])
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
+        """The model output at time ``t``, with classifier-free guidance: u + g (c - u)."""
+        tt = t.reshape(1).repeat(len(x)).to(self.device)
+        tt = tt.float() if tt.is_floating_point() else tt
+        if labels is None or guidance == 1.0:
+            return self._net(x, tt, labels)
+        uncond = self._net(x, tt, torch.full_like(labels, self.num_classes))
+        if guidance == 0.0:
+            return uncond
+        return uncond + guidance * (self._net(x, tt, labels) - uncond)
+
+    @torch.no_grad()
+    def denoise(self, noise: torch.Tensor, labels: Optional[torch.Tensor], step_gens: list[torch.Generator],
+                st: SampleSettings) -> torch.Tensor:
+        """The denoising loop: from pure noise to a clean latent in ``st.steps`` scheduler steps."""
+        sched = build_scheduler(st.scheduler, self.cfg.training.diffusion, math.prod(noise.shape[2:]))
+        sched.set_timesteps(st.steps)
+        ts = list(sched.timesteps)
+        x = noise.to(self.device)
+        for i, t in enumerate(progress(ts, desc="denoising", total=len(ts))):
+            out = self.predict(x, t, labels, st.guidance)
+            if st.scheduler == "rflow":
+                x, _ = sched.step(out, t, x, ts[i + 1] if i + 1 < len(ts) else 0)
+            elif st.scheduler == "ddim":
+                x = torch.cat([sched.step(out[b:b + 1], t, x[b:b + 1], st.eta, step_gens[b])[0] for b in range(len(x))])
+            else:  # ddpm: each sample's added noise from its own generator
+                x = torch.cat([sched.step(out[b:b + 1], t, x[b:b + 1], step_gens[b])[0] for b in range(len(x))])
+        return x
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in model space, one volume at a time, tiled when large."""
+        from monai.inferers import SlidingWindowInferer
+
+        z = z.to(self.device) / self.scale_factor
+        tiling = self.cfg.sampling.tiling
+        roi = tuple(min(r, s) for r, s in zip(tiling.latent_roi, z.shape[2:]))
+        tiled = tiling.enabled and any(s > r for s, r in zip(z.shape[2:], tiling.latent_roi))
+        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=tiling.overlap, mode="gaussian",
+                                       progress=False, sw_device=self.device, device=torch.device("cpu"))
+        outs = []
+        for b in range(len(z)):
+            with autocast(self.device, self.precision):
+                if tiled:
+                    outs.append(inferer(z[b:b + 1], lambda tile: self.autoencoder.decode(tile).float()).float())
+                else:
+                    outs.append(self.autoencoder.decode(z[b:b + 1]).float().cpu())
+        return torch.cat(outs)
+
+    def to_volume(self, x: torch.Tensor) -> Volume:
+        """One decoded image (model space) -> a Volume in physical units on the configured grid.
+
+        Values are clipped to [-1, 1], the range of the training data in model space, then mapped
+        back with the exact inverse of the training normalisation.
+        """
+        arr = self.norm.inverse(x.clamp(-1.0, 1.0)[0].double()).numpy().astype(np.float32)
+        units = "HU" if self.cfg.data.modality == "CT" else "a.u."
+        return Volume(arr, self.affine.copy(), modality=self.cfg.data.modality, units=units)
+
+    def sample(self, indices: Sequence[int], st: SampleSettings, class_label: Optional[int] = None) -> list[Volume]:
+        """Sample the volumes of ``indices`` (one batch) in physical units."""
+        self.check_class(class_label)
+        noise = self.initial_noise(indices, st.seed)
+        step_gens = [torch.Generator(device=self.device).manual_seed(derive_seed(sample_seed(st.seed, i), "steps"))
+                     for i in indices]
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.tensor([self.class_of(i, class_label) for i in indices], device=self.device)
+        z = self.denoise(noise, labels, step_gens, st)
+        images = self.decode(z)
+        return [self.to_volume(images[b]) for b in range(len(indices))]
+
+
+# --------------------------------------------------------------------------------------------
+# medsynth generate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateResult:
+    """Ids written and ids skipped (their sidecar already existed) by :func:`generate`."""
+
+    out_dir: Path
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+_SAME = ("seed", "class", "steps", "scheduler", "guidance", "eta", "checkpoint_sha256", "use_ema")
+
+
+def generate(run_dir: str | Path, out_dir: str | Path, indices: Sequence[int], seed: int = 0,
+             class_label: Optional[int] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
+             batch_size: Optional[int] = None, scheduler: Optional[str] = None, eta: Optional[float] = None,
+             use_ema: Optional[bool] = None, device: Optional[str] = None,
+             sampler: Optional[Sampler] = None) -> GenerateResult:
+    """Sample volumes ``indices`` of a trained run into ``out_dir`` (the medsynth samples format).
+
+    Sample ``i`` is a function of (run, seed, i, settings) only, never of the batch size, the other
+    indices or restarts.  Indices whose sidecar already exists are skipped (resume), after checking
+    that they were made with the same settings (else :class:`JobError`).  Without ``class_label`` a
+    class-conditional model gives sample ``i`` class ``i mod n_classes``.  The run directory and
+    every argument are checked before any compute.
+    """
+    from medsynth.samples import read_sample, write_sample
+
+    sampler = sampler or Sampler.from_run(run_dir, device=device, use_ema=use_ema)
+    st = sampler.settings(seed, steps, guidance, scheduler, eta)
+    sampler.check_class(class_label)
+    bs = int(batch_size or sampler.cfg.sampling.batch_size)
+    if bs < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {bs}")
+    idx = [int(i) for i in indices]
+    if any(i < 0 for i in idx) or len(set(idx)) != len(idx):
+        raise ConfigError("sample indices must be distinct and >= 0")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = GenerateResult(out)
+    todo = []
+    for i in idx:
+        sid = sample_id(sampler.run, i)
+        side = out / f"{sid}.json"
+        if side.is_file():
+            old = read_sample(side).sidecar
+            want = _sidecar(sampler, st, i, class_label)
+            diff = [k for k in _SAME if old.get(k) != want.get(k)]
+            if diff:
+                raise JobError(f"{side}: sample {i} exists with different settings ({', '.join(diff)})",
+                               hint="use a new --out folder, or repeat the original arguments")
+            result.skipped.append(sid)
+        else:
+            todo.append(i)
+    batches = [todo[k:k + bs] for k in range(0, len(todo), bs)]
+    for batch in progress(batches, desc="generate", total=len(batches)):
+        for i, vol in zip(batch, sampler.sample(batch, st, class_label)):
+            sid = sample_id(sampler.run, i)
+            write_sample(out, sid, vol, _sidecar(sampler, st, i, class_label))
+            result.written.append(sid)
+    log.info("generate: %d written, %d already there, in %s", len(result.written), len(result.skipped), out)
+    return result
+
+
+def _sidecar(sampler: Sampler, st: SampleSettings, index: int, class_label: Optional[int]) -> dict[str, Any]:
+    return {"index": int(index), "seed": st.seed, "sample_seed": sample_seed(st.seed, index),
+            "class": sampler.class_of(index, class_label), "steps": st.steps, "scheduler": st.scheduler,
+            "guidance": st.guidance, "eta": st.eta, "run": sampler.run, **sampler.provenance}

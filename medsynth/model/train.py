@@ -1,0 +1,637 @@
+"""Training: stage 1 (autoencoder) and stage 2 (latent diffusion) into a run directory.
+
+The file reads top-down: data, then the stage-1 loop, then the stage-2 loop, then the entry
+point :func:`train`.  Both loops count optimizer steps.  All randomness of step ``s`` (batch
+order, KL sampling noise, diffusion noise and timesteps, label dropout) comes from generators
+that are pure functions of ``(training.seed, stage, s)``: a resumed run needs only the weights,
+optimizer, LR-scheduler and EMA states of its last checkpoint to continue exactly where the
+uninterrupted run would be, and no global random state is ever touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from medsynth.config import Config, config_hash, config_to_dict, dump_yaml
+from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
+from medsynth.jobs import sha256_file, write_json, write_text
+from medsynth.model.checkpoint import (
+    CHECKPOINT_FORMAT,
+    RunPaths,
+    build_model_card,
+    checkpoint_config,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+    versions,
+    write_model_card,
+)
+from medsynth.model.ema import EMA
+from medsynth.model.networks import (
+    autocast,
+    build_autoencoder,
+    build_discriminator,
+    build_scheduler,
+    build_unet,
+    derive_seed,
+    generator,
+    latent_shape,
+    lr_lambda,
+    resolve_device,
+    resolve_precision,
+    sample_train_timesteps,
+    seeded_init,
+)
+from medsynth.progress import progress
+
+log = logging.getLogger("medsynth.model.train")
+
+StepCallback = Callable[[str, int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The cases of the manifest in model space, split into training and validation."""
+
+    train: Any  # indexable: item i is a dict with "image" [C, X, Y, Z] and "class_label"
+    val: Any
+    classes: torch.Tensor  # class per training item; -1 = unlabelled
+    val_classes: torch.Tensor
+    norm: dict[str, Any]  # IntensityNorm.to_dict(): the exact map back to physical units
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(cfg: Config) -> TrainingData:
+    """Load the manifest's cases through the config's MONAI transform chain.
+
+    With ``data.cache: memory`` every case is loaded once up front; a case that cannot be read is
+    reported (by manifest id) and skipped rather than ending the run.  Class labels are checked
+    against ``model.unet.num_class_embeds``.  For MR the dataset reference intensities are the
+    medians of the per-case percentile values, as the model card records.
+    """
+    from medsynth.data.transforms import build_transforms, case_dict, intensity_norm, make_dataset, split_cases
+    from medsynth.manifest import load_manifest
+
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest: not set; training needs a data manifest",
+                          hint="set data.manifest in the config or pass --manifest PATH")
+    manifest = load_manifest(cfg.data.manifest)
+    if not manifest.cases:
+        raise ManifestError(f"{cfg.data.manifest}: the manifest has no cases")
+    train_cases, val_cases = split_cases(manifest.cases, cfg.data.val_fraction, cfg.training.seed)
+
+    skipped: list[str] = []
+    if cfg.data.cache == "memory":
+        tf = build_transforms(cfg.data, with_label=False)
+
+        def load(cases):
+            out = []
+            for c in cases:
+                try:
+                    out.append(tf(case_dict(c, False)))
+                except Exception as exc:  # noqa: BLE001 - one bad case never sinks the run
+                    log.warning("skipping case %s: %s", c.id, _reason(exc))
+                    skipped.append(c.id)
+            return out
+
+        train, val = load(train_cases), load(val_cases)
+    else:
+        train = make_dataset(train_cases, cfg.data, with_label=False)
+        val = make_dataset(val_cases, cfg.data, with_label=False) if val_cases else []
+    if len(train) == 0:
+        raise ManifestError(f"{cfg.data.manifest}: no readable training case", hint="run 'medsynth manifest verify'")
+
+    classes = torch.tensor([int(train[i]["class_label"]) for i in range(len(train))], dtype=torch.long)
+    val_classes = torch.tensor([int(val[i]["class_label"]) for i in range(len(val))], dtype=torch.long)
+    k = cfg.model.unet.num_class_embeds
+    if k is not None:
+        bad = sorted({int(c) for c in torch.cat([classes, val_classes]) if c >= k})
+        if bad:
+            raise ManifestError(f"{cfg.data.manifest}: class_label(s) {bad} outside the model's classes 0..{k - 1}",
+                                hint="raise model.unet.num_class_embeds or fix the manifest's class_label values")
+        if bool((classes < 0).all()):
+            raise ManifestError(f"{cfg.data.manifest}: model.unet.num_class_embeds is {k} but no training case "
+                                "has a class_label", hint="add class_label to the cases or set num_class_embeds: null")
+
+    if cfg.data.intensity.window is not None:
+        norm = intensity_norm(cfg.data).to_dict()
+    else:
+        los = torch.tensor([float(train[i]["intensity_lo"]) for i in range(len(train))])
+        his = torch.tensor([float(train[i]["intensity_hi"]) for i in range(len(train))])
+        norm = intensity_norm(cfg.data, (float(los.median()), float(his.median()))).to_dict()
+
+    names = manifest.extra.get("classes") if isinstance(manifest.extra.get("classes"), dict) else None
+    counts = {str(int(c)): int((classes == c).sum()) for c in classes.unique() if c >= 0}
+    info = {"manifest_name": manifest.name, "n_train": len(train), "n_val": len(val), "skipped": skipped,
+            "class_names": names, "class_counts": counts or None}
+    log.info("data: %d training and %d validation cases from %s%s", len(train), len(val), manifest.name,
+             f" ({len(skipped)} skipped)" if skipped else "")
+    return TrainingData(train, val, classes, val_classes, norm, info)
+
+
+def _reason(exc: BaseException) -> str:
+    """The most useful one-line reason of a (possibly MONAI-wrapped) loading failure."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, MedsynthError):
+            return seen.message
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def batch_indices(seed: int, stage: str, batch: int, n: int, batch_size: int) -> torch.Tensor:
+    """Item indices of batch number ``batch``: epochs are seeded permutations of the ``n`` items,
+    so the order is a pure function of (seed, stage, batch)."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, pos = divmod(batch, per_epoch)
+    perm = torch.randperm(n, generator=generator(seed, stage, "epoch", epoch))
+    # a short last batch is filled from the start of the same permutation
+    perm = perm.repeat(math.ceil(batch_size / n) + 1)
+    return perm[pos * batch_size: pos * batch_size + batch_size]
+
+
+def _images(items: Any, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = torch.stack([torch.as_tensor(items[int(i)]["image"]).as_subclass(torch.Tensor) for i in idx])
+    return x.to(device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers: metrics log, resume checks
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Append-only JSONL of training records; on resume, records after the checkpoint are dropped
+    so the log reads as if the run had never been interrupted."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keep = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if int(rec.get("step", 0)) <= resume_step:
+                    keep.append(line)
+        write_text(path, "".join(k + "\n" for k in keep))
+
+    def write(self, rec: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+# Keys that may change between an interrupted run and its resumption (budget, bookkeeping, paths).
+_RESUMABLE = {"name", "data.manifest", "data.cache", "data.cache_dir", "data.num_workers", "training.device",
+              "training.checkpoint_every", "training.autoencoder.steps", "training.autoencoder.val_every",
+              "training.autoencoder.log_every", "training.diffusion.steps", "training.diffusion.val_every",
+              "training.diffusion.log_every"}
+
+
+# What each stage's weights depend on: a resumed stage (or stage 2 on top of stage 1) must agree.
+_AE_KEYS = ("data", "model.autoencoder", "training.seed", "training.precision", "training.autoencoder")
+_DIFFUSION_KEYS = ("data", "model", "training.seed", "training.precision", "training.scheduler",
+                   "training.diffusion")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: d}
+
+
+def config_differences(stored: dict[str, Any], current: Config, sections: tuple[str, ...]) -> list[str]:
+    """Keys under ``sections`` (key prefixes) whose values differ between a stored config and ``current``,
+    ignoring the keys that may legitimately change on resume."""
+    a, b = _flatten(stored), _flatten(config_to_dict(current))
+    keys = sorted(k for k in set(a) | set(b)
+                  if any(k == s or k.startswith(s + ".") for s in sections) and k not in _RESUMABLE)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def _check_compatible(ck: dict[str, Any], cfg: Config, path: Path, sections: tuple[str, ...]) -> None:
+    diffs = config_differences(ck["config"], cfg, sections)
+    if diffs:
+        raise CheckpointError(f"{path}: was trained with a different config ({'; '.join(diffs[:6])}"
+                              f"{' ...' if len(diffs) > 6 else ''})",
+                              hint="use the run's own config (RUN/config.yaml) or start a new --run folder")
+
+
+def _base_payload(cfg: Config, stage: str, step: int, steps: int) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "stage": stage, "config": config_to_dict(cfg),
+            "config_hash": config_hash(cfg), "step": step, "steps": steps, "versions": versions(),
+            "rng": {"scheme": "per-step torch.Generator seeded from (training.seed, stage, step)",
+                    "seed": cfg.training.seed}}
+
+
+def _epoch_line(stage: str, step: int, steps: int, per_epoch: int, sums: dict[str, float], count: int,
+                val: Optional[dict[str, float]], seconds: float) -> None:
+    epoch = math.ceil(step / per_epoch)
+    parts = " ".join(f"{k} {v / max(count, 1):.4g}" for k, v in sums.items())
+    vtxt = (" | val " + " ".join(f"{k} {v:.4g}" for k, v in val.items())) if val else ""
+    log.info("%s epoch %d/%d step %d/%d | %s%s | %.1f s", stage, epoch, math.ceil(steps / per_epoch),
+             step, steps, parts, vtxt, seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: autoencoder
+# --------------------------------------------------------------------------------------------
+
+
+def _kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma²) || N(0, 1)) summed over the latent, averaged over the batch."""
+    var = sigma.pow(2)
+    return (0.5 * (mu.pow(2) + var - torch.log(var) - 1.0)).flatten(1).sum(1).mean()
+
+
+@torch.no_grad()
+def _validate_autoencoder(ae: torch.nn.Module, items: Any, device: torch.device, precision: str) -> dict[str, float]:
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    ae.eval()
+    psnr, ssim = PSNRMetric(max_val=2.0), SSIMMetric(spatial_dims=3, data_range=2.0, win_size=7)
+    for i in range(len(items)):
+        x = _images(items, torch.tensor([i]), device)
+        with autocast(device, precision):
+            recon = ae.decode(ae.encode(x)[0]).float().clamp(-1.0, 1.0)
+        psnr(recon, x)
+        ssim(recon, x)
+    out = {"psnr": float(psnr.aggregate().item()), "ssim": float(ssim.aggregate().item())}
+    ae.train()
+    return out
+
+
+def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
+                      resume: bool, callback: Optional[StepCallback] = None) -> dict[str, Any]:
+    """Stage 1: L1 + KL, PatchGAN adversarial loss from ``adv_start``, optional local perceptual loss.
+
+    Validation PSNR/SSIM (model space, data range 2) every ``val_every`` steps and at the end.
+    Returns a summary dict; the weights are in ``RUN/autoencoder/last.pt``.
+    """
+    from monai.losses import PatchAdversarialLoss
+
+    t, seed, stage = cfg.training.autoencoder, cfg.training.seed, "autoencoder"
+    with seeded_init(derive_seed(seed, "init", stage)):
+        ae, disc = build_autoencoder(cfg), build_discriminator(cfg)
+    ae.to(device).train()
+    disc.to(device).train()
+    opt_g = torch.optim.Adam(ae.parameters(), lr=t.lr)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+    scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    perceptual = None
+    if t.perceptual_weight > 0:
+        from medsynth.model.perceptual import LocalMedicalNetPerceptualLoss
+
+        perceptual = LocalMedicalNetPerceptualLoss(t.perceptual_weights, t.perceptual_network).to(device)
+    adv_loss = PatchAdversarialLoss(criterion="least_squares")
+
+    ck_path = paths.checkpoint(stage)
+    step, val = 0, None
+    if ck_path.is_file():
+        if not resume:
+            raise CheckpointError(f"{ck_path}: exists; this run already trained its autoencoder",
+                                  hint="pass --resume to continue it, or choose a new --run folder")
+        ck = load_checkpoint(ck_path, stage)
+        _check_compatible(ck, cfg, ck_path, _AE_KEYS)
+        ae.load_state_dict(ck["model"])
+        disc.load_state_dict(ck["discriminator"])
+        opt_g.load_state_dict(ck["opt_g"])
+        opt_d.load_state_dict(ck["opt_d"])
+        sched_g.load_state_dict(ck["sched_g"])
+        sched_d.load_state_dict(ck["sched_d"])
+        scaler_g.load_state_dict(ck["scaler_g"])
+        scaler_d.load_state_dict(ck["scaler_d"])
+        step, val = int(ck["step"]), ck.get("val_metrics")
+        log.info("autoencoder: resuming at step %d of %d", step, t.steps)
+
+    def save() -> None:
+        save_checkpoint(ck_path, {
+            **_base_payload(cfg, stage, step, t.steps),
+            "model": ae.state_dict(), "discriminator": disc.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
+            "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
+            "intensity_norm": data.norm, "val_metrics": val, "data_info": data.info,
+        })
+
+    metrics = MetricsLog(paths.metrics(stage), step)
+    n = len(data.train)
+    per_epoch = math.ceil(n / t.batch_size)
+    sums: dict[str, float] = {}
+    count, t0, t_epoch = 0, time.perf_counter(), time.perf_counter()
+    start = step
+    for _ in progress(range(start, t.steps), desc=stage, total=t.steps - start):
+        g = generator(seed, stage, "step", step)
+        x = _images(data.train, batch_indices(seed, stage, step, n, t.batch_size), device)
+        adv_on = t.adv_weight > 0 and step >= t.adv_start
+        with autocast(device, precision):
+            mu, sigma = ae.encode(x)
+            z = mu + sigma * torch.randn(mu.shape, generator=g).to(device=device, dtype=mu.dtype)
+            recon = ae.decode(z)
+        recon, mu, sigma = recon.float(), mu.float(), sigma.float()
+        l1 = F.l1_loss(recon, x)
+        kl = _kl(mu, sigma)
+        loss = l1 + t.kl_weight * kl
+        rec = {"l1": l1.item(), "kl": kl.item()}
+        if perceptual is not None:
+            p = perceptual(recon, x)
+            loss = loss + t.perceptual_weight * p
+            rec["perceptual"] = p.item()
+        if adv_on:
+            with autocast(device, precision):
+                g_adv = adv_loss(disc(recon.contiguous())[-1].float(), target_is_real=True, for_discriminator=False)
+            loss = loss + t.adv_weight * g_adv
+            rec["g_adv"] = g_adv.item()
+        opt_g.zero_grad(set_to_none=True)
+        scaler_g.scale(loss).backward()
+        scaler_g.step(opt_g)
+        scaler_g.update()
+        if adv_on:
+            with autocast(device, precision):
+                d_fake = adv_loss(disc(recon.detach().contiguous())[-1].float(), target_is_real=False,
+                                  for_discriminator=True)
+                d_real = adv_loss(disc(x)[-1].float(), target_is_real=True, for_discriminator=True)
+                d_loss = 0.5 * (d_fake + d_real)
+            opt_d.zero_grad(set_to_none=True)
+            scaler_d.scale(d_loss).backward()
+            scaler_d.step(opt_d)
+            scaler_d.update()
+            sched_d.step()
+            rec["d_loss"] = d_loss.item()
+        sched_g.step()
+        step += 1
+
+        for k, v in rec.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if step % t.log_every == 0 or step == t.steps:
+            metrics.write({"stage": stage, "step": step, "lr": sched_g.get_last_lr()[0], **rec,
+                           "time_s": round(time.perf_counter() - t0, 3)})
+        if (step % t.val_every == 0 or step == t.steps) and len(data.val):
+            val = _validate_autoencoder(ae, data.val, device, precision)
+            metrics.write({"stage": stage, "step": step, "val": val})
+        if step % cfg.training.checkpoint_every == 0 or step == t.steps:
+            save()
+        if step % per_epoch == 0 or step == t.steps:
+            _epoch_line(stage, step, t.steps, per_epoch, sums, count, val, time.perf_counter() - t_epoch)
+            sums, count, t_epoch = {}, 0, time.perf_counter()
+        if callback is not None:
+            callback(stage, step)
+    if start == t.steps:
+        log.info("autoencoder: already trained (%d steps)", step)
+    return {"stage": stage, "steps": step, "val": val, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: latent diffusion
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latents(ae: torch.nn.Module, items: Any, device: torch.device, precision: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and sigma of every item under the frozen autoencoder (kept on the CPU)."""
+    ae.eval()
+    mus, sigmas = [], []
+    for i in range(len(items)):
+        with autocast(device, precision):
+            mu, sigma = ae.encode(_images(items, torch.tensor([i]), device))
+        mus.append(mu.float().cpu())
+        sigmas.append(sigma.float().cpu())
+    return torch.cat(mus), torch.cat(sigmas)
+
+
+def scale_factor_of(mu: torch.Tensor, sigma: torch.Tensor, seed: int) -> float:
+    """1 / std of the sampled training latents, so the diffusion model sees unit-variance inputs."""
+    z = mu + sigma * torch.randn(mu.shape, generator=generator(seed, "scale_factor"))
+    return float(1.0 / z.std().clamp_min(1e-8))
+
+
+def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
+                     idx: torch.Tensor, scale: float, g: torch.Generator, drop_prob: float,
+                     null_class: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(noisy latents, timesteps, target, class labels) of one batch, all drawn from ``g``."""
+    z0 = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
+    noise = torch.randn(z0.shape, generator=g)
+    t = sample_train_timesteps(kind, scheduler, len(idx), g)
+    x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
+    target = noise if kind in ("ddpm", "ddim") else z0 - noise  # epsilon, or the flow's velocity
+    labels = None
+    if null_class is not None:
+        labels = classes[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < drop_prob
+        labels[(labels < 0) | drop] = null_class
+    return x_t, t, target, labels
+
+
+def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
+                    resume: bool, callback: Optional[StepCallback] = None) -> dict[str, Any]:
+    """Stage 2: a class-conditional (or not) UNet on latents of the frozen autoencoder.
+
+    Latents are scaled by 1/std (the factor is stored in the checkpoint); the objective follows
+    ``training.scheduler``; label dropout (``cond_drop_prob``) trains the null class used by
+    classifier-free guidance; EMA weights are kept; ``grad_accum`` batches make one step.
+    """
+    t, seed, stage = cfg.training.diffusion, cfg.training.seed, "diffusion"
+    kind = cfg.training.scheduler
+    ae_path = paths.checkpoint("autoencoder")
+    ae_ck = load_checkpoint(ae_path, "autoencoder")
+    if not is_complete(ae_ck):
+        raise CheckpointError(f"{ae_path}: the autoencoder is not fully trained (step {ae_ck['step']} of "
+                              f"{ae_ck['steps']})", hint="finish stage 1 first: --stage autoencoder --resume")
+    _check_compatible(ae_ck, cfg, ae_path, _AE_KEYS)
+    ae_sha = sha256_file(ae_path)
+    ae = build_autoencoder(cfg)
+    ae.load_state_dict(ae_ck["model"])
+    ae.to(device).eval().requires_grad_(False)
+    norm = ae_ck["intensity_norm"]
+
+    mu, sigma = encode_latents(ae, data.train, device, precision)
+    vmu, vsig, vcls = (*encode_latents(ae, data.val, device, precision), data.val_classes) if len(data.val) \
+        else (mu[:8], sigma[:8], data.classes[:8])
+    del ae
+
+    with seeded_init(derive_seed(seed, "init", stage)):
+        unet = build_unet(cfg)
+    unet.to(device).train()
+    ema = EMA(unet, t.ema_decay)
+    opt = torch.optim.Adam(unet.parameters(), lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    noise_sched = build_scheduler(kind, t, math.prod(latent_shape(cfg)[1:]))
+    k = cfg.model.unet.num_class_embeds
+    null_class = k  # None for an unconditional model
+
+    ck_path = paths.checkpoint(stage)
+    step, val, scale = 0, None, None
+    if ck_path.is_file():
+        if not resume:
+            raise CheckpointError(f"{ck_path}: exists; this run already trained its diffusion model",
+                                  hint="pass --resume to continue it, or choose a new --run folder")
+        ck = load_checkpoint(ck_path, stage)
+        _check_compatible(ck, cfg, ck_path, _DIFFUSION_KEYS)
+        if ck.get("autoencoder_sha256") != ae_sha:
+            raise CheckpointError(f"{ck_path}: was trained on a different autoencoder than {ae_path}",
+                                  hint="start stage 2 afresh in a new --run folder")
+        unet.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        scaler.load_state_dict(ck["scaler"])
+        step, val, scale = int(ck["step"]), ck.get("val_metrics"), float(ck["scale_factor"])
+        log.info("diffusion: resuming at step %d of %d", step, t.steps)
+    if scale is None:
+        scale = scale_factor_of(mu, sigma, seed)
+    log.info("diffusion: latent %s, scale factor %.4f, objective %s", list(latent_shape(cfg)), scale, kind)
+
+    def save() -> None:
+        save_checkpoint(ck_path, {
+            **_base_payload(cfg, stage, step, t.steps),
+            "model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "scaler": scaler.state_dict(), "scale_factor": scale,
+            "autoencoder_sha256": ae_sha, "intensity_norm": norm, "val_metrics": val,
+            "data_info": data.info, "null_class": null_class,
+        })
+
+    @torch.no_grad()
+    def validate() -> dict[str, float]:
+        """Loss of the EMA model on fixed validation noise and timesteps (comparable across steps)."""
+        g = generator(seed, stage, "validation")
+        idx = torch.arange(min(len(vmu), 16))
+        x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, vmu, vsig, vcls, idx, scale, g, 0.0, null_class)
+        with autocast(device, precision):
+            pred = ema.model(x_t.to(device), tt.to(device),
+                             class_labels=None if labels is None else labels.to(device))
+        return {"loss": float(F.mse_loss(pred.float(), target.to(device)))}
+
+    metrics = MetricsLog(paths.metrics(stage), step)
+    n = len(mu)
+    per_epoch = math.ceil(n / (t.batch_size * t.grad_accum))
+    sums: dict[str, float] = {}
+    count, t0, t_epoch = 0, time.perf_counter(), time.perf_counter()
+    start = step
+    for _ in progress(range(start, t.steps), desc=stage, total=t.steps - start):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(t.grad_accum):
+            g = generator(seed, stage, "step", step, micro)
+            idx = batch_indices(seed, stage, step * t.grad_accum + micro, n, t.batch_size)
+            x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, scale, g,
+                                                       t.cond_drop_prob, null_class)
+            with autocast(device, precision):
+                pred = unet(x_t.to(device), tt.to(device),
+                            class_labels=None if labels is None else labels.to(device))
+            loss = F.mse_loss(pred.float(), target.to(device)) / t.grad_accum
+            scaler.scale(loss).backward()
+            total += loss.item()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        ema.update(unet)
+        step += 1
+
+        sums["loss"] = sums.get("loss", 0.0) + total
+        count += 1
+        if step % t.log_every == 0 or step == t.steps:
+            metrics.write({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], "loss": total,
+                           "time_s": round(time.perf_counter() - t0, 3)})
+        if step % t.val_every == 0 or step == t.steps:
+            val = validate()
+            metrics.write({"stage": stage, "step": step, "val": val})
+        if step % cfg.training.checkpoint_every == 0 or step == t.steps:
+            save()
+        if step % per_epoch == 0 or step == t.steps:
+            _epoch_line(stage, step, t.steps, per_epoch, sums, count, val, time.perf_counter() - t_epoch)
+            sums, count, t_epoch = {}, 0, time.perf_counter()
+        if callback is not None:
+            callback(stage, step)
+    if start == t.steps:
+        log.info("diffusion: already trained (%d steps)", step)
+    card = build_model_card(cfg, paths, ae_ck, load_checkpoint(ck_path, stage), data.info)
+    write_model_card(paths, card)
+    return {"stage": stage, "steps": step, "val": val, "scale_factor": scale,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the run folder and one summary per stage trained."""
+
+    run_dir: Path
+    summaries: list[dict[str, Any]]
+    seconds: float
+
+
+def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = False,
+          device: Optional[str] = None, callback: Optional[StepCallback] = None) -> TrainResult:
+    """Train ``stage`` ("autoencoder", "diffusion" or "all") of ``cfg`` into ``run_dir``.
+
+    Writes the resolved config, versions, checkpoints, metrics logs and, once stage 2 is done, the
+    model card.  An existing stage is refused unless ``resume`` is set; resuming checks that the
+    config still matches (only step budgets, logging intervals, device and data paths may change).
+    ``callback(stage, step)`` is called after every optimizer step (tests use it to interrupt).
+    """
+    if stage not in ("autoencoder", "diffusion", "all"):
+        raise ConfigError(f"--stage must be autoencoder, diffusion or all, got {stage!r}")
+    if cfg.data.use_labels:
+        raise ConfigError("data.use_labels: paired image + label generation is not implemented yet",
+                          hint="set data.use_labels: false")
+    paths = RunPaths(Path(run_dir))
+    if resume and not paths.root.is_dir():
+        raise CheckpointError(f"{paths.root}: no run to resume", hint="drop --resume to start a new run")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device or cfg.training.device)
+    precision = resolve_precision(cfg.training.precision, dev)
+    stages = ["autoencoder", "diffusion"] if stage == "all" else [stage]
+    if stage == "diffusion" and not paths.checkpoint("autoencoder").is_file():
+        raise CheckpointError(f"{paths.checkpoint('autoencoder')}: stage 2 needs a trained autoencoder",
+                              hint="train it first: --stage autoencoder (or --stage all)")
+    if resume and not any(paths.checkpoint(s).is_file() for s in stages):
+        raise CheckpointError(f"{paths.root}: nothing to resume (no checkpoint of {' or '.join(stages)})",
+                              hint="drop --resume to start training")
+    log.info("training %s of '%s' on %s (%s) into %s", " + ".join(stages), cfg.name, dev, precision, paths.root)
+    write_text(paths.config, dump_yaml(cfg))
+    write_json(paths.versions, versions())
+    data = prepare_data(cfg)
+    t0 = time.perf_counter()
+    summaries = []
+    for s in stages:
+        fn = train_autoencoder if s == "autoencoder" else train_diffusion
+        summaries.append(fn(cfg, paths, data, dev, precision, resume, callback))
+    return TrainResult(paths.root, summaries, round(time.perf_counter() - t0, 1))
+
+
+def load_stage_config(run_dir: Path) -> Config:
+    """The config stored in a run's latest checkpoint (diffusion, else autoencoder)."""
+    paths = RunPaths(Path(run_dir))
+    for s in ("diffusion", "autoencoder"):
+        if paths.checkpoint(s).is_file():
+            return checkpoint_config(load_checkpoint(paths.checkpoint(s), s), paths.checkpoint(s))
+    raise CheckpointError(f"{run_dir}: no checkpoint found")
