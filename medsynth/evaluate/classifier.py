@@ -1,0 +1,146 @@
+"""The small MONAI diagnostic models every arm of the utility evaluation trains, and their loop.
+
+Classification: ``monai.networks.nets.ResNet`` with basic blocks, one block per stage and
+(8, 16, 32, 64) channels (about 0.3 M parameters: small enough for a 2-core CPU), softmax over
+the classes, cross-entropy.  Segmentation: ``monai.networks.nets.UNet`` with (8, 16, 32) channels
+and one residual unit per level, Dice + cross-entropy.
+
+Every arm gets the same budget: the same architecture, optimiser (AdamW), learning rate, batch
+size and number of optimiser *steps* (not epochs, so an arm with more data does not get more
+updates).  Batches are drawn with replacement; for classification the class is drawn first
+(uniformly) and then a case of that class, so arms whose class ratios differ see balanced batches.
+The only augmentation is a random left-right flip (the first axis of the RAS grid).  No validation
+split, no early stopping and no threshold is chosen: the weights after the last step are evaluated,
+so the test set influences nothing.
+
+Randomness is explicit: the weights are initialised inside ``torch.random.fork_rng`` from
+``init_seed`` (the global RNG state is restored afterwards) and batches and flips come from a
+``torch.Generator`` seeded with ``data_seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medsynth.progress import progress
+
+log = logging.getLogger("medsynth.evaluate.classifier")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training budget every arm gets (identical across arms)."""
+
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    flip: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_classifier(n_classes: int) -> torch.nn.Module:
+    """A small 3D ResNet (MONAI) with ``n_classes`` logits for a one-channel volume."""
+    from monai.networks.nets import ResNet
+
+    return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64], spatial_dims=3,
+                  n_input_channels=1, conv1_t_size=3, conv1_t_stride=2, num_classes=n_classes)
+
+
+def unet_levels(shape: tuple[int, ...], max_levels: int = 3) -> int:
+    """How many resolution levels a UNet can use on ``shape`` (each down-sampling halves every size)."""
+    levels = 1
+    while levels < max_levels and all(s % (2 ** levels) == 0 and s // (2 ** levels) >= 2 for s in shape):
+        levels += 1
+    return levels
+
+
+def build_segmenter(n_labels: int, shape: tuple[int, ...]) -> torch.nn.Module:
+    """A small 3D UNet (MONAI) with ``n_labels`` output channels (background included)."""
+    from monai.networks.nets import UNet
+
+    levels = unet_levels(shape)
+    channels = [8, 16, 32][:levels]
+    if levels < 2:
+        channels = [8, 16]
+        return UNet(spatial_dims=3, in_channels=1, out_channels=n_labels, channels=channels, strides=[1],
+                    num_res_units=1)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=n_labels, channels=channels,
+                strides=[2] * (levels - 1), num_res_units=1)
+
+
+def n_parameters(net: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in net.parameters()))
+
+
+def _batch_indices(gen: torch.Generator, n: int, bs: int, by_class: Optional[list[torch.Tensor]]) -> torch.Tensor:
+    if by_class is None:
+        return torch.randint(0, n, (bs,), generator=gen)
+    cls = torch.randint(0, len(by_class), (bs,), generator=gen)
+    out = torch.empty(bs, dtype=torch.long)
+    for i, c in enumerate(cls.tolist()):
+        members = by_class[c]
+        out[i] = members[torch.randint(0, members.numel(), (1,), generator=gen)]
+    return out
+
+
+def train(task: str, x: torch.Tensor, y: torch.Tensor, n_out: int, budget: Budget, init_seed: int,
+          data_seed: int, device: torch.device | str = "cpu", desc: str = "train") -> torch.nn.Module:
+    """Train a fresh model of ``task`` ("classify" or "segment") on ``x`` (N, 1, *grid) and ``y``.
+
+    ``y`` holds class indices (N,) for classification, integer label maps (N, 1, *grid) for
+    segmentation; ``n_out`` is the number of classes / labels.  Returns the model (eval mode) after
+    exactly ``budget.steps`` optimiser steps.
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(init_seed))
+        net = build_classifier(n_out) if task == "classify" else build_segmenter(n_out, tuple(x.shape[2:]))
+    net = net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=budget.lr, weight_decay=budget.weight_decay)
+    gen = torch.Generator().manual_seed(int(data_seed))
+    by_class = None
+    if task == "classify":
+        by_class = [torch.nonzero(y == k).flatten() for k in range(n_out)]
+        by_class = [m for m in by_class if m.numel()]
+    else:
+        from monai.losses import DiceCELoss
+
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    for _ in progress(range(budget.steps), desc=desc, total=budget.steps):
+        idx = _batch_indices(gen, x.shape[0], budget.batch_size, by_class)
+        xb = x[idx].clone()
+        yb = y[idx].clone()
+        if budget.flip:
+            flip = torch.rand(idx.numel(), generator=gen) < 0.5
+            if flip.any():
+                xb[flip] = torch.flip(xb[flip], dims=[2])
+                if task == "segment":
+                    yb[flip] = torch.flip(yb[flip], dims=[2])
+        xb, yb = xb.to(device), yb.to(device)
+        out = net(xb)
+        loss = F.cross_entropy(out, yb.long()) if task == "classify" else loss_fn(out, yb.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(task: str, net: torch.nn.Module, x: torch.Tensor, batch_size: int = 8,
+            device: torch.device | str = "cpu") -> np.ndarray:
+    """Class probabilities (N, K) for classification, arg-max label maps (N, *grid) for segmentation."""
+    net.eval()
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        o = net(x[i:i + batch_size].to(device))
+        outs.append(torch.softmax(o, dim=1).cpu() if task == "classify" else torch.argmax(o, dim=1).cpu())
+    return torch.cat(outs).numpy()
