@@ -309,12 +309,101 @@ def _run_phi_scan(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# evaluate utility / split
+# --------------------------------------------------------------------------------------------
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate synthetic data against real data",
+                       description="Evaluate what synthetic data is worth against held-out real data.")
+    esub = p.add_subparsers(dest="evaluate_cmd", metavar="ACTION", parser_class=_Parser)
+    esub.required = True
+    u = _verb(esub, "utility",
+              "train on synthetic, test on real: the same small MONAI model on real / synthetic / both "
+              "(and a reduced real set), scored on a held-out real test manifest",
+              "medsynth evaluate utility runs/demo --manifest split/train.json --test-manifest split/test.json "
+              "--out eval/ --reduced-fraction 0.25", _run_evaluate_utility)
+    u.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder of 'medsynth train' (its grid and generator)")
+    u.add_argument("--manifest", type=Path, required=True, metavar="TRAIN_MANIFEST",
+                   help="real training cases (the generator must have been trained on these, not on test cases)")
+    u.add_argument("--test-manifest", type=Path, required=True, metavar="TEST_MANIFEST",
+                   help="held-out real cases, used only for scoring (refused if they overlap the training data)")
+    u.add_argument("--out", type=Path, required=True, help="folder for utility.json, utility.html (and synthetic/)")
+    u.add_argument("--task", choices=("classify", "segment"), default="classify",
+                   help="classify: class labels, AUC + accuracy (default); segment: label maps, Dice")
+    u.add_argument("--n-synthetic", type=int, default=16, metavar="N",
+                   help="QC-passed synthetic samples per class (default 16)")
+    u.add_argument("--repeats", type=int, default=3, metavar="R", help="trainings per arm with different seeds (default 3)")
+    u.add_argument("--seed", type=int, default=0, help="base seed of generation, weights, batches, bootstrap (default 0)")
+    u.add_argument("--reduced-fraction", type=float, default=None, metavar="F",
+                   help="also train on this fraction of the real set, with and without synthetic (e.g. 0.25)")
+    u.add_argument("--arms", default=None,
+                   help="comma-separated subset of: real, synthetic, real+synthetic, reduced, reduced+synthetic")
+    u.add_argument("--samples", type=Path, default=None, metavar="SAMPLES_DIR",
+                   help="use these generated + QC'd samples instead of generating into OUT/synthetic")
+    u.add_argument("--steps", type=int, default=150, help="optimiser steps per training, the same for every arm (default 150)")
+    u.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    u.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    u.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set (default 2000)")
+    u.add_argument("--sampling-steps", type=int, default=None, help="denoising steps when generating (default: the run's)")
+    u.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's)")
+    u.add_argument("--seg-labels", default=None, metavar="L[,L]",
+                   help="segment: label values scored by Dice (default: every foreground label)")
+    u.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    u.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    s = _verb(esub, "split", "split a manifest into train.json and test.json by case (stratified by class, no leakage)",
+              "medsynth evaluate split data_manifests/chest.json --test-fraction 0.3 --out split/", _run_evaluate_split)
+    s.add_argument("manifest", type=Path, metavar="MANIFEST", help="manifest to split")
+    s.add_argument("--out", type=Path, required=True, help="folder for train.json and test.json")
+    s.add_argument("--test-fraction", type=float, default=0.3, help="fraction of cases held out (default 0.3)")
+    s.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+
+
+def _run_evaluate_utility(args: argparse.Namespace) -> int:
+    from medsynth.errors import ConfigError
+    from medsynth.evaluate.classifier import Budget
+    from medsynth.evaluate.utility import UtilityOptions, evaluate_utility
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        seg_labels = [int(v) for v in args.seg_labels.split(",") if v.strip()] if args.seg_labels else None
+    except ValueError:
+        raise ConfigError(f"--seg-labels: need comma-separated integers, got {args.seg_labels!r}") from None
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    opts = UtilityOptions(task=args.task, n_synthetic=args.n_synthetic, repeats=args.repeats, seed=args.seed,
+                          reduced_fraction=args.reduced_fraction, arms=arms,
+                          budget=Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
+                          bootstrap=args.bootstrap, device=args.device, samples=args.samples,
+                          sampling_steps=args.sampling_steps, guidance=args.guidance, seg_labels=seg_labels)
+    result = evaluate_utility(args.run, args.manifest, args.test_manifest, args.out, opts)
+    print(result.table())
+    print(f"wrote {result.json_path} and {result.html_path}")
+    return 0
+
+
+def _run_evaluate_split(args: argparse.Namespace) -> int:
+    from medsynth.evaluate.split import split_manifest
+    from medsynth.manifest import load_manifest
+
+    train, test = split_manifest(args.manifest, args.out, args.test_fraction, args.seed)
+    print(f"wrote {train} ({len(load_manifest(train).cases)} cases) and {test} "
+          f"({len(load_manifest(test).cases)} cases)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
 REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest,
-                             _add_anonymise, _add_phi_scan]
+                             _add_anonymise, _add_phi_scan, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

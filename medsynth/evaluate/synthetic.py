@@ -8,13 +8,11 @@ others are counted and reported.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medsynth.errors import MedsynthError
 from medsynth.samples import Sample, list_samples
 
 log = logging.getLogger("medsynth.evaluate.synthetic")
@@ -61,7 +59,8 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
     """Pick up to ``n_per_class`` QC-passed samples of each class from ``samples_dir`` (lowest index first).
 
     ``classes`` None pools every class (key ``ANY_CLASS``; for unconditional runs).  Samples
-    without a verdict or with a failing one are skipped and counted; broken samples (a sidecar
+    without a verdict or with a failing one (in the folder, or moved to ``quarantine/`` by the QC
+    gate) are skipped and counted; broken samples (a sidecar
     without its image) are reported and skipped.  With ``need_labels`` a sample must carry a label
     map.
     """
@@ -91,6 +90,9 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
             continue
         if len(out.by_class[key]) < n_per_class:
             out.by_class[key].append(s)
+    qdir = Path(samples_dir) / "quarantine"
+    if qdir.is_dir():  # the QC gate moves failing samples here
+        out.n_failed_qc += sum(1 for p in qdir.glob("*.json") if not p.name.endswith(".qc.json"))
     if out.n_no_verdict:
         out.notes.append(f"{out.n_no_verdict} sample(s) in {samples_dir} have no QC verdict and were not used "
                          "(run 'medsynth qc' on the folder)")
@@ -99,34 +101,29 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
     return out
 
 
-def _call_with_supported(fn: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with the keyword arguments it accepts (the engine's options may grow)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params and v is not None})
-
-
 def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]], n_per_class: int, seed: int,
-                 qc_reference: Optional[Path] = None, steps: Optional[int] = None,
-                 guidance: Optional[float] = None, batch_size: Optional[int] = None,
+                 qc_reference: Path, qc_out: Optional[Path] = None, steps: Optional[int] = None,
+                 guidance: Optional[float] = None, batch_size: Optional[int] = None, device: Optional[str] = None,
                  need_labels: bool = False, max_rounds: int = 3) -> SyntheticSet:
     """Generate ``n_per_class`` samples of each class from ``run_dir`` into ``out_dir``, QC them, select.
 
-    ``classes`` None generates unconditionally.  Class ``classes[j]`` gets indices ``j * n * max_rounds + ...`` so sample ids (and their seeds)
-    are stable; samples already in ``out_dir`` are reused.  When the QC gate rejects some, up to
-    ``max_rounds - 1`` more rounds generate replacements for the shortfall.  ``qc_reference`` is
-    the train manifest the QC ranges are learnt from (never the test manifest).
+    ``classes`` None generates unconditionally.  Class ``classes[j]`` gets the indices
+    ``j * n * max_rounds + round * n + i``, so sample ids (and their seeds) are stable and a rerun
+    resumes: samples already in ``out_dir`` are reused and indices already quarantined by QC are
+    not generated again.  When the QC gate rejects some samples, up to ``max_rounds - 1`` more
+    rounds generate replacements for the shortfall.  ``qc_reference`` is the train manifest the QC
+    ranges and the memorisation screen are calibrated on (never the test manifest); the QC report
+    goes to ``qc_out`` (default ``out_dir/../synthetic_qc``).
     """
-    try:
-        from medsynth.model.sample import generate
-    except ImportError as exc:
-        raise MedsynthError(f"generating synthetic samples needs the model engine (medsynth.model.sample): {exc}",
-                            hint="generate and QC samples separately and pass their folder with --samples") from None
+    from medsynth.jobs import sample_id
+    from medsynth.model.sample import Sampler, generate
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    block = n_per_class * max_rounds
+    qc_out = Path(qc_out) if qc_out is not None else out_dir.parent / "synthetic_qc"
+    sampler = Sampler.from_run(run_dir, device=device)
     keys = [ANY_CLASS] if classes is None else [int(k) for k in classes]
+    block = n_per_class * max_rounds
     chosen = SyntheticSet({k: [] for k in keys}, out_dir)
     for rnd in range(max_rounds):
         for j, k in enumerate(keys):
@@ -134,26 +131,26 @@ def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]],
             if short <= 0:
                 continue
             start = j * block + rnd * n_per_class
-            indices = list(range(start, start + short))
-            log.info("generating %d sample(s) of class %s (round %d)", len(indices), k, rnd + 1)
-            _call_with_supported(generate, run_dir=Path(run_dir), out_dir=out_dir, indices=indices, seed=seed,
-                                 class_label=None if k == ANY_CLASS else k, steps=steps, guidance=guidance, batch_size=batch_size)
-        run_qc(out_dir, run_dir, qc_reference)
-        chosen = select_samples(out_dir, classes, n_per_class, need_labels=need_labels)
+            indices = [i for i in range(start, start + short)
+                       if not (out_dir / "quarantine" / f"{sample_id(sampler.run, i)}.json").is_file()]
+            if indices:
+                log.info("generating %d sample(s) of class %s (round %d)", len(indices),
+                         "any" if k == ANY_CLASS else k, rnd + 1)
+                generate(run_dir, out_dir, indices, seed=seed, class_label=None if k == ANY_CLASS else k,
+                         steps=steps, guidance=guidance, batch_size=batch_size, sampler=sampler)
+        run_gate(out_dir, run_dir, qc_reference, qc_out)
+        chosen = select_samples(out_dir, None if classes is None else keys, n_per_class, need_labels=need_labels)
         if all(len(v) >= n_per_class for v in chosen.by_class.values()):
             break
     return chosen
 
 
-def run_qc(samples_dir: Path, run_dir: Path, reference: Optional[Path]) -> None:
-    """Run the QC gate on ``samples_dir`` (verdicts next to the samples) if the QC stage is available.
+def run_gate(samples_dir: Path, run_dir: Path, reference: Path, out_dir: Path) -> None:
+    """Run ``medsynth qc`` on ``samples_dir`` with the run's config: verdicts beside the samples,
+    failing samples moved to ``quarantine/``, the QC report in ``out_dir``.  The memorisation
+    screen is calibrated on a hold-out of ``reference`` (the train manifest), never on test cases."""
+    from medsynth.qc.gate import load_qc_config, run_qc
 
-    Without a QC stage, samples that already carry verdicts are used as they are and samples
-    without one are left out by :func:`select_samples`.
-    """
-    try:
-        from medsynth.qc import run_qc as _qc  # type: ignore[attr-defined]
-    except ImportError:
-        log.warning("QC stage not available: using existing QC verdicts only")
-        return
-    _call_with_supported(_qc, samples_dir=Path(samples_dir), run_dir=Path(run_dir), reference=reference)
+    cfg, where = load_qc_config(run_dir=run_dir)
+    outcome = run_qc(samples_dir, reference, out_dir, cfg=cfg, grid_source=where)
+    log.info("QC: %d of %d synthetic sample(s) passed", outcome.n_passed, outcome.n_samples)

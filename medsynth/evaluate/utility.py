@@ -338,9 +338,9 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
             synth_set = select_samples(Path(opts.samples), want, opts.n_synthetic, need_labels=seg)
         else:
             synth_set = generate_set(run_dir, out_dir / "synthetic", want, opts.n_synthetic, opts.seed,
-                                     qc_reference=Path(train_m.path) if train_m.path else None,
+                                     qc_reference=Path(train_m.path), qc_out=out_dir / "synthetic_qc",
                                      steps=opts.sampling_steps, guidance=opts.guidance,
-                                     need_labels=seg)
+                                     device=None if opts.device == "auto" else opts.device, need_labels=seg)
         notes += synth_set.notes
         empty = [k for k, v in synth_set.by_class.items() if not v]
         if empty and not seg:
