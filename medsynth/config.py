@@ -396,7 +396,8 @@ class PrivacyConfig:
     distances from held-out real cases to the training cases (image space: 1 - NCC of band-passed,
     downsampled volumes maximised over shifts up to ``max_shift`` voxels; feature space: Euclidean
     distance of standardised radiomics features).  Without a hold-out manifest a deterministic
-    ``holdout_fraction`` of the reference cases is held out.
+    ``holdout_fraction`` of the reference cases is held out.  ``self_test`` plants copies of two
+    training cases (noised, shifted, rescaled) in every run and reports whether they are flagged.
     """
 
     memorisation_quantile: float = 0.01
@@ -408,6 +409,7 @@ class PrivacyConfig:
     blur_sigma: float = 1.0
     highpass_sigma: float = 4.0
     use_features: bool = True
+    self_test: bool = True
 
     def check(self, path: str) -> list[str]:
         errs = []

@@ -1,0 +1,376 @@
+"""Per-volume quality checks: every check gives a verdict, a value, its limit, and a reason when it fails.
+
+Checks, in order (a volume that fails an early check skips the checks that would be meaningless):
+
+1. ``geometry_mismatch``   shape and affine equal to the configured sample grid;
+2. ``non_finite_values``   no NaN or infinite voxel;
+3. ``constant_volume``     standard deviation above ``qc.min_std``;
+4. ``out_of_physical_range`` CT within ``qc.ct_range`` (-1024..3071 HU), MR within ``qc.mr_range`` if set;
+5. ``no_body_found`` and ``<stat>_out_of_range``: body fraction, background fraction and the
+   p1/p50/p99 intensities inside the body inside the ranges learned from the reference cases;
+6. ``label_outside_body``  labelled voxels lie inside the body (when the sample has a label);
+7. ``artefact_suspected``  the artefact score (tiling seams, checkerboard) below ``qc.artefact_threshold``.
+
+Reasons are strings ``code (details)``, e.g. ``body_fraction_out_of_range (0.05 not in [0.31, 0.52])``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from medsynth.config import QCConfig
+from medsynth.qc.features import body_mask
+from medsynth.volume import Volume
+
+log = logging.getLogger("medsynth.qc.checks")
+
+STATS = ("body_fraction", "background_fraction", "body_p01", "body_p50", "body_p99")
+_FRACTION_STATS = ("body_fraction", "background_fraction")
+# planes with less tissue than this fraction are not judged for seams (too few voxels)
+_SEAM_MIN_PLANE_FRACTION = 0.05
+_SEAM_FLOOR = 0.01
+_SEAM_ERODE = 2
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sample grid every volume is judged on: shape and voxel-to-RAS affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore
+
+    @property
+    def orientation(self) -> str:
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "spacing": [round(s, 6) for s in self.spacing],
+                "orientation": self.orientation, "affine": np.round(self.affine, 6).tolist()}
+
+
+@dataclass
+class CheckResult:
+    """The verdict of one volume: ``passed``, the failure ``reasons``, and the evidence."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    artefact: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, code: str, detail: str, **evidence: Any) -> None:
+        self.passed = False
+        self.reasons.append(f"{code} ({detail})")
+        self.checks[code] = {"passed": False, **evidence}
+
+    def ok(self, name: str, **evidence: Any) -> None:
+        self.checks.setdefault(name, {"passed": True, **evidence})
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and the ranges learned from the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def background_level(modality: str, body_values: np.ndarray) -> float:
+    """Intensity below which a voxel counts as background: air (-900 HU) for CT; for MR 10 % of
+    the body median, since MR has no absolute units."""
+    if modality == "CT":
+        return -900.0
+    return 0.1 * float(np.median(body_values)) if body_values.size else 0.0
+
+
+def volume_stats(array: np.ndarray, mask: np.ndarray, modality: str) -> dict[str, float]:
+    """Body fraction, background fraction and p1/p50/p99 inside the body of one volume.
+
+    The background fraction is the fraction of all voxels darker than :func:`background_level`
+    (air outside the body and inside lungs for CT).  Percentiles are NaN when the body is empty.
+    """
+    arr = np.asarray(array, dtype=np.float64)
+    body = arr[mask]
+    out = {"body_fraction": float(mask.mean()),
+           "background_fraction": float(np.mean(arr < background_level(modality, body)))}
+    if body.size:
+        p = np.percentile(body, [1, 50, 99])
+        out.update(body_p01=float(p[0]), body_p50=float(p[1]), body_p99=float(p[2]))
+    else:
+        out.update(body_p01=float("nan"), body_p50=float("nan"), body_p99=float("nan"))
+    return out
+
+
+@dataclass
+class ReferenceRanges:
+    """Allowed [lo, hi] per statistic: the reference min..max widened by a margin on each side."""
+
+    ranges: dict[str, tuple[float, float]]
+    reference_min_max: dict[str, tuple[float, float]]
+    n_cases: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_cases": self.n_cases,
+                "allowed": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
+                "reference_min_max": {k: [float(a), float(b)] for k, (a, b) in self.reference_min_max.items()}}
+
+
+def learn_ranges(stats: Sequence[dict[str, float]], qc: QCConfig) -> ReferenceRanges:
+    """Learn the allowed range of each statistic from reference cases (see :class:`QCConfig`).
+
+    margin = max(``percentile_margin`` x span, floor); the floor is ``range_floor`` for fractions
+    and ``range_floor`` x the median p1..p99 intensity span for intensities, so a reference whose
+    cases happen to agree exactly does not reject every sample.
+    """
+    table = {k: np.array([s[k] for s in stats if np.isfinite(s.get(k, np.nan))]) for k in STATS}
+    p01, p99 = table["body_p01"], table["body_p99"]
+    int_span = float(np.median(p99) - np.median(p01)) if p01.size and p99.size else 1.0
+    ranges, mm = {}, {}
+    for k, v in table.items():
+        if v.size == 0:
+            continue
+        lo, hi = float(v.min()), float(v.max())
+        floor = qc.range_floor * (1.0 if k in _FRACTION_STATS else max(int_span, 1e-6))
+        m = max(qc.percentile_margin * (hi - lo), floor)
+        a, b = lo - m, hi + m
+        if k in _FRACTION_STATS:
+            a, b = max(a, 0.0), min(b, 1.0)
+        ranges[k], mm[k] = (a, b), (lo, hi)
+    return ReferenceRanges(ranges, mm, len(stats))
+
+
+# ---------------------------------------------------------------------------------------------
+# artefact score
+# ---------------------------------------------------------------------------------------------
+
+
+def _ratio_score(r: float) -> float:
+    """Map a ratio r >= 0 (1 = nothing special) to a score in [0, 1): (r - 1) / (r + 1), floored at 0."""
+    return float(max(0.0, (r - 1.0) / (r + 1.0)))
+
+
+def seam_score(array: np.ndarray, mask: np.ndarray) -> tuple[float, int, int]:
+    """Tiling-seam score: the plane whose voxel-to-voxel jump stands out from the planes around it.
+
+    For adjacent planes i, i+1 along each axis, take the voxels of the body interior (the body
+    eroded by two voxels, so skin and fat layers under a flat body surface are not judged) on
+    both sides, and split them into intensity terciles.  In each tercile,
+    r = median |x[i+1] - x[i]| / (median over the jumps of planes i-2, i-1, i+1, i+2 of their
+    medians + a floor of 1 % of the intensity span).  A seam of tiled decoding offsets a whole
+    tile face, so every tissue of the plane jumps and the smallest r over the terciles is large;
+    an anatomical wall parallel to the plane (lung wall) raises one tercile only, and noise or
+    smooth anatomy raise none.  The score is (r - 1) / (r + 1) in [0, 1) for the largest such r.
+    Returns (score, axis, plane index).
+    """
+    from scipy import ndimage
+
+    arr = np.asarray(array, dtype=np.float32)
+    body = arr[mask]
+    if body.size < 64:
+        return 0.0, -1, -1
+    p1, p99 = np.percentile(body, [1, 99])
+    # a jump smaller than 1 % of the intensity span is invisible in any display window
+    floor = max(_SEAM_FLOOR * float(p99 - p1), 1e-6)
+    # skin, fat and muscle layers run parallel to a flat body surface: judge the interior only
+    interior = ndimage.binary_erosion(mask, iterations=_SEAM_ERODE)
+    best = (0.0, -1, -1)
+    for ax in range(3):
+        n = arr.shape[ax]
+        if n < 6:
+            continue
+        a = np.moveaxis(arr, ax, 0)
+        m = np.moveaxis(interior, ax, 0)
+        d = np.abs(np.diff(a, axis=0))                       # d[i] = |x[i+1] - x[i]|, i = 0..n-2
+        inside = m[1:] & m[:-1]
+        need = max(24, _SEAM_MIN_PLANE_FRACTION * inside[0].size)
+        for i in range(2, n - 3):
+            sel = inside[i]
+            if sel.sum() < need:
+                continue
+            level = 0.5 * (a[i][sel] + a[i + 1][sel])
+            tercile = np.searchsorted(np.percentile(level, [100 / 3, 200 / 3]), level, side="right")
+            di = d[i][sel]
+            around = [d[j][sel] for j in (i - 2, i - 1, i + 1, i + 2)]
+            ratios = []
+            for t in range(3):
+                k = tercile == t
+                if np.count_nonzero(k) < 0.1 * level.size:
+                    continue
+                base = float(np.median([np.median(x[k]) for x in around])) + floor
+                ratios.append(float(np.median(di[k])) / base)
+            s = _ratio_score(min(ratios)) if ratios else 0.0
+            if s > best[0]:
+                best = (s, ax, i)
+    return best
+
+
+def checkerboard_score(array: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
+    """Checkerboard score: how coherently the voxel values alternate from voxel to voxel.
+
+    The Laplacian of a period-2 pattern (the signature of strided transposed convolutions), e.g.
+    (-1)^i or (-1)^(i+j+k), flips sign with the pattern, so the Laplacian times the pattern keeps
+    one sign over a neighbourhood; for noise and anatomy it does not.  The coherence
+    |mean(lap * pattern)| / mean(|lap|) over 5-voxel neighbourhoods is in [0, 1]; the score is its
+    median over the body (so thin periodic anatomy such as ribs does not count), maximised over
+    the seven patterns.  Returns (score, pattern code: bit a set = alternates along axis a).
+    """
+    from scipy import ndimage
+
+    arr = np.asarray(array, dtype=np.float64)
+    if min(arr.shape) < 6 or not mask.any():
+        return 0.0, -1
+    body = arr[mask]
+    p1, p99 = np.percentile(body, [1, 99])
+    eps = max(1e-3 * float(p99 - p1), 1e-9)
+    lap = np.zeros_like(arr)
+    for ax in range(3):
+        sl = [slice(None)] * 3
+        sl[ax] = slice(1, -1)
+        lap[tuple(sl)] += np.diff(arr, n=2, axis=ax)
+    den = ndimage.uniform_filter(np.abs(lap), size=5, mode="reflect") + eps
+    idx = np.indices(arr.shape, sparse=True)
+    best = (0.0, -1)
+    # every non-empty set of axes the pattern may alternate along: (-1)^i, (-1)^(i+j), ...
+    for code in range(1, 8):
+        parity = sum(idx[a] for a in range(3) if code >> a & 1) % 2
+        s = lap * np.where(parity == 0, 1.0, -1.0)
+        num = np.abs(ndimage.uniform_filter(s, size=5, mode="reflect"))
+        score = float(np.median((num / den)[mask]))
+        if score > best[0]:
+            best = (score, code)
+    return best
+
+
+def artefact_score(array: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """The artefact score of a volume: the larger of :func:`seam_score` and :func:`checkerboard_score`."""
+    s, s_ax, s_at = seam_score(array, mask)
+    c, c_ax = checkerboard_score(array, mask)
+    kind = "tiling_seam" if s >= c else "checkerboard"
+    return {"score": round(max(s, c), 4), "kind": kind, "seam": round(s, 4), "seam_axis": s_ax,
+            "seam_plane": s_at, "checkerboard": round(c, 4),
+            "checkerboard_axes": [a for a in range(3) if c_ax > 0 and c_ax >> a & 1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the checks of one volume
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[ReferenceRanges] = None,
+                 label: Optional[Volume] = None, mask: Optional[np.ndarray] = None,
+                 window: Optional[tuple[float, float]] = None) -> CheckResult:
+    """Run every per-volume check on ``vol`` (see the module docstring); never raises on bad data.
+
+    ``ranges`` are the reference ranges (skipped when None); ``label`` the sample's label map;
+    ``mask`` a precomputed body mask (computed here otherwise); ``window`` the intensity window
+    the reference was clipped to (the model's HU window), applied before the statistics, body and
+    artefact checks so both sides are compared alike — finiteness, constancy and the physical range
+    are judged on the raw values.  The result holds the failure reasons and, per check, its value
+    and limit as evidence.
+    """
+    res = CheckResult(passed=True)
+    arr = np.asarray(vol.array)
+    modality = vol.modality
+
+    # 1. geometry
+    if tuple(vol.shape) != tuple(grid.shape):
+        res.fail("geometry_mismatch", f"shape {list(vol.shape)} != configured {list(grid.shape)}",
+                 value=list(vol.shape), limit=list(grid.shape))
+    else:
+        dev = float(np.max(np.abs(vol.affine - grid.affine)))
+        if dev > qc.geometry_atol_mm:
+            sp = ", ".join(_fmt(s) for s in vol.spacing)
+            res.fail("geometry_mismatch",
+                     f"affine differs from the configured grid by up to {_fmt(dev)} mm "
+                     f"(spacing [{sp}] mm, orientation {vol.orientation}; configured "
+                     f"[{', '.join(_fmt(s) for s in grid.spacing)}] mm, {grid.orientation})",
+                     value=dev, limit=qc.geometry_atol_mm)
+        else:
+            res.ok("geometry_mismatch", value=dev, limit=qc.geometry_atol_mm)
+
+    # 2. finite
+    finite = np.isfinite(arr)
+    n_bad = int(arr.size - finite.sum())
+    if n_bad:
+        res.fail("non_finite_values", f"{n_bad} of {arr.size} voxels are NaN or infinite", value=n_bad, limit=0)
+        return res
+    res.ok("non_finite_values", value=0, limit=0)
+    arr = arr.astype(np.float64, copy=False)
+
+    # 3. constant
+    std = float(arr.std())
+    if std < qc.min_std:
+        res.fail("constant_volume", f"standard deviation {std:.3g} < {qc.min_std:g}", value=std, limit=qc.min_std)
+        return res
+    res.ok("constant_volume", value=std, limit=qc.min_std)
+
+    # 4. physical range
+    lim = qc.ct_range if modality == "CT" else qc.mr_range
+    vmin, vmax = float(arr.min()), float(arr.max())
+    if lim is not None:
+        # half a unit of slack: integer-rounded images sit exactly on the limits
+        if vmin < lim[0] - 0.5 or vmax > lim[1] + 0.5:
+            res.fail("out_of_physical_range",
+                     f"values {_fmt(vmin)}..{_fmt(vmax)} {vol.units} outside {_fmt(lim[0])}..{_fmt(lim[1])} {vol.units}",
+                     value=[vmin, vmax], limit=list(lim))
+        else:
+            res.ok("out_of_physical_range", value=[vmin, vmax], limit=list(lim))
+
+    # 5. body and reference ranges
+    if window is not None:
+        arr = np.clip(arr, window[0], window[1])
+    if mask is None:
+        mask = body_mask(arr, vol.affine, modality, qc.body_threshold_hu)
+    res.stats = volume_stats(arr, mask, modality)
+    if not mask.any():
+        res.fail("no_body_found", "no voxel above the body threshold", value=0.0, limit=">0")
+    elif ranges is not None:
+        for k, (lo, hi) in ranges.ranges.items():
+            v = res.stats.get(k, float("nan"))
+            if not np.isfinite(v) or not lo <= v <= hi:
+                res.fail(f"{k}_out_of_range", f"{_fmt(v)} not in [{_fmt(lo)}, {_fmt(hi)}]", value=v, limit=[lo, hi])
+            else:
+                res.ok(f"{k}_out_of_range", value=v, limit=[lo, hi])
+
+    # 6. label inside the body
+    if label is not None:
+        lab = np.asarray(label.array)
+        if lab.shape != arr.shape:
+            res.fail("label_geometry_mismatch", f"label shape {list(lab.shape)} != image shape {list(arr.shape)}")
+        else:
+            if not np.allclose(label.affine, vol.affine, atol=qc.geometry_atol_mm):
+                res.fail("label_geometry_mismatch", "label affine differs from the image affine")
+            labelled = lab > 0
+            n_lab = int(labelled.sum())
+            frac = float((labelled & ~mask).sum() / n_lab) if n_lab else 0.0
+            if frac > qc.label_outside_body_max:
+                res.fail("label_outside_body",
+                         f"{100 * frac:.1f}% of {n_lab} labelled voxels lie outside the body "
+                         f"(allowed {100 * qc.label_outside_body_max:.1f}%)",
+                         value=frac, limit=qc.label_outside_body_max)
+            else:
+                res.ok("label_outside_body", value=frac, limit=qc.label_outside_body_max)
+
+    # 7. artefacts
+    res.artefact = artefact_score(arr, mask)
+    score = res.artefact["score"]
+    if score > qc.artefact_threshold:
+        a = res.artefact
+        where = (f"tiling seam between planes {a['seam_plane']} and {a['seam_plane'] + 1} of axis {a['seam_axis']}"
+                 if a["kind"] == "tiling_seam" else f"checkerboard alternating along axes {a['checkerboard_axes']}")
+        res.fail("artefact_suspected", f"score {score:.2f} > {qc.artefact_threshold:g}: {where}",
+                 value=score, limit=qc.artefact_threshold)
+    else:
+        res.ok("artefact_suspected", value=score, limit=qc.artefact_threshold)
+    return res

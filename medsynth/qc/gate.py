@@ -1,0 +1,531 @@
+"""The quality gate between ``generate`` and ``export``: per-sample verdicts, quarantine, report.
+
+:func:`run_qc` judges every sample of a samples folder (:mod:`medsynth.samples`) against a
+reference manifest of real training cases:
+
+1. the sample grid comes from the config (``--config`` or ``--run RUN_DIR/config.yaml``:
+   ``data.shape`` on :func:`medsynth.data.transforms.target_affine`) or, without one, from the
+   samples' sidecars (the most common shape + affine);
+2. reference cases are resampled onto that grid with medsynth's MONAI chain
+   (:func:`medsynth.data.transforms.build_transforms`) and mapped back to physical units with the
+   exact inverse of the intensity normalisation; unreadable cases are reported and skipped;
+3. per-volume checks (:mod:`medsynth.qc.checks`) with ranges learned from the reference;
+4. the memorisation screen (:mod:`medsynth.privacy.memorisation`), calibrated on held-out real
+   cases, plus a self-test with planted copies of training cases;
+5. dataset metrics (:mod:`medsynth.qc.metrics`);
+6. ``<id>.qc.json`` beside each sample (the verdict ``export`` reads), failing samples moved to
+   ``SAMPLES_DIR/quarantine/``, and ``OUT/qc.json`` + ``OUT/report.html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from medsynth import __version__
+from medsynth.config import Config, DataConfig, IntensityConfig, PrivacyConfig, QCConfig, config_to_dict
+from medsynth.errors import MedsynthError, QCError
+from medsynth.jobs import sha256_file, write_json, write_text
+from medsynth.progress import progress
+from medsynth.qc.checks import Grid, artefact_score, check_volume, learn_ranges, volume_stats
+from medsynth.qc.features import Standardiser, body_mask, feature_vector, radiomics_features
+from medsynth.samples import Sample, list_samples
+
+log = logging.getLogger("medsynth.qc.gate")
+
+QC_FORMAT = "medsynth-qc/1"
+REPORT_FORMAT = "medsynth-qc-report/1"
+MIN_REFERENCE_CASES = 3
+
+
+@dataclass
+class QCOutcome:
+    """What :func:`run_qc` did: counts, the quarantined sample ids, and where the outputs are."""
+
+    n_samples: int
+    n_passed: int
+    n_failed: int
+    quarantined: list[str]
+    qc_json: Path
+    report_html: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# config and grid
+# ---------------------------------------------------------------------------------------------
+
+
+def load_qc_config(config: Optional[str | Path] = None, run_dir: Optional[str | Path] = None) -> tuple[Optional[Config], str]:
+    """The config ``qc`` judges with: ``config`` or ``run_dir/config.yaml``, or None (infer the grid).
+
+    Returns (config or None, a sentence saying where the grid comes from).
+    """
+    from medsynth.config import load_config
+
+    if config is not None and run_dir is not None:
+        raise QCError("give either --config or --run, not both")
+    if run_dir is not None:
+        path = Path(run_dir) / "config.yaml"
+        if not path.is_file():
+            raise QCError(f"{run_dir}: no config.yaml in the run directory",
+                          hint="pass the run directory of 'medsynth train', or --config CONFIG")
+        return load_config(path), f"grid from the run's config ({path.name})"
+    if config is not None:
+        return load_config(config), f"grid from the config {Path(config).name}"
+    return None, "grid inferred from the samples' sidecars (no --config/--run given)"
+
+
+def _sample_grid(s: Sample) -> tuple[tuple[int, int, int], np.ndarray]:
+    meta = s.sidecar
+    if isinstance(meta.get("shape"), list) and isinstance(meta.get("affine"), list):
+        aff = np.asarray(meta["affine"], dtype=np.float64)
+        if aff.shape == (4, 4):
+            return tuple(int(x) for x in meta["shape"]), aff  # type: ignore[return-value]
+    v = s.load()
+    return v.shape, v.affine
+
+
+def infer_grid(samples: Sequence[Sample]) -> tuple[Grid, str]:
+    """The most common (shape, affine) among the samples' sidecars, and the most common modality."""
+    keys: Counter = Counter()
+    grids: dict[Any, tuple[tuple[int, int, int], np.ndarray]] = {}
+    mods: Counter = Counter()
+    for s in samples:
+        try:
+            shape, aff = _sample_grid(s)
+        except MedsynthError:
+            continue
+        key = (shape, tuple(np.round(aff, 4).ravel()))
+        keys[key] += 1
+        grids.setdefault(key, (shape, aff))
+        mods[str(s.sidecar.get("modality", "CT"))] += 1
+    if not keys:
+        raise QCError("could not read the grid of any sample", hint="pass --config CONFIG or --run RUN_DIR")
+    shape, aff = grids[keys.most_common(1)[0][0]]
+    return Grid(shape, aff), mods.most_common(1)[0][0]
+
+
+def _grid_data_config(grid: Grid, modality: str, qc: QCConfig) -> DataConfig:
+    """A data config that resamples reference cases onto ``grid`` with no intensity loss beyond
+    the physical range (CT) or none at all (MR: percentiles 0..100, exactly invertible)."""
+    if modality == "CT":
+        intensity = IntensityConfig(window=tuple(qc.ct_range), percentiles=None)  # type: ignore[arg-type]
+    else:
+        intensity = IntensityConfig(window=None, percentiles=(0.0, 100.0))
+    return DataConfig(modality=modality, spacing=grid.spacing, shape=grid.shape,  # type: ignore[arg-type]
+                      orientation=grid.orientation, intensity=intensity, cache="none")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference cases
+# ---------------------------------------------------------------------------------------------
+
+
+def _why(exc: BaseException) -> str:
+    """A one-line reason for a failed case: the MedsynthError in the chain, else the exception type."""
+    e: Optional[BaseException] = exc
+    while e is not None:
+        if isinstance(e, MedsynthError):
+            return e.message
+        e = e.__cause__ or e.__context__
+    return f"could not be read or resampled ({type(exc).__name__})"
+
+
+def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "reference"
+                   ) -> tuple[list[str], list[np.ndarray], list[dict[str, str]]]:
+    """Resample manifest cases onto the sample grid in physical units.
+
+    Uses :func:`medsynth.data.transforms.build_transforms` (orientation, spacing, pad/crop) and the
+    exact inverse of its intensity normalisation.  Returns (ids, arrays, skipped) where skipped
+    lists ``{"id", "reason"}`` for cases that could not be read — one bad case never sinks the run.
+    """
+    from medsynth.data.transforms import IntensityNorm, build_transforms, case_dict
+
+    tf = build_transforms(data_cfg)
+    ids, arrays, skipped = [], [], []
+    for c in progress(cases, desc=desc, total=len(cases)):
+        try:
+            d = tf(case_dict(c, False))
+            norm = IntensityNorm(float(d["intensity_lo"]), float(d["intensity_hi"]))
+            arr = np.asarray(norm.inverse(d["image"][0].detach().cpu().numpy().astype(np.float64)))
+        except Exception as exc:  # MONAI wraps reader errors in RuntimeError; report and skip
+            reason = _why(exc)
+            log.warning("reference case %s skipped: %s", c.id, reason)
+            skipped.append({"id": c.id, "reason": reason})
+            continue
+        ids.append(c.id)
+        arrays.append(arr)
+    return ids, arrays, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Vol:
+    """One volume prepared for the dataset-level steps (reference case or usable sample)."""
+
+    array: np.ndarray          # clipped to the analysis window
+    mask: np.ndarray
+    features: Optional[np.ndarray] = None
+    prepared: Optional[np.ndarray] = None
+
+
+def _window(cfg: Optional[Config], modality: str, qc: QCConfig) -> Optional[tuple[float, float]]:
+    if modality != "CT":
+        return None
+    if cfg is not None and cfg.data.intensity.window is not None:
+        return (float(cfg.data.intensity.window[0]), float(cfg.data.intensity.window[1]))
+    return (float(qc.ct_range[0]), float(qc.ct_range[1]))
+
+
+def _unit_scale(arr: np.ndarray, window: Optional[tuple[float, float]]) -> np.ndarray:
+    lo, hi = window if window is not None else tuple(np.percentile(arr, [0.5, 99.5]))
+    return np.clip((arr - lo) / max(hi - lo, 1e-9), 0.0, 1.0).astype(np.float32)
+
+
+def _planted_copies(arrays: Sequence[np.ndarray], idx: Sequence[int], seed: int,
+                    window: Optional[tuple[float, float]]) -> list[tuple[str, int, np.ndarray]]:
+    """Copies of training volumes as a memorising model might emit them: noised, shifted, rescaled."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in idx:
+        x = np.asarray(arrays[j], dtype=np.float64)
+        span = float(np.percentile(x, 99) - np.percentile(x, 1)) or 1.0
+        noisy = x + rng.normal(0.0, 0.01 * span, x.shape)
+        shifted = ndimage.shift(x, (1.0, -2.0, 1.0), order=0, mode="nearest")
+        lo = window[0] if window else float(x.min())
+        scaled = (x - lo) * 1.05 + lo
+        for name, v in (("noise", noisy), ("shift", shifted), ("intensity_scale", scaled)):
+            out.append((name, j, np.clip(v, *window) if window else v))
+    return out
+
+
+def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
+           cfg: Optional[Config] = None, holdout: Optional[str | Path] = None,
+           quarantine: bool = True, grid_source: str = "") -> QCOutcome:
+    """Run the quality gate and memorisation screen on a samples folder (see the module docstring).
+
+    Writes ``<id>.qc.json`` for every sample, moves failing samples (image, label, sidecar,
+    verdict) into ``samples_dir/quarantine/`` unless ``quarantine`` is false, and writes
+    ``out_dir/qc.json`` and ``out_dir/report.html``.  Raises :class:`QCError` when the run cannot
+    judge anything (no samples, fewer than 3 readable reference cases); a bad sample only fails
+    that sample.
+    """
+    from medsynth.manifest import load_manifest
+    from medsynth.privacy.memorisation import MemorisationScreen, holdout_split, prepare_volume
+
+    samples_dir, out_dir = Path(samples_dir), Path(out_dir)
+    qc: QCConfig = cfg.qc if cfg is not None else QCConfig()
+    pc: PrivacyConfig = cfg.privacy if cfg is not None else PrivacyConfig()
+    try:
+        samples = list_samples(samples_dir)
+    except QCError:
+        raise
+    except MedsynthError as exc:
+        raise QCError(exc.message, hint=exc.hint) from None
+
+    # -- grid ---------------------------------------------------------------------------------
+    if cfg is not None:
+        from medsynth.data.transforms import target_affine
+
+        grid, modality = Grid(tuple(cfg.data.shape), target_affine(cfg.data)), cfg.data.modality
+        data_cfg = dataclasses.replace(cfg.data, cache="none")
+    else:
+        grid, modality = infer_grid(samples)
+        data_cfg = _grid_data_config(grid, modality, qc)
+    window = _window(cfg, modality, qc)
+    grid_source = grid_source or ("grid from the config" if cfg is not None else "grid inferred from the samples")
+
+    # -- reference ------------------------------------------------------------------------------
+    manifest = load_manifest(reference)
+    ref_ids, ref_raw, skipped = resample_cases(manifest.cases, data_cfg)
+    if len(ref_ids) < MIN_REFERENCE_CASES:
+        raise QCError(f"{reference}: only {len(ref_ids)} of {len(manifest.cases)} reference cases could be read; "
+                      f"the quality gate needs at least {MIN_REFERENCE_CASES}",
+                      hint="fix the unreadable cases (see the log) or give a larger reference manifest")
+    ref: list[_Vol] = []
+    for arr in ref_raw:
+        a = np.clip(arr, *window) if window else arr
+        ref.append(_Vol(a, body_mask(a, grid.affine, modality, qc.body_threshold_hu)))
+    ranges = learn_ranges([volume_stats(v.array, v.mask, modality) for v in ref], qc)
+    ref_artefact = [float(artefact_score(v.array, v.mask)["score"]) for v in ref]
+
+    net = None
+    if qc.feature_checkpoint:
+        from medsynth.qc.features import NetworkFeatures
+
+        net = NetworkFeatures(qc.feature_checkpoint, qc.feature_network)
+        space = qc.feature_network
+        space_desc = (f"global-average-pooled activations of a local {qc.feature_network} checkpoint "
+                      f"({Path(qc.feature_checkpoint).name}), z-scored against the reference")
+    else:
+        space = "radiomics"
+        space_desc = ("radiomics-style features (first-order intensity statistics inside the body, tissue "
+                      "fractions, body shape moments, gradient and grey-level co-occurrence texture), "
+                      "z-scored against the reference; no network, no downloaded weights")
+
+    def featurise(vols: Sequence[_Vol]) -> None:
+        if not vols:
+            return
+        if net is not None:
+            fs = net([v.array for v in vols], [v.mask for v in vols])
+            for v, f in zip(vols, fs):
+                v.features = f
+        else:
+            for v in vols:
+                v.features = feature_vector(radiomics_features(v.array, grid.affine, modality, v.mask, window,
+                                                               qc.body_threshold_hu))
+        for v in vols:
+            v.prepared = prepare_volume(v.array, pc, window)
+
+    featurise(ref)
+    std = Standardiser(np.stack([v.features for v in ref]))
+
+    # -- hold-out for calibration -----------------------------------------------------------------
+    hold_info: dict[str, Any]
+    if holdout is not None:
+        hman = load_manifest(holdout)
+        train_ids = set(ref_ids)
+        hcases = [c for c in hman.cases if c.id not in train_ids]
+        h_ids, h_raw, h_skipped = resample_cases(hcases, data_cfg, desc="hold-out")
+        if not h_ids:
+            raise QCError(f"{holdout}: no readable hold-out case that is not also a reference case",
+                          hint="the hold-out manifest must list real cases the model did not train on")
+        held = []
+        for arr in h_raw:
+            a = np.clip(arr, *window) if window else arr
+            held.append(_Vol(a, body_mask(a, grid.affine, modality, qc.body_threshold_hu)))
+        featurise(held)
+        calib_train, mode = None, "holdout_manifest"
+        hold_info = {"source": Path(holdout).name, "n_cases": len(h_ids), "skipped": h_skipped,
+                     "n_dropped_also_in_reference": len(hman.cases) - len(hcases)}
+    else:
+        tr_idx, ho_idx = holdout_split(ref_ids, pc.holdout_fraction, pc.holdout_seed)
+        held = [ref[i] for i in ho_idx]
+        calib_train, mode = tr_idx, "internal_split"
+        hold_info = {"source": f"internal split: {len(ho_idx)} of {len(ref_ids)} reference cases "
+                               f"(privacy.holdout_fraction {pc.holdout_fraction})",
+                     "ids": [ref_ids[i] for i in ho_idx]}
+    screen = MemorisationScreen(ref_ids, np.stack([v.prepared for v in ref]),
+                                std(np.stack([v.features for v in ref])),
+                                np.stack([v.prepared for v in held]), std(np.stack([v.features for v in held])),
+                                pc, calibration_train=calib_train, mode=mode)
+
+    # -- samples --------------------------------------------------------------------------------
+    entries: list[dict[str, Any]] = []
+    usable: list[tuple[int, _Vol]] = []
+    montage_src: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for n, s in enumerate(progress(samples, desc="qc", total=len(samples))):
+        e: dict[str, Any] = {"id": s.id, "file": s.image_path.name, "passed": True, "reasons": [],
+                             "checks": {}, "stats": {}, "artefact": {}, "memorisation": None}
+        entries.append(e)
+        try:
+            vol = s.load()
+        except MedsynthError as exc:
+            e["reasons"].append(f"unreadable_image ({exc.message})")
+            continue
+        label = None
+        try:
+            label = s.load_label()
+        except MedsynthError as exc:
+            e["reasons"].append(f"unreadable_label ({exc.message})")
+        if vol.modality != modality:
+            e["reasons"].append(f"modality_mismatch ({vol.modality} sample, {modality} reference grid)")
+        res = check_volume(vol, grid, qc, ranges, label, window=window)
+        e["reasons"].extend(res.reasons)
+        e.update(checks=res.checks, stats=res.stats, artefact=res.artefact)
+        arr = np.asarray(vol.array, dtype=np.float64)
+        montage_src[n] = (arr, vol.affine)
+        if vol.shape == grid.shape and np.all(np.isfinite(arr)):
+            a = np.clip(arr, *window) if window else arr
+            usable.append((n, _Vol(a, body_mask(a, vol.affine, modality, qc.body_threshold_hu))))
+
+    featurise([v for _, v in usable])
+    if usable:
+        results = screen.screen(np.stack([v.prepared for _, v in usable]),
+                                std(np.stack([v.features for _, v in usable])))
+        for (n, _), r in zip(usable, results):
+            entries[n]["memorisation"] = r.to_dict()
+            if r.flagged:
+                entries[n]["reasons"].append(r.reason)
+
+    # self-test: planted copies of training cases must be flagged
+    self_test = None
+    if pc.self_test:
+        pick = (calib_train or list(range(len(ref))))[:2]
+        planted = _planted_copies([v.array for v in ref], pick, pc.holdout_seed, window)
+        pvols = [_Vol(p, body_mask(p, grid.affine, modality, qc.body_threshold_hu)) for _, _, p in planted]
+        featurise(pvols)
+        pres = screen.screen(np.stack([v.prepared for v in pvols]), std(np.stack([v.features for v in pvols])))
+        self_test = {"description": "copies of training cases (noise 1 % of the intensity span, shift (1, -2, 1) "
+                                    "voxels, intensity x1.05) screened like samples; each must be flagged "
+                                    "and name its source case",
+                     "planted": len(planted),
+                     "flagged": int(sum(r.flagged for r in pres)),
+                     "named_source": int(sum(r.flagged and r.nearest_image_case == ref_ids[j]
+                                             for r, (_, j, _) in zip(pres, planted))),
+                     "copies": [{"kind": k, "source": ref_ids[j], "flagged": r.flagged,
+                                 "image_distance": round(r.image_distance, 6)} for (k, j, _), r in zip(planted, pres)]}
+
+    # -- dataset metrics -----------------------------------------------------------------------------
+    from medsynth.qc.metrics import dataset_metrics
+
+    # the figures describe what export will ship: the samples that passed every check
+    passing = [v for n, v in usable if not entries[n]["reasons"]]
+    fake_feats = std(np.stack([v.features for v in passing])) if passing else np.zeros((0, len(std.mean)))
+    metrics = dataset_metrics(std(np.stack([v.features for v in ref])), fake_feats, space, qc.knn_k,
+                              np.stack([_unit_scale(v.array, window) for v in ref]),
+                              np.stack([_unit_scale(v.array, window) for v in passing]) if passing else None,
+                              qc.max_pairs, qc.seed)
+
+    # -- verdicts, quarantine ----------------------------------------------------------------------
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    ref_info = {"name": manifest.name, "manifest": Path(manifest.path).name if manifest.path else None,
+                "sha256": sha256_file(manifest.path) if manifest.path else None,
+                "n_cases": len(manifest.cases), "n_cases_used": len(ref_ids),
+                "n_cases_skipped": len(skipped), "skipped": skipped}
+    qdir = samples_dir / "quarantine"
+    quarantined: list[str] = []
+    for s, e in zip(samples, entries):
+        e["passed"] = not e["reasons"]
+        verdict = {"format": QC_FORMAT, "id": s.id, "passed": e["passed"], "reasons": e["reasons"],
+                   "image": s.image_path.name,
+                   "image_sha256": sha256_file(s.image_path) if s.image_path.is_file() else None,
+                   "checks": e["checks"], "stats": e["stats"], "artefact": e["artefact"],
+                   "memorisation": e["memorisation"],
+                   "qc": {"created": created, "medsynth_version": __version__, "reference": manifest.name,
+                          "reference_sha256": ref_info["sha256"], "report": str(out_dir / "qc.json")}}
+        write_json(s.qc_path, verdict)
+        if not e["passed"] and quarantine:
+            e["quarantined_to"] = [str(Path("quarantine") / f) for f in _quarantine(s, qdir)]
+            quarantined.append(s.id)
+
+    n_screened = sum(1 for e in entries if e["memorisation"])
+    n_flagged = sum(1 for e in entries if e["memorisation"] and e["memorisation"]["flagged"])
+    cal = screen.calibration.to_dict()
+    h_img = np.asarray(screen.calibration.heldout_image)
+    summary: dict[str, Any] = {
+        "format": REPORT_FORMAT, "created": created, "medsynth_version": __version__,
+        "samples_dir": str(samples_dir),
+        "grid": {**grid.to_dict(), "modality": modality, "source": grid_source,
+                 "analysis_window": list(window) if window else None},
+        "reference": ref_info, "holdout": hold_info,
+        "settings": {"qc": config_to_dict(qc), "privacy": config_to_dict(pc)},
+        "feature_space": {"name": space, "description": space_desc},
+        "reference_ranges": ranges.to_dict(), "reference_artefact_scores": [round(x, 4) for x in ref_artefact],
+        "metrics": metrics, "metrics_n_synthetic": len(passing),
+        "memorisation": {"calibration": cal, "n_screened": n_screened, "n_flagged": n_flagged,
+                         "flag_rate": (n_flagged / n_screened) if n_screened else None,
+                         "heldout_false_positive_rate": float(np.mean(h_img < screen.calibration.image_threshold)),
+                         "self_test": self_test},
+        "counts": {"samples": len(entries), "passed": sum(e["passed"] for e in entries),
+                   "failed": sum(not e["passed"] for e in entries), "quarantined": len(quarantined)},
+        "samples": [{"id": e["id"], "file": e["file"], "passed": e["passed"], "reasons": e["reasons"],
+                     **({"quarantined_to": e["quarantined_to"]} if "quarantined_to" in e else {}),
+                     "artefact_score": e["artefact"].get("score"), "stats": e["stats"],
+                     "memorisation": e["memorisation"]} for e in entries],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qc_json = write_json(out_dir / "qc.json", summary)
+    html = _render(summary, ref, ref_ids, entries, montage_src, usable, window, grid, modality, qc, screen)
+    report = write_text(out_dir / "report.html", html)
+    log.info("qc: %d samples, %d passed, %d failed%s", len(entries), summary["counts"]["passed"],
+             summary["counts"]["failed"], f" ({len(quarantined)} quarantined)" if quarantined else "")
+    return QCOutcome(len(entries), summary["counts"]["passed"], summary["counts"]["failed"], quarantined,
+                     qc_json, report, summary)
+
+
+def _quarantine(s: Sample, qdir: Path) -> list[str]:
+    """Move one sample's files into ``qdir`` (same filesystem, ``os.replace``), sidecar first.
+
+    The sidecar goes first because a sample exists only while its sidecar does: from that moment
+    no stage sees it in the samples folder, even if the run dies before the rest is moved.
+    """
+    qdir.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in (s.sidecar_path, s.image_path, s.label_path, s.qc_path):
+        if p is not None and p.is_file():
+            os.replace(p, qdir / p.name)
+            moved.append(p.name)
+    return moved
+
+
+def _render(summary: dict[str, Any], ref: Sequence[_Vol], ref_ids: Sequence[str], entries: Sequence[dict[str, Any]],
+            montage_src: dict[int, tuple[np.ndarray, np.ndarray]], usable: Sequence[tuple[int, _Vol]],
+            window: Optional[tuple[float, float]], grid: Grid, modality: str, qc: QCConfig, screen: Any) -> str:
+    from medsynth.qc.report import (FAIL_RGB, REAL_RGB, SYNTH_RGB, line_plot, montage, orthogonal_slices,
+                                    png_bytes, render_html, strip_plot)
+
+    # CT is shown (and histogrammed) in one wide window; MR in each volume's own 1..99th percentiles
+    ct_display = (-1000.0, 1000.0)
+
+    def disp(arr: np.ndarray) -> tuple[float, float]:
+        if modality == "CT":
+            return ct_display
+        lo, hi = np.percentile(arr[np.isfinite(arr)], [1, 99]) if np.isfinite(arr).any() else (0.0, 1.0)
+        return float(lo), float(hi)
+
+    montages = []
+    for cid, v in list(zip(ref_ids, ref))[:qc.montage_count]:
+        montages.append({"title": f"real: {cid}", "kind": "real", "passed": True, "reasons": [],
+                         "png": png_bytes(montage(orthogonal_slices(v.array, grid.affine, disp(v.array))))})
+    shown_pass = [n for n, e in enumerate(entries) if e["passed"] and n in montage_src][:qc.montage_count]
+    shown_fail = [n for n, e in enumerate(entries) if not e["passed"] and n in montage_src][:qc.montage_count]
+    for n in shown_pass + shown_fail:
+        arr, aff = montage_src[n]
+        e = entries[n]
+        montages.append({"title": f"synthetic: {e['file']}", "kind": "synthetic", "passed": e["passed"],
+                         "reasons": e["reasons"],
+                         "png": png_bytes(montage(orthogonal_slices(arr, aff, disp(arr))))})
+
+    # pooled intensity histograms inside the body
+    if modality == "CT":
+        lo, hi = ct_display
+    else:
+        pooled = np.concatenate([v.array[v.mask] for v in ref if v.mask.any()] or [np.zeros(1)])
+        lo, hi = (float(x) for x in np.percentile(pooled, [0.5, 99.5]))
+    bins = np.linspace(lo, hi, 101)
+
+    def hist(vols: Sequence[_Vol]) -> np.ndarray:
+        vals = [v.array[v.mask] for v in vols if v.mask.any()]
+        if not vals:
+            return np.zeros(100)
+        h, _ = np.histogram(np.clip(np.concatenate(vals), lo, hi), bins=bins, density=True)
+        return h
+
+    series = [(hist(ref), REAL_RGB)]
+    passing = [v for n, v in usable if entries[n]["passed"]]
+    if passing:
+        series.append((hist(passing), SYNTH_RGB))
+    histograms = {"png": png_bytes(line_plot(series)), "range": (lo, hi),
+                  "units": "HU" if modality == "CT" else "a.u."}
+
+    cal = screen.calibration
+    sample_d = [(e["memorisation"]["image_distance"], e["memorisation"]["flagged"]) for e in entries if e["memorisation"]]
+    # the axis spans the held-out distances generously; farther samples sit on the right edge
+    all_d = list(cal.heldout_image) + [d for d, _ in sample_d] + [cal.image_threshold]
+    x_max = min(max(all_d), 3.0 * max(max(cal.heldout_image), cal.image_threshold)) * 1.1
+    x_max = x_max if x_max > 0 else 1.0
+    rows = [(cal.heldout_image, REAL_RGB), ([d for d, f in sample_d if not f], SYNTH_RGB)]
+    img = strip_plot(rows, x_max, cal.image_threshold)
+    flagged = [d for d, f in sample_d if f]
+    if flagged:  # overdraw flagged samples in red on the sample strip
+        flag_img = strip_plot([([], REAL_RGB), (flagged, FAIL_RGB)], x_max, cal.image_threshold)
+        red = np.all(flag_img == np.array(FAIL_RGB, np.uint8), axis=-1)
+        img[red] = flag_img[red]
+    distance_plot = {"png": png_bytes(img), "x_max": x_max, "threshold": cal.image_threshold}
+    return render_html(summary, montages, histograms, distance_plot)
