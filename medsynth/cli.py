@@ -398,12 +398,56 @@ def _run_evaluate_split(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# qc
+# --------------------------------------------------------------------------------------------
+
+
+def _add_qc(sub) -> None:
+    p = _verb(sub, "qc",
+              "quality gate + memorisation screen: per-sample verdicts, quarantine of failures, "
+              "qc.json and a self-contained report.html",
+              "medsynth qc runs/demo/samples --reference phantoms/manifest.json --out runs/demo/qc "
+              "--run runs/demo", _run_qc)
+    p.add_argument("samples", type=Path, metavar="SAMPLES_DIR", help="folder written by 'medsynth generate'")
+    p.add_argument("--reference", type=Path, required=True, metavar="MANIFEST",
+                   help="manifest of the real cases the model was trained on")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for qc.json and report.html")
+    p.add_argument("--holdout", type=Path, default=None, metavar="MANIFEST",
+                   help="real cases the model did NOT train on, to calibrate the memorisation threshold "
+                        "(default: hold out a deterministic fraction of --reference)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                   help="model run directory: its config.yaml gives the grid, HU window and qc/privacy settings")
+    g.add_argument("--config", type=Path, default=None, metavar="CONFIG",
+                   help="YAML config giving the grid and qc/privacy settings (default: grid from the samples' "
+                        "sidecars, default settings)")
+    p.add_argument("--no-quarantine", action="store_true",
+                   help="write verdicts but leave failing samples in place")
+
+
+def _run_qc(args: argparse.Namespace) -> int:
+    from medsynth.qc.gate import load_qc_config, run_qc
+
+    cfg, source = load_qc_config(args.config, args.run)
+    out = run_qc(args.samples, args.reference, args.out, cfg, holdout=args.holdout,
+                 quarantine=not args.no_quarantine, grid_source=source)
+    mem = out.summary["memorisation"]
+    print(f"{out.n_samples} samples: {out.n_passed} passed, {out.n_failed} failed"
+          + (f" ({len(out.quarantined)} moved to {args.samples / 'quarantine'})" if out.quarantined else ""))
+    print(f"memorisation: {mem['n_flagged']} of {mem['n_screened']} flagged possible_copy "
+          f"(threshold 1-NCC {mem['calibration']['image_threshold']:.4g}, {mem['calibration']['mode']})")
+    print(f"report: {out.report_html}")
+    print(f"verdicts: {out.qc_json}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
 REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest,
-                             _add_anonymise, _add_phi_scan, _add_evaluate]
+                             _add_anonymise, _add_phi_scan, _add_evaluate, _add_qc]
 
 
 def build_parser() -> argparse.ArgumentParser:
