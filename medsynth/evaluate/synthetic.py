@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from medsynth.errors import MedsynthError
 from medsynth.samples import Sample, list_samples
 
 log = logging.getLogger("medsynth.evaluate.synthetic")
@@ -65,7 +66,12 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
     map.
     """
     errors: list[str] = []
-    samples = list_samples(Path(samples_dir), errors=errors)
+    try:
+        samples = list_samples(Path(samples_dir), errors=errors)
+    except MedsynthError:
+        if not (Path(samples_dir) / "quarantine").is_dir():
+            raise
+        samples = []  # every sample failed QC and was moved to quarantine/
     keys = [ANY_CLASS] if classes is None else [int(k) for k in classes]
     out = SyntheticSet({k: [] for k in keys}, Path(samples_dir), n_found=len(samples),
                        n_broken=len(errors), notes=list(errors))
@@ -138,11 +144,20 @@ def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]],
                          "any" if k == ANY_CLASS else k, rnd + 1)
                 generate(run_dir, out_dir, indices, seed=seed, class_label=None if k == ANY_CLASS else k,
                          steps=steps, guidance=guidance, batch_size=batch_size, sampler=sampler)
-        run_gate(out_dir, run_dir, qc_reference, qc_out)
+        if _unjudged(out_dir):
+            run_gate(out_dir, run_dir, qc_reference, qc_out)
         chosen = select_samples(out_dir, None if classes is None else keys, n_per_class, need_labels=need_labels)
         if all(len(v) >= n_per_class for v in chosen.by_class.values()):
             break
     return chosen
+
+
+def _unjudged(samples_dir: Path) -> bool:
+    """Whether any sample in the folder still lacks a QC verdict."""
+    try:
+        return any(qc_status(s) is None for s in list_samples(samples_dir, errors=[]))
+    except MedsynthError:
+        return False
 
 
 def run_gate(samples_dir: Path, run_dir: Path, reference: Path, out_dir: Path) -> None:
