@@ -1,0 +1,271 @@
+"""Per-volume QC checks on crafted good and bad volumes, features and dataset metrics.
+
+Real volumes are built-in CT phantoms resampled onto a 24^3 grid (13.3 mm) with medsynth's MONAI
+chain; bad volumes are crafted from them (NaN, constant, out of range, wrong geometry, body and
+intensity out of the learned range, checkerboard, tiling seams, label outside the body).
+"""
+
+import numpy as np
+import pytest
+
+from medsynth.config import DataConfig, QCConfig
+from medsynth.data.phantoms import write_phantoms
+from medsynth.data.transforms import target_affine
+from medsynth.manifest import load_manifest
+from medsynth.qc.checks import (
+    Grid,
+    artefact_score,
+    check_volume,
+    checkerboard_score,
+    learn_ranges,
+    seam_score,
+    volume_stats,
+)
+from medsynth.qc.features import FEATURE_NAMES, body_mask, radiomics_features
+from medsynth.qc.gate import resample_cases
+from medsynth.volume import Volume, affine_from_spacing
+
+N = 24
+PHANTOM = dict(shape=(48, 48, 36), spacing=(6.67, 6.67, 9.33))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qc_checks")
+    dcfg = DataConfig(shape=(N, N, N), spacing=(320 / N,) * 3, orientation="RAS", cache="none")
+    grid = Grid((N, N, N), target_affine(dcfg))
+    ref = load_manifest(write_phantoms(root / "ref", 6, seed=1, **PHANTOM))
+    gen = load_manifest(write_phantoms(root / "gen", 3, seed=2, **PHANTOM))
+    _, ref_arr, skipped = resample_cases(ref.cases, dcfg)
+    _, gen_arr, _ = resample_cases(gen.cases, dcfg)
+    assert not skipped
+    qc = QCConfig()
+    stats = [volume_stats(a, body_mask(a, grid.affine, "CT"), "CT") for a in ref_arr]
+    return {"grid": grid, "ref": ref_arr, "gen": gen_arr, "qc": qc, "ranges": learn_ranges(stats, qc),
+            "label": load_manifest(gen.path).cases[0].label, "dcfg": dcfg}
+
+
+def _vol(a, grid, **kw):
+    return Volume(np.asarray(a, dtype=np.float32), grid.affine, modality="CT", units="HU", **kw)
+
+
+def _check(data, arr, **kw):
+    return check_volume(_vol(arr, data["grid"]), data["grid"], data["qc"], data["ranges"], **kw)
+
+
+def _codes(res):
+    return [r.split(" ")[0] for r in res.reasons]
+
+
+def test_genuine_volumes_pass(data):
+    for a in data["gen"] + data["ref"]:
+        res = _check(data, a)
+        assert res.passed, res.reasons
+        assert res.artefact["score"] < data["qc"].artefact_threshold
+        assert all(c["passed"] for c in res.checks.values())
+        assert 0.2 < res.stats["body_fraction"] < 0.8
+
+
+def test_non_finite(data):
+    a = data["gen"][0].copy()
+    a[3, 4, 5], a[6, 7, 8] = np.nan, np.inf
+    res = _check(data, a)
+    assert _codes(res) == ["non_finite_values"]
+    assert "2 of 13824 voxels are NaN or infinite" in res.reasons[0]
+
+
+def test_constant(data):
+    res = _check(data, np.full((N, N, N), -1000.0))
+    assert _codes(res) == ["constant_volume"]
+
+
+def test_out_of_physical_range(data):
+    low = data["gen"][0].copy()
+    low[0, 0, 0] = -2000.0
+    high = data["gen"][1].copy()
+    high[10:12, 10:12, 10:12] = 5000.0
+    assert "out_of_physical_range" in _codes(_check(data, low))
+    res = _check(data, high)
+    assert "out_of_physical_range" in _codes(res)
+    assert "5000" in res.reasons[0] and "3071" in res.reasons[0]
+    # integer rounding exactly on the limits is fine
+    edge = np.clip(data["gen"][2], -1024, 3071)
+    edge[0, 0, 0], edge[1, 1, 1] = -1024, 3071
+    assert "out_of_physical_range" not in _codes(_check(data, edge))
+
+
+def test_wrong_geometry(data):
+    grid, qc = data["grid"], data["qc"]
+    small = Volume(data["gen"][0][:, :, :20].astype(np.float32), grid.affine)
+    res = check_volume(small, grid, qc, data["ranges"])
+    assert res.reasons[0].startswith("geometry_mismatch (shape [24, 24, 20] != configured [24, 24, 24])")
+    other = Volume(data["gen"][0].astype(np.float32), affine_from_spacing((12.0, 12.0, 12.0), (N, N, N), "RAS"))
+    res = check_volume(other, grid, qc, data["ranges"])
+    assert _codes(res)[0] == "geometry_mismatch" and "spacing [12.0, 12.0, 12.0]" in res.reasons[0]
+    lps = Volume(data["gen"][0].astype(np.float32), affine_from_spacing(grid.spacing, (N, N, N), "LPS"))
+    res = check_volume(lps, grid, qc, data["ranges"])
+    assert "orientation LPS" in res.reasons[0] and "RAS" in res.reasons[0]
+
+
+def test_body_fraction_out_of_range(data):
+    a = data["gen"][0].copy()
+    a[:, :8, :] = -1000.0  # most of the body replaced by air
+    a[:, 16:, :] = -1000.0
+    res = _check(data, a)
+    bf = [r for r in res.reasons if r.startswith("body_fraction_out_of_range")]
+    assert bf, res.reasons
+    lo, hi = data["ranges"].ranges["body_fraction"]
+    assert f"[{lo:.3g}, {hi:.3g}]" in bf[0]
+
+
+def test_intensity_percentiles_out_of_range(data):
+    a = data["gen"][1].copy()
+    body = body_mask(a, data["grid"].affine, "CT")
+    a[body] += 300.0
+    res = _check(data, a)
+    assert "body_p50_out_of_range" in _codes(res)
+
+
+def test_background_out_of_range(data):
+    a = data["gen"][2].copy()
+    body = body_mask(a, data["grid"].affine, "CT")
+    a[~body] = -700.0  # haze instead of air around the patient
+    res = _check(data, a)
+    assert "background_fraction_out_of_range" in _codes(res)
+
+
+def test_no_body(data):
+    rng = np.random.default_rng(0)
+    res = _check(data, -1000.0 + rng.normal(0, 5, (N, N, N)))
+    assert "no_body_found" in _codes(res)
+
+
+def test_checkerboard_flagged(data):
+    i, j, k = np.indices((N, N, N))
+    for pattern in ((-1.0) ** (i + j + k), (-1.0) ** i, (-1.0) ** (j + k)):
+        a = data["gen"][0] + 100.0 * pattern
+        res = _check(data, a)
+        assert "artefact_suspected" in _codes(res), res.artefact
+        assert "checkerboard" in [r for r in res.reasons if r.startswith("artefact")][0]
+
+
+def test_tiling_seams_flagged(data):
+    i, j, k = np.indices((N, N, N))
+    # tiled decoding with 8-voxel tiles whose intensity offsets differ: step discontinuities every 8 voxels
+    offsets = 120.0 * (-1.0) ** (i // 8 + j // 8 + k // 8)
+    for a in data["gen"]:
+        res = _check(data, a + offsets)
+        art = [r for r in res.reasons if r.startswith("artefact_suspected")]
+        assert art and "tiling seam" in art[0], res.artefact
+        assert res.artefact["seam_plane"] in (7, 15)
+    # stripes along one axis only
+    res = _check(data, data["gen"][1] + 150.0 * (-1.0) ** (k // 8))
+    assert res.artefact["kind"] == "tiling_seam" and res.artefact["seam_axis"] == 2
+    assert "artefact_suspected" in _codes(res)
+
+
+def test_artefact_scores_bounded_and_low_on_smooth_volumes(data):
+    from scipy import ndimage
+
+    for a in data["ref"]:
+        sm = ndimage.gaussian_filter(a, 0.8)  # decoder-like smoothness, no noise
+        m = body_mask(sm, data["grid"].affine, "CT")
+        s = artefact_score(sm, m)
+        assert 0.0 <= s["score"] < data["qc"].artefact_threshold, s
+        assert 0.0 <= seam_score(sm, m)[0] < 1.0 and 0.0 <= checkerboard_score(sm, m)[0] <= 1.0
+
+
+def test_label_inside_and_outside_body(data):
+    grid = data["grid"]
+    a = data["gen"][0]
+    body = body_mask(a, grid.affine, "CT")
+    inside = np.zeros((N, N, N), np.uint8)
+    inside[body & (a < -500)] = 1  # lungs
+    res = _check(data, a, label=Volume(inside, grid.affine, modality="SEG", units="label"))
+    assert res.passed and res.checks["label_outside_body"]["value"] == 0.0
+    outside = inside.copy()
+    outside[~body] = 2  # labels painted into the air
+    res = _check(data, a, label=Volume(outside, grid.affine, modality="SEG", units="label"))
+    lab = [r for r in res.reasons if r.startswith("label_outside_body")]
+    assert lab and "lie outside the body" in lab[0]
+    shifted = Volume(inside, affine_from_spacing((10.0,) * 3, (N, N, N), "RAS"), modality="SEG", units="label")
+    assert "label_geometry_mismatch" in _codes(_check(data, a, label=shifted))
+
+
+def test_learned_range_has_a_floor():
+    same = [{"body_fraction": 0.4, "background_fraction": 0.5, "body_p01": -900.0, "body_p50": 40.0,
+             "body_p99": 800.0}] * 3
+    r = learn_ranges(same, QCConfig(range_floor=0.02, percentile_margin=0.25))
+    assert r.ranges["body_fraction"] == pytest.approx((0.38, 0.42))
+    assert r.ranges["body_p50"] == pytest.approx((40.0 - 0.02 * 1700.0, 40.0 + 0.02 * 1700.0))
+    wide = learn_ranges([{**same[0], "body_fraction": 0.2}, same[0]], QCConfig(percentile_margin=0.25))
+    assert wide.ranges["body_fraction"] == pytest.approx((0.15, 0.45))
+
+
+def test_radiomics_features_are_finite_and_sane(data):
+    f = radiomics_features(data["ref"][0], data["grid"].affine, "CT", intensity_range=(-1000.0, 1000.0))
+    assert list(f) == list(FEATURE_NAMES)
+    assert all(np.isfinite(v) for v in f.values())
+    assert 200 < f["extent_r_mm"] <= 320 and 0.0 < f["glcm_homogeneity"] <= 1.0
+    assert f["int_p01"] < -800 and -100 < f["int_p50"] < 100  # lung and soft tissue in HU
+    empty = radiomics_features(np.full((N, N, N), -1000.0), data["grid"].affine, "CT")
+    assert empty["body_fraction"] == 0.0 and np.isnan(empty["int_mean"])
+
+
+def test_network_features_from_local_checkpoint(tmp_path, data):
+    """A MedicalNet-style checkpoint (state_dict with 'module.' prefixes) loads offline, strictly."""
+    import torch
+    from monai.networks.nets import resnet10
+
+    from medsynth.errors import QCError
+    from medsynth.qc.features import NetworkFeatures
+
+    torch.manual_seed(0)
+    net = resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, shortcut_type="B", bias_downsample=False)
+    ck = tmp_path / "resnet_10_23dataset.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, ck)
+    nf = NetworkFeatures(ck, "resnet10")
+    a = data["ref"][0]
+    feats = nf([a, data["ref"][1]], [body_mask(a, data["grid"].affine, "CT")] * 2)
+    assert feats.shape == (2, 512) and np.all(np.isfinite(feats))
+    with pytest.raises(QCError, match="not a resnet18 checkpoint"):
+        NetworkFeatures(ck, "resnet18")
+    with pytest.raises(QCError, match="not found"):
+        NetworkFeatures(tmp_path / "missing.pth")
+
+
+def test_msssim_settings_fit_monai_minimum_size():
+    import torch
+    from monai.metrics import MultiScaleSSIMMetric
+
+    from medsynth.qc.metrics import msssim_settings
+
+    assert msssim_settings((24, 24, 24)).kernel_size == 5
+    assert len(msssim_settings((32, 32, 32)).weights) == 3 and msssim_settings((32, 32, 32)).kernel_size == 7
+    assert len(msssim_settings((64, 64, 64)).weights) == 4
+    assert len(msssim_settings((200, 200, 200)).weights) == 5 and msssim_settings((200,) * 3).kernel_size == 11
+    assert msssim_settings((8, 8, 8)) is None
+    for shape in ((16, 16, 16), (24, 24, 24), (32, 32, 32), (32, 32, 24)):
+        st = msssim_settings(shape)
+        assert abs(sum(st.weights) - 1.0) < 1e-9
+        m = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=st.kernel_size,
+                                 kernel_sigma=st.kernel_sigma, weights=st.weights)
+        x = torch.rand(1, 1, *shape)
+        assert float(m(x, x).mean()) == pytest.approx(1.0, abs=1e-4)  # MONAI accepts the settings
+
+
+def test_distribution_metrics_respond_to_shift_and_collapse():
+    from medsynth.qc.metrics import frechet_distance, mmd2_rbf, prdc
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 6))
+    same = rng.normal(size=(40, 6))
+    moved = rng.normal(size=(40, 6)) + 2.0
+    collapsed = np.repeat(real[:1], 40, axis=0) + rng.normal(0, 1e-3, (40, 6))
+    assert abs(mmd2_rbf(real, same)) < 0.05 < mmd2_rbf(real, moved)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(real, same) < 2.0 < frechet_distance(real, moved)
+    good, bad = prdc(real, same, 5), prdc(real, collapsed, 5)
+    assert good["precision"] > 0.7 and good["recall"] > 0.7 and good["coverage"] > 0.7
+    assert bad["recall"] < 0.1 and bad["coverage"] < good["coverage"] - 0.3
+    assert prdc(real[:1], same, 5) is None and mmd2_rbf(real[:1], same) is None
