@@ -396,19 +396,22 @@ class PrivacyConfig:
     distances from held-out real cases to the training cases (image space: 1 - NCC of band-passed,
     downsampled volumes maximised over shifts up to ``max_shift`` voxels; feature space: Euclidean
     distance of standardised radiomics features).  Without a hold-out manifest a deterministic
-    ``holdout_fraction`` of the reference cases is held out.  ``self_test`` plants copies of two
+    ``holdout_fraction`` of the reference cases is held out.  ``rule`` says which distance fails a
+    sample: ``image`` (default; the feature distance is reported as evidence) or
+    ``image_or_feature`` (either below its threshold).  ``self_test`` plants copies of two
     training cases (noised, shifted, rescaled) in every run and reports whether they are flagged.
     """
 
     memorisation_quantile: float = 0.01
     downsample: tuple[int, int, int] = (32, 32, 32)
-    threshold_scale: float = 0.5
+    threshold_scale: float = 0.75
     holdout_fraction: float = 0.25
     holdout_seed: int = 0
     max_shift: int = 2
     blur_sigma: float = 1.0
     highpass_sigma: float = 4.0
     use_features: bool = True
+    rule: Literal["image", "image_or_feature"] = "image"
     self_test: bool = True
 
     def check(self, path: str) -> list[str]:

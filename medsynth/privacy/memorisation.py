@@ -15,8 +15,11 @@ finds its nearest training case in two spaces and compares the distance with wha
 
 Calibration: the nearest-neighbour distances from held-out real cases to the training cases form
 the distribution of "distinct patient" distances.  The threshold is ``privacy.threshold_scale``
-times its ``privacy.memorisation_quantile`` quantile.  A sample closer than the threshold in either
-space fails with ``possible_copy`` naming the training case.  The held-out cases come from a
+times its ``privacy.memorisation_quantile`` quantile.  A sample closer than the image threshold fails
+with ``possible_copy`` naming the training case; the feature distance is calibrated the same way and
+reported as evidence, and fails a sample too with ``privacy.rule: image_or_feature`` (off by
+default: on CT phantoms the feature space separates copies from distinct patients poorly —
+noise, blur or rescaling move radiomics features more than they move anatomy).  The held-out cases come from a
 hold-out manifest (real cases the model never saw) or, without one, a deterministic fraction of the
 reference cases (the model trained on those too; calibration then measures real-to-real distances
 only, which is what the threshold needs, but it is reported as such).
@@ -238,6 +241,7 @@ class ScreenResult:
                 "image_distance": round(self.image_distance, 6),
                 "nearest_training_case_feature": self.nearest_feature_case,
                 "feature_distance": None if self.feature_distance is None else round(self.feature_distance, 6),
+                "feature_below_threshold": bool(self.extra.get("feature_below_threshold", False)),
                 "reason": self.reason}
 
 
@@ -293,18 +297,23 @@ class MemorisationScreen:
         for i in range(len(images)):
             j = int(np.argmin(d_img[i]))
             r = ScreenResult(False, self.ids[j], float(d_img[i, j]))
-            why = []
-            if r.image_distance < cal.image_threshold:
-                why.append(f"image distance 1-NCC {r.image_distance:.4g} < threshold {cal.image_threshold:.4g}")
+            image_hit = r.image_distance < cal.image_threshold
+            feature_hit = False
             if d_feat is not None:
                 jf = int(np.argmin(d_feat[i]))
                 r.nearest_feature_case, r.feature_distance = self.ids[jf], float(d_feat[i, jf])
-                if cal.feature_threshold is not None and r.feature_distance < cal.feature_threshold:
-                    why.append(f"feature distance {r.feature_distance:.4g} < threshold {cal.feature_threshold:.4g}"
-                               + (f" (nearest by features: {self.ids[jf]})" if jf != j else ""))
-            if why:
+                feature_hit = cal.feature_threshold is not None and r.feature_distance < cal.feature_threshold
+            r.extra["feature_below_threshold"] = feature_hit
+            if image_hit or (feature_hit and self.cfg.rule == "image_or_feature"):
                 r.flagged = True
-                case = r.nearest_image_case if r.image_distance < cal.image_threshold else r.nearest_feature_case
+                why = []
+                if image_hit:
+                    why.append(f"image distance 1-NCC {r.image_distance:.4g} < threshold {cal.image_threshold:.4g}")
+                if feature_hit:
+                    why.append(f"feature distance {r.feature_distance:.4g} < threshold {cal.feature_threshold:.4g}"
+                               + (f" (nearest by features: {r.nearest_feature_case})"
+                                  if r.nearest_feature_case != r.nearest_image_case else ""))
+                case = r.nearest_image_case if image_hit else r.nearest_feature_case
                 r.reason = f"possible_copy (nearest training case {case}: {'; '.join(why)})"
             out.append(r)
         return out
