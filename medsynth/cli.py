@@ -442,12 +442,70 @@ def _run_qc(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# expand
+# --------------------------------------------------------------------------------------------
+
+
+def _add_expand(sub) -> None:
+    p = _verb(sub, "expand", "dataset expansion: generate -> QC + memorisation gate -> PHI scan -> export, "
+              "sharded and resumable; then a combined real + synthetic manifest",
+              "medsynth expand run/ --manifest data/manifest.json --out expanded/ --per-class 50 --shard 0/4\n"
+              "  medsynth expand --merge expanded/", _run_expand)
+    p.add_argument("run", type=Path, nargs="?", help="run directory of 'medsynth train'")
+    p.add_argument("--manifest", type=Path, help="manifest of the real training cases (QC reference, PHI reference)")
+    p.add_argument("--out", type=Path, help="job folder (created; rerun the same command to resume)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--n", type=int, help="number of synthetic cases (classes round-robin)")
+    g.add_argument("--per-class", type=int, help="synthetic cases per class (class-conditional models)")
+    g.add_argument("--factor", type=float, help="K synthetic cases per real case of each class")
+    p.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
+    p.add_argument("--shard", help="run only shard i of n (e.g. 0/4); then 'expand --merge DIR'")
+    p.add_argument("--merge", type=Path, metavar="DIR", help="join the finished shards of job folder DIR")
+    p.add_argument("--format", default="nifti", help="export formats, comma-separated: nifti,dicom,seg (default nifti)")
+    p.add_argument("--max-tries", type=int, default=5, help="samples tried per slot before giving up (default 5)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's config)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's config)")
+    p.add_argument("--batch-size", type=int, help="sampling batch size (does not change results)")
+    p.add_argument("--holdout", type=Path, help="manifest of real cases the model did not train on (QC calibration)")
+    p.add_argument("--uid-root", help="DICOM UID root for the export (default 2.25.)")
+    p.add_argument("--device", help="cpu or cuda (default: the run's config)")
+
+
+def _run_expand(args: argparse.Namespace) -> int:
+    from medsynth.errors import JobError
+    from medsynth.expand import expand, merge
+
+    if args.merge is not None:
+        if args.run is not None or args.out is not None:
+            raise JobError("--merge DIR takes no RUN_DIR or --out")
+        res = merge(args.merge)
+        print(f"merged: {res.n_synthetic} synthetic + {res.n_real} real cases -> {res.dataset_dir}")
+        print(f"  combined manifest: {res.dataset_dir / 'combined_manifest.json'}")
+        return 0 if not res.summary.get("exhausted_slots") else 1
+    if args.run is None or args.manifest is None or args.out is None:
+        raise JobError("expand needs RUN_DIR, --manifest and --out (or --merge DIR)")
+    res = expand(args.run, args.manifest, args.out, n=args.n, per_class=args.per_class, factor=args.factor,
+                 seed=args.seed, shard=args.shard, formats=args.format.split(","), max_tries=args.max_tries,
+                 steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, holdout=args.holdout,
+                 uid_root=args.uid_root, device=args.device)
+    for sr in res.shards:
+        print(f"shard {sr.shard[0]}/{sr.shard[1]}: {len(sr.accepted)} slots filled, {sr.generated} generated, "
+              f"{sr.rejected} rejected by QC, {len(sr.exhausted)} slots out of tries")
+    if not res.merged:
+        print(f"shard done; when every shard has finished run: medsynth expand --merge {args.out}")
+        return 0 if not res.shards[0].exhausted else 1
+    print(f"expanded: {res.n_synthetic} synthetic + {res.n_real} real cases -> {res.dataset_dir}")
+    print(f"  combined manifest: {res.dataset_dir / 'combined_manifest.json'}")
+    return 0 if not res.summary.get("exhausted_slots") else 1
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
 REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest,
-                             _add_anonymise, _add_phi_scan, _add_evaluate, _add_qc]
+                             _add_anonymise, _add_phi_scan, _add_evaluate, _add_qc, _add_expand]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,3 +87,65 @@ def sample_seed(global_seed: int, index: int) -> int:
 def sample_id(run: str, index: int) -> str:
     """Stable id of a synthetic sample: ``synth-<run>-<index>`` (index zero-padded to 5)."""
     return f"synth-{run}-{int(index):05d}"
+
+
+# --------------------------------------------------------------------------------------------
+# shards and job records
+# --------------------------------------------------------------------------------------------
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """Parse ``--shard i/n`` (0 <= i < n); ``None`` means the whole job, ``(0, 1)``."""
+    from medsynth.errors import JobError
+
+    if spec is None:
+        return 0, 1
+    try:
+        i_s, n_s = str(spec).split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise JobError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise JobError(f"--shard {spec}: need 0 <= i < n", hint="shards are numbered from 0, e.g. 0/4 ... 3/4")
+    return i, n
+
+
+def shard_items(items: list[Any], shard: tuple[int, int]) -> list[Any]:
+    """The deterministic part of ``items`` shard (i, n) owns: every n-th item starting at i.
+
+    The union over i = 0..n-1 is ``items`` and the parts are disjoint, whatever n is.
+    """
+    i, n = shard
+    return items[i::n]
+
+
+def create_or_check_record(path: str | os.PathLike, record: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Create a job record once (atomically, safe when several shards start together) or check it.
+
+    If the file exists, the values under ``keys`` must equal ``record``'s, else :class:`JobError`
+    names the differing keys: a job folder is never resumed with different arguments.
+    """
+    from medsynth.errors import JobError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = json.dumps(record, indent=2, default=_json_default) + "\n"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(blob)
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: exactly one concurrent shard wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise JobError(f"{path}: job record unreadable", hint="remove the job folder and start again") from None
+    diff = [k for k in keys if json.loads(json.dumps(old.get(k), default=_json_default))
+            != json.loads(json.dumps(record.get(k), default=_json_default))]
+    if diff:
+        raise JobError(f"{path.parent}: this job folder was started with different arguments ({', '.join(diff)})",
+                       hint="repeat the original command, or use a new --out folder")
+    return old

@@ -1,0 +1,358 @@
+"""Dataset expansion: generate -> QC and memorisation gate -> PHI scan -> export, sharded and resumable.
+
+The job is a fixed list of *slots* (one per synthetic case wanted), each with a class.  Slot ``j``
+tries sample indices ``j, j + S, j + 2S, ...`` (``S`` = number of slots) until one passes QC, so
+which sample fills a slot depends only on (run, seed, slot) — never on sharding, batch size or
+restarts.  Shard ``i/n`` owns slots ``i, i+n, i+2n, ...``.
+
+Job folder ``OUT``::
+
+    job.json                          arguments and plan (written once; a rerun must match)
+    shards/<i>-of-<n>/round-<r>/      candidates of try r (samples format), their QC verdicts,
+                                      quarantine/ for rejected ones, qc/ (report)
+    shards/<i>-of-<n>/accepted.json   the shard's accepted sample per slot (written when done)
+    dataset/                          after merge: the export (imagesTr, labelsTr, dicom/, dataset.json,
+                                      datalist.json, manifest.json) + combined_manifest.json and
+                                      combined_datalist.json (real + synthetic)
+    expand.json                       summary of the merged job
+
+Every file appears atomically; after SIGKILL at any moment, rerunning the same command skips the
+finished work and ends with the same voxels and ids as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from medsynth.errors import JobError, MedsynthError
+from medsynth.jobs import create_or_check_record, parse_shard, sample_id, shard_items, write_json
+
+log = logging.getLogger("medsynth.expand")
+
+JOB_FORMAT = "medsynth-expand-job/1"
+_JOB_KEYS = ("format", "run", "manifest_sha256", "seed", "slots", "formats", "max_tries", "steps", "guidance",
+             "holdout_sha256", "uid_root")
+
+
+@dataclass
+class ShardResult:
+    """What one shard did: accepted sample per slot, and slots that ran out of tries."""
+
+    shard: tuple[int, int]
+    accepted: dict[int, str] = field(default_factory=dict)
+    exhausted: list[int] = field(default_factory=list)
+    generated: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class ExpandResult:
+    out_dir: Path
+    shards: list[ShardResult]
+    merged: bool
+    dataset_dir: Optional[Path] = None
+    n_synthetic: int = 0
+    n_real: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_slots(manifest_cases: Sequence[Any], classes: Optional[list[int]], *, n: Optional[int] = None,
+               per_class: Optional[int] = None, factor: Optional[float] = None) -> list[Optional[int]]:
+    """The class of every slot, from exactly one of ``n``, ``per_class`` or ``factor``.
+
+    ``n``: N slots, classes round-robin.  ``per_class``: N per class.  ``factor``: K times the real
+    cases of each class (K times the whole manifest for an unconditional model).
+    """
+    given = [x is not None for x in (n, per_class, factor)]
+    if sum(given) != 1:
+        raise JobError("give exactly one of --n, --per-class or --factor")
+    if classes is None:
+        if per_class is not None:
+            raise JobError("--per-class needs a class-conditional model; this run is unconditional", hint="use --n")
+        total = n if n is not None else int(round(float(factor) * len(manifest_cases)))  # type: ignore[arg-type]
+        if total < 1:
+            raise JobError(f"the job asks for {total} synthetic cases; need at least 1")
+        return [None] * total
+    if n is not None:
+        if n < 1:
+            raise JobError(f"--n must be >= 1, got {n}")
+        return [classes[j % len(classes)] for j in range(n)]
+    if per_class is not None:
+        if per_class < 1:
+            raise JobError(f"--per-class must be >= 1, got {per_class}")
+        return [c for _ in range(per_class) for c in classes]
+    if factor is None or factor <= 0:
+        raise JobError(f"--factor must be > 0, got {factor}")
+    counts = {c: sum(1 for case in manifest_cases if case.class_label == c) for c in classes}
+    if not any(counts.values()):
+        raise JobError("--factor: no manifest case has a class label the model knows",
+                       hint="use --n or --per-class, or a manifest with class_label")
+    out: list[Optional[int]] = []
+    for c in classes:
+        out += [c] * int(round(float(factor) * counts[c]))
+    if not out:
+        raise JobError("--factor gives 0 synthetic cases; use a larger factor")
+    return out
+
+
+def candidate_index(slot: int, attempt: int, n_slots: int) -> int:
+    """Sample index tried for ``slot`` at ``attempt``: ``slot + attempt * n_slots`` (never reused)."""
+    return slot + attempt * n_slots
+
+
+# ---------------------------------------------------------------------------------------------
+# one shard
+# ---------------------------------------------------------------------------------------------
+
+
+def _status(rdir: Path, sid: str) -> str:
+    """'rejected' (quarantined), 'accepted' (passing verdict), 'judge' (sample without verdict), 'todo'."""
+    if (rdir / "quarantine" / f"{sid}.json").is_file():
+        return "rejected"
+    side, verdict = rdir / f"{sid}.json", rdir / f"{sid}.qc.json"
+    if side.is_file() and verdict.is_file():
+        try:
+            ok = bool(json.loads(verdict.read_text()).get("passed"))
+        except (OSError, json.JSONDecodeError):
+            return "judge"
+        return "accepted" if ok else "judge"
+    if side.is_file():
+        return "judge"
+    return "todo"
+
+
+def run_shard(run_dir: Path, manifest: Path, out_dir: Path, slots: list[Optional[int]], shard: tuple[int, int],
+              seed: int, max_tries: int, *, steps: Optional[int] = None, guidance: Optional[float] = None,
+              batch_size: Optional[int] = None, holdout: Optional[Path] = None, device: Optional[str] = None) -> ShardResult:
+    """Generate and QC the slots this shard owns, round by round, until each has a passing sample."""
+    from medsynth.model.sample import Sampler, generate
+    from medsynth.qc.gate import load_qc_config, run_qc
+
+    i, n = shard
+    sdir = out_dir / "shards" / f"{i}-of-{n}"
+    done_path = sdir / "accepted.json"
+    res = ShardResult(shard)
+    if done_path.is_file():
+        rec = json.loads(done_path.read_text())
+        res.accepted = {int(k): v for k, v in rec["accepted"].items()}
+        res.exhausted = list(rec.get("exhausted", []))
+        log.info("shard %d/%d already finished (%d slots)", i, n, len(res.accepted))
+        return res
+    mine = shard_items(list(range(len(slots))), shard)
+    pending = list(mine)
+    sampler = None
+    cfg, _ = load_qc_config(run_dir=run_dir)
+    for attempt in range(max_tries):
+        if not pending:
+            break
+        rdir = sdir / f"round-{attempt}"
+        cand = {j: candidate_index(j, attempt, len(slots)) for j in pending}
+        status = {}
+        run_name = None
+        for j, idx in cand.items():
+            if run_name is None:
+                from medsynth.model.checkpoint import run_name as _rn
+
+                run_name = _rn(cfg)  # type: ignore[arg-type]
+            status[j] = _status(rdir, sample_id(run_name, idx))
+        todo = [j for j in pending if status[j] == "todo"]
+        if todo:
+            sampler = sampler or Sampler.from_run(run_dir, device=device)
+            by_class: dict[Optional[int], list[int]] = {}
+            for j in todo:
+                by_class.setdefault(slots[j], []).append(cand[j])
+            for cls, idxs in by_class.items():
+                r = generate(run_dir, rdir, idxs, seed=seed, class_label=cls, steps=steps, guidance=guidance,
+                             batch_size=batch_size, sampler=sampler)
+                res.generated += len(r.written)
+        if any(status[j] in ("todo", "judge") for j in pending):
+            run_qc(rdir, manifest, rdir / "qc", cfg=cfg, holdout=holdout, quarantine=True,
+                   grid_source="grid from the run's config")
+        still = []
+        for j in pending:
+            st = _status(rdir, sample_id(run_name, cand[j]))  # type: ignore[arg-type]
+            if st == "accepted":
+                res.accepted[j] = str(Path(rdir.name) / f"{sample_id(run_name, cand[j])}.json")  # type: ignore[arg-type]
+            else:
+                res.rejected += 1
+                still.append(j)
+        pending = still
+    res.exhausted = pending
+    write_json(done_path, {"shard": [i, n], "accepted": {str(k): v for k, v in sorted(res.accepted.items())},
+                           "exhausted": pending, "max_tries": max_tries})
+    if pending:
+        log.warning("shard %d/%d: %d slot(s) found no passing sample in %d tries", i, n, len(pending), max_tries)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------
+
+
+def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> ExpandResult:
+    """Join the shards of a job folder: export the accepted samples and write the combined manifest.
+
+    Refuses (:class:`JobError`) while a shard has not finished.  Safe to rerun.
+    """
+    from medsynth.export.dataset import export_samples
+    from medsynth.manifest import Case, Manifest, load_manifest, save_manifest
+
+    out_dir = Path(out_dir)
+    job_path = out_dir / "job.json"
+    if not job_path.is_file():
+        raise JobError(f"{out_dir}: not an expand job folder (no job.json)",
+                       hint="pass the --out folder of 'medsynth expand'")
+    job = json.loads(job_path.read_text())
+    n_shards = int(job["n_shards"])
+    accepted: dict[int, Path] = {}
+    exhausted: list[int] = []
+    missing = []
+    for i in range(n_shards):
+        sdir = out_dir / "shards" / f"{i}-of-{n_shards}"
+        rec_path = sdir / "accepted.json"
+        if not rec_path.is_file():
+            missing.append(f"{i}/{n_shards}")
+            continue
+        rec = json.loads(rec_path.read_text())
+        for k, v in rec["accepted"].items():
+            accepted[int(k)] = sdir / v
+        exhausted += rec.get("exhausted", [])
+    if missing:
+        raise JobError(f"{out_dir}: shard(s) {', '.join(missing)} have not finished",
+                       hint="run the missing shards (same command with --shard i/n), then --merge again")
+
+    # gather accepted samples (hard links, or copies across filesystems) into one folder, fresh
+    stage = out_dir / "work" / "accepted"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    from medsynth.samples import read_sample
+
+    for slot in sorted(accepted):
+        s = read_sample(accepted[slot])
+        for p in (s.image_path, s.label_path, s.qc_path, s.sidecar_path):
+            if p is not None and p.is_file():
+                _link(p, stage / p.name)
+    dataset = out_dir / "dataset"
+    fmts = formats or job["formats"]
+    if accepted:
+        export_samples(stage, dataset, formats=fmts, uid_root=job.get("uid_root"),
+                       reference=Path(job["manifest"]), overwrite=True, name=job.get("name"))
+    # combined manifest: real cases (paths back to the originals) + synthetic cases from the export
+    real = load_manifest(job["manifest"])
+    cases: list[Case] = []
+    for c in real.cases:
+        c2 = Case(c.id, c.image, c.label, c.class_label, c.modality, c.shape, c.spacing, c.sha256,
+                  {**c.extra, "synthetic": False})
+        cases.append(c2)
+    n_syn = 0
+    syn_manifest = dataset / "manifest.json"
+    if syn_manifest.is_file():
+        syn = load_manifest(syn_manifest)
+        for c in syn.cases:
+            c.extra["synthetic"] = True
+            cases.append(c)
+            n_syn += 1
+    combined = Manifest(cases, name=f"{real.name}+synthetic", modality=real.modality,
+                        extra={"description": "real training cases plus QC-passed synthetic cases from medsynth expand",
+                               "job": {k: job[k] for k in ("run", "seed", "n_slots") if k in job}})
+    dataset.mkdir(parents=True, exist_ok=True)
+    save_manifest(combined, dataset / "combined_manifest.json")
+    _write_combined_datalist(combined, dataset / "combined_datalist.json")
+    summary = {"format": "medsynth-expand/1", "n_real": len(real.cases), "n_synthetic": n_syn,
+               "n_slots": len(job["slots"]), "exhausted_slots": sorted(exhausted),
+               "dataset": "dataset", "shards": n_shards}
+    write_json(out_dir / "expand.json", summary)
+    return ExpandResult(out_dir, [], True, dataset, n_syn, len(real.cases), summary)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_combined_datalist(man: Any, path: Path) -> None:
+    """A Decathlon-style datalist of real + synthetic cases, paths relative to ``path``'s folder."""
+    from medsynth.manifest import _rel
+
+    items = []
+    for c in man.cases:
+        if c.image.is_dir() or c.extra.get("series_files"):
+            continue  # DICOM series are not valid Decathlon entries; they stay in the manifest
+        it: dict[str, Any] = {"image": _rel(c.image, path.parent), "id": c.id,
+                              "synthetic": bool(c.extra.get("synthetic"))}
+        if c.label is not None:
+            it["label"] = _rel(c.label, path.parent)
+        if c.class_label is not None:
+            it["class_label"] = c.class_label
+        items.append(it)
+    write_json(path, {"name": man.name, "training": items})
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+
+
+def expand(run_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, n: Optional[int] = None,
+           per_class: Optional[int] = None, factor: Optional[float] = None, seed: int = 0,
+           shard: Optional[str] = None, formats: Sequence[str] = ("nifti",), max_tries: int = 5,
+           steps: Optional[int] = None, guidance: Optional[float] = None, batch_size: Optional[int] = None,
+           holdout: Optional[str | Path] = None, uid_root: Optional[str] = None,
+           device: Optional[str] = None) -> ExpandResult:
+    """Run a dataset-expansion job (or one shard of it); without ``shard`` it also merges.
+
+    Everything is checked before any compute: the run directory and model card, the manifest, the
+    count arguments, the shard spec, and (on a rerun) that the arguments match the job record.
+    """
+    from medsynth.export.dataset import parse_formats
+    from medsynth.jobs import sha256_file
+    from medsynth.manifest import load_manifest
+    from medsynth.model.checkpoint import load_run
+
+    run_dir, manifest, out_dir = Path(run_dir), Path(manifest), Path(out_dir)
+    sh = parse_shard(shard)
+    fmts = parse_formats(list(formats))
+    if max_tries < 1:
+        raise JobError(f"--max-tries must be >= 1, got {max_tries}")
+    run = load_run(run_dir)
+    man = load_manifest(manifest)
+    k = run.cfg.model.unet.num_class_embeds
+    classes = list(range(k)) if k else None
+    slots = plan_slots(man.cases, classes, n=n, per_class=per_class, factor=factor)
+    record = {"format": JOB_FORMAT, "run": str(run_dir.resolve()), "run_checkpoint": run.diffusion_sha256,
+              "manifest": str(Path(man.path or manifest).resolve()),
+              "manifest_sha256": sha256_file(man.path or manifest), "name": f"{run.name}-expanded",
+              "seed": int(seed), "slots": slots, "n_slots": len(slots), "n_shards": sh[1], "formats": list(fmts),
+              "max_tries": int(max_tries), "steps": steps, "guidance": guidance,
+              "holdout": str(Path(holdout).resolve()) if holdout else None,
+              "holdout_sha256": sha256_file(holdout) if holdout else None, "uid_root": uid_root}
+    keys = _JOB_KEYS + (("n_shards",) if shard is not None else ())
+    existing = create_or_check_record(out_dir / "job.json", record, keys)
+    if shard is not None and int(existing["n_shards"]) != sh[1]:
+        raise JobError(f"{out_dir}: job was split into {existing['n_shards']} shards, not {sh[1]}",
+                       hint=f"use --shard i/{existing['n_shards']}")
+    if shard is None and int(existing["n_shards"]) != 1:
+        raise JobError(f"{out_dir}: this job is sharded ({existing['n_shards']} shards)",
+                       hint="run each shard with --shard i/n, then 'medsynth expand --merge DIR'")
+    res = run_shard(run_dir, manifest, out_dir, slots, sh, seed, max_tries, steps=steps, guidance=guidance,
+                    batch_size=batch_size, holdout=Path(holdout) if holdout else None, device=device)
+    if shard is not None:
+        return ExpandResult(out_dir, [res], False)
+    merged = merge(out_dir)
+    merged.shards = [res]
+    return merged
