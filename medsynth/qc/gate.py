@@ -299,8 +299,13 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     hold_info: dict[str, Any]
     if holdout is not None:
         hman = load_manifest(holdout)
-        train_ids = set(ref_ids)
-        hcases = [c for c in hman.cases if c.id not in train_ids]
+        # a hold-out case must not be a training case: same file or same content (ids may repeat
+        # between manifests, so they do not decide)
+        used = {c.id for c in manifest.cases if c.id in set(ref_ids)}
+        seen_paths = {Path(c.image).resolve() for c in manifest.cases if c.id in used}
+        seen_sha = {c.sha256 for c in manifest.cases if c.id in used and c.sha256}
+        hcases = [c for c in hman.cases
+                  if Path(c.image).resolve() not in seen_paths and not (c.sha256 and c.sha256 in seen_sha)]
         h_ids, h_raw, h_skipped = resample_cases(hcases, data_cfg, desc="hold-out")
         if not h_ids:
             raise QCError(f"{holdout}: no readable hold-out case that is not also a reference case",
