@@ -349,7 +349,7 @@ class QCConfig:
 
     ct_range: tuple[float, float] = (-1024.0, 3071.0)
     mr_range: Optional[tuple[float, float]] = None
-    percentile_margin: float = 0.25
+    percentile_margin: float = 0.5
     range_floor: float = 0.02
     artefact_threshold: float = 0.35
     min_std: float = 1e-3
