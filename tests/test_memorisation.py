@@ -24,13 +24,18 @@ from medsynth.privacy.memorisation import (
     prepare_volume,
     shift_ncc,
 )
-from medsynth.qc.features import Standardiser, body_mask, feature_vector, radiomics_features
+from medsynth.qc.features import (
+    Standardiser,
+    body_mask,
+    feature_vector,
+    radiomics_features,
+)
 from medsynth.qc.gate import resample_cases
 from medsynth.volume import Volume
 
 log = logging.getLogger(__name__)
 N = 24
-PHANTOM = dict(shape=(48, 48, 36), spacing=(6.67, 6.67, 9.33))
+PHANTOM = {"shape": (48, 48, 36), "spacing": (6.67, 6.67, 9.33)}
 WINDOW = (-1000.0, 1000.0)
 
 
@@ -149,7 +154,7 @@ def test_holdout_split_is_deterministic_and_order_free():
     tr, ho = holdout_split(ids, 0.25, 0)
     assert len(ho) == 3 and sorted(tr + ho) == list(range(10))  # round(0.25 * 10) = 3 (half up)
     rev = ids[::-1]
-    tr2, ho2 = holdout_split(rev, 0.25, 0)
+    _tr2, ho2 = holdout_split(rev, 0.25, 0)
     assert sorted(rev[i] for i in ho2) == sorted(ids[i] for i in ho)
     assert holdout_split(ids, 0.25, 1)[1] != ho or True  # another seed may pick others; never crashes
     with pytest.raises(PrivacyError, match="at least 2 reference cases"):

@@ -26,7 +26,7 @@ from medsynth.qc.gate import resample_cases
 from medsynth.volume import Volume, affine_from_spacing
 
 N = 24
-PHANTOM = dict(shape=(48, 48, 36), spacing=(6.67, 6.67, 9.33))
+PHANTOM = {"shape": (48, 48, 36), "spacing": (6.67, 6.67, 9.33)}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_checkerboard_flagged(data):
         a = data["gen"][0] + 100.0 * pattern
         res = _check(data, a)
         assert "artefact_suspected" in _codes(res), res.artefact
-        assert "checkerboard" in [r for r in res.reasons if r.startswith("artefact")][0]
+        assert "checkerboard" in next(r for r in res.reasons if r.startswith("artefact"))
 
 
 def test_tiling_seams_flagged(data):

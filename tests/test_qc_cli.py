@@ -11,7 +11,6 @@ import io
 import json
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from medsynth.samples import list_samples, write_sample
 from medsynth.volume import Volume, affine_from_spacing
 
 N = 24
-PHANTOM = dict(shape=(48, 48, 36), spacing=(6.67, 6.67, 9.33))
+PHANTOM = {"shape": (48, 48, 36), "spacing": (6.67, 6.67, 9.33)}
 GOOD = [f"synth-t-{i:05d}" for i in range(4)]
 BAD = {"synth-t-00100": "non_finite_values", "synth-t-00101": "artefact_suspected",
        "synth-t-00102": "possible_copy", "synth-t-00103": "label_outside_body",
@@ -175,7 +174,7 @@ class _Imgs(HTMLParser):
 def test_report_is_valid_self_contained_html_with_embedded_png(ran):
     from PIL import Image
 
-    _, _, summary, out = ran
+    _, _, _summary, out = ran
     text = (out / "report.html").read_text()
     assert text.startswith("<!DOCTYPE html>")
     p = _Imgs()
@@ -244,7 +243,7 @@ def test_config_grid_and_holdout_manifest(world, run_cli, tmp_path, repo_root):
     ref = load_manifest(world["ref"])
     ref.cases = ref.cases[:4]
     small_ref = save_manifest(ref, tmp_path / "ref4.json")
-    code, out, err = run_cli("--no-progress", "qc", sd, "--reference", small_ref, "--out", tmp_path / "qc",
+    code, _out, err = run_cli("--no-progress", "qc", sd, "--reference", small_ref, "--out", tmp_path / "qc",
                              "--config", repo_root / "configs" / "demo.yaml", "--holdout", hold, "--no-quarantine")
     assert code == 0, err
     s = json.loads((tmp_path / "qc" / "qc.json").read_text())
@@ -264,7 +263,7 @@ def test_unreadable_reference_case_is_skipped(world, run_cli, tmp_path):
     man = save_manifest(ref, tmp_path / "ref.json")
     sd = tmp_path / "samples"
     shutil.copytree(world["samples"], sd, ignore=shutil.ignore_patterns("quarantine"))
-    code, out, err = run_cli("--no-progress", "qc", sd, "--reference", man, "--out", tmp_path / "qc", "--no-quarantine")
+    code, _out, err = run_cli("--no-progress", "qc", sd, "--reference", man, "--out", tmp_path / "qc", "--no-quarantine")
     assert code == 0, err
     s = json.loads((tmp_path / "qc" / "qc.json").read_text())
     assert s["reference"]["n_cases_skipped"] == 1 and s["reference"]["skipped"][0]["id"] == "bad-case"
@@ -298,6 +297,6 @@ def test_bad_inputs_fail_cleanly(case, world, run_cli, tmp_path):
             run_cli(*args)
         assert ei.value.code == 2
         return
-    code, out, err = run_cli(*args)
+    code, _out, err = run_cli(*args)
     assert code == expect and msg in err, (code, err)
     assert "Traceback" not in err

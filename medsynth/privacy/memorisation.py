@@ -330,5 +330,5 @@ def holdout_split(ids: Sequence[str], fraction: float, seed: int) -> tuple[list[
         raise PrivacyError("the memorisation screen needs at least 2 reference cases to hold one out",
                            hint="give more reference cases or a --holdout manifest")
     order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).hexdigest())
-    n_hold = min(max(1, int(math.floor(fraction * len(ids) + 0.5))), len(ids) - 1)
+    n_hold = min(max(1, math.floor(fraction * len(ids) + 0.5)), len(ids) - 1)
     return sorted(order[n_hold:]), sorted(order[:n_hold])

@@ -174,9 +174,9 @@ def _glcm(arr: np.ndarray, mask: np.ndarray, lo: float, hi: float) -> dict[str, 
     glcm = np.zeros((L, L), dtype=np.float64)
     for ax in range(3):
         n = arr.shape[ax]
-        a = np.take(q, range(0, n - 1), axis=ax)
+        a = np.take(q, range(n - 1), axis=ax)
         b = np.take(q, range(1, n), axis=ax)
-        m = np.take(mask, range(0, n - 1), axis=ax) & np.take(mask, range(1, n), axis=ax)
+        m = np.take(mask, range(n - 1), axis=ax) & np.take(mask, range(1, n), axis=ax)
         pairs = a[m] * L + b[m]
         glcm += np.bincount(pairs, minlength=L * L).reshape(L, L)
     glcm = glcm + glcm.T
@@ -251,7 +251,7 @@ class NetworkFeatures:
             sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
             sd = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in sd.items()}
             net.load_state_dict(sd, strict=True)
-        except Exception as exc:  # torch raises many types for a wrong or corrupt file
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a wrong or corrupt file
             raise QCError(f"qc.feature_checkpoint: {path} is not a {network} checkpoint "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                           hint="set qc.feature_network to the checkpoint's architecture "

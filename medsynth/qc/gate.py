@@ -31,12 +31,30 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from medsynth import __version__
-from medsynth.config import Config, DataConfig, IntensityConfig, PrivacyConfig, QCConfig, config_to_dict
+from medsynth.config import (
+    Config,
+    DataConfig,
+    IntensityConfig,
+    PrivacyConfig,
+    QCConfig,
+    config_to_dict,
+)
 from medsynth.errors import MedsynthError, QCError
 from medsynth.jobs import sha256_file, write_json, write_text
 from medsynth.progress import progress
-from medsynth.qc.checks import Grid, artefact_score, check_volume, learn_ranges, volume_stats
-from medsynth.qc.features import Standardiser, body_mask, feature_vector, radiomics_features
+from medsynth.qc.checks import (
+    Grid,
+    artefact_score,
+    check_volume,
+    learn_ranges,
+    volume_stats,
+)
+from medsynth.qc.features import (
+    Standardiser,
+    body_mask,
+    feature_vector,
+    radiomics_features,
+)
 from medsynth.samples import Sample, list_samples
 
 log = logging.getLogger("medsynth.qc.gate")
@@ -157,7 +175,7 @@ def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "refe
             d = tf(case_dict(c, False))
             norm = IntensityNorm(float(d["intensity_lo"]), float(d["intensity_hi"]))
             arr = np.asarray(norm.inverse(d["image"][0].detach().cpu().numpy().astype(np.float64)))
-        except Exception as exc:  # MONAI wraps reader errors in RuntimeError; report and skip
+        except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError; report and skip
             reason = _why(exc)
             log.warning("reference case %s skipped: %s", c.id, reason)
             skipped.append({"id": c.id, "reason": reason})
@@ -226,7 +244,11 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     that sample.
     """
     from medsynth.manifest import load_manifest
-    from medsynth.privacy.memorisation import MemorisationScreen, holdout_split, prepare_volume
+    from medsynth.privacy.memorisation import (
+        MemorisationScreen,
+        holdout_split,
+        prepare_volume,
+    )
 
     samples_dir, out_dir = Path(samples_dir), Path(out_dir)
     qc: QCConfig = cfg.qc if cfg is not None else QCConfig()
@@ -472,8 +494,17 @@ def _quarantine(s: Sample, qdir: Path) -> list[str]:
 def _render(summary: dict[str, Any], ref: Sequence[_Vol], ref_ids: Sequence[str], entries: Sequence[dict[str, Any]],
             montage_src: dict[int, tuple[np.ndarray, np.ndarray]], usable: Sequence[tuple[int, _Vol]],
             window: Optional[tuple[float, float]], grid: Grid, modality: str, qc: QCConfig, screen: Any) -> str:
-    from medsynth.qc.report import (FAIL_RGB, REAL_RGB, SYNTH_RGB, line_plot, montage, orthogonal_slices,
-                                    png_bytes, render_html, strip_plot)
+    from medsynth.qc.report import (
+        FAIL_RGB,
+        REAL_RGB,
+        SYNTH_RGB,
+        line_plot,
+        montage,
+        orthogonal_slices,
+        png_bytes,
+        render_html,
+        strip_plot,
+    )
 
     # CT is shown (and histogrammed) in one wide window; MR in each volume's own 1..99th percentiles
     ct_display = (-1000.0, 1000.0)

@@ -51,6 +51,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def data_uri(png: bytes) -> str:
+    """A ``data:image/png;base64,...`` URI that embeds the PNG in the page."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -206,6 +207,7 @@ th{background:#f3f3f3}.pass{color:#1a7f37;font-weight:600}.fail{color:#c62828;fo
 .note{color:#555;font-size:13px}.fig{margin:6px 0 14px}.cap{font-size:12px;color:#444}
 .sw{display:inline-block;width:12px;height:12px;vertical-align:middle;margin:0 4px 0 10px}
 code{background:#f6f6f6;padding:1px 4px}
+.warn{background:#fff4e5;border:1px solid #f0b46a;padding:6px 10px;font-size:13px}
 """
 
 
@@ -240,12 +242,14 @@ def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
     ``{"png", "range", "units"}``; ``distance_plot`` ``{"png", "x_max", "threshold"}`` or None."""
     s = summary
     counts = s["counts"]
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>medsynth QC report</title><style>{_CSS}</style></head><body>",
-             "<h1>medsynth quality gate and memorisation screen</h1>",
+    head = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>medsynth QC report</title><style>{_CSS}</style></head><body>")
+    parts = [head, "<h1>medsynth quality gate and memorisation screen</h1>",
+             ("<p class=\"warn\">This report shows slices of real reference cases (and of any sample that may copy "
+              "one): treat it as patient data and keep it where the training data is allowed to be.</p>"),
              f"<p>{counts['samples']} samples: <span class=\"pass\">{counts['passed']} passed</span>, "
              f"<span class=\"fail\">{counts['failed']} failed</span>"
-             + (f" (moved to <code>quarantine/</code>)" if counts.get("quarantined") else "")
+             + (" (moved to <code>quarantine/</code>)" if counts.get("quarantined") else "")
              + f". Reference: {_e(s['reference']['name'])} ({s['reference']['n_cases_used']} cases used"
              + (f", {s['reference']['n_cases_skipped']} unreadable and skipped" if s['reference']['n_cases_skipped'] else "")
              + f"). Grid: {_e(s['grid']['shape'])} voxels, spacing {_e(s['grid']['spacing'])} mm, "
