@@ -254,7 +254,7 @@ class GenerateResult:
 _SAME = ("seed", "class", "steps", "scheduler", "guidance", "eta", "checkpoint_sha256", "use_ema")
 
 
-def generate(run_dir: str | Path, out_dir: str | Path, indices: Sequence[int], seed: int = 0,
+def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequence[int], seed: int = 0,
              class_label: Optional[int] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
              batch_size: Optional[int] = None, scheduler: Optional[str] = None, eta: Optional[float] = None,
              use_ema: Optional[bool] = None, device: Optional[str] = None,
@@ -265,11 +265,15 @@ def generate(run_dir: str | Path, out_dir: str | Path, indices: Sequence[int], s
     indices or restarts.  Indices whose sidecar already exists are skipped (resume), after checking
     that they were made with the same settings (else :class:`JobError`).  Without ``class_label`` a
     class-conditional model gives sample ``i`` class ``i mod n_classes``.  The run directory and
-    every argument are checked before any compute.
+    every argument are checked before any compute.  A ready ``sampler`` (e.g. an untrained
+    baseline) may be passed instead of ``run_dir``.
     """
     from medsynth.samples import read_sample, write_sample
 
-    sampler = sampler or Sampler.from_run(run_dir, device=device, use_ema=use_ema)
+    if sampler is None:
+        if run_dir is None:
+            raise ConfigError("generate needs a run directory or a sampler")
+        sampler = Sampler.from_run(run_dir, device=device, use_ema=use_ema)
     st = sampler.settings(seed, steps, guidance, scheduler, eta)
     sampler.check_class(class_label)
     bs = int(batch_size or sampler.cfg.sampling.batch_size)

@@ -104,7 +104,7 @@ def prepare_data(cfg: Config) -> TrainingData:
                 try:
                     out.append(tf(case_dict(c, False)))
                 except Exception as exc:  # noqa: BLE001 - one bad case never sinks the run
-                    log.warning("skipping case %s: %s", c.id, _reason(exc))
+                    log.warning("skipping case %s: %s", c.id, _reason(exc, c.image))
                     skipped.append(c.id)
             return out
 
@@ -143,14 +143,25 @@ def prepare_data(cfg: Config) -> TrainingData:
     return TrainingData(train, val, classes, val_classes, norm, info)
 
 
-def _reason(exc: BaseException) -> str:
-    """The most useful one-line reason of a (possibly MONAI-wrapped) loading failure."""
-    seen: Optional[BaseException] = exc
-    while seen is not None:
-        if isinstance(seen, MedsynthError):
-            return seen.message
-        seen = seen.__cause__ or seen.__context__
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+def _reason(exc: BaseException, image: Path) -> str:
+    """The most useful one-line reason of a (possibly MONAI-wrapped) loading failure.
+
+    MONAI's ``LoadImage`` hides the reader's own error behind "cannot find a suitable reader", so
+    the file is read once more with medsynth's reader, whose errors name the file and the fix.
+    """
+    from medsynth.data.io import read_image
+
+    try:
+        read_image(image)
+    except MedsynthError as own:
+        return own.message
+    except Exception:  # noqa: BLE001 - fall back to MONAI's innermost message
+        pass
+    inner = exc
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"
 
 
 def batch_indices(seed: int, stage: str, batch: int, n: int, batch_size: int) -> torch.Tensor:
