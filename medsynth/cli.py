@@ -500,12 +500,96 @@ def _run_expand(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# train, generate, demo
+# --------------------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = _verb(sub, "train", "train the autoencoder and/or the latent diffusion model into a run folder",
+              "medsynth train configs/demo.yaml --run runs/demo --manifest phantoms/manifest.json", _run_train)
+    p.add_argument("config", type=Path, help="YAML config file")
+    p.add_argument("--run", type=Path, required=True, help="run folder (config, checkpoints, metrics, model card)")
+    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all"), default="all",
+                   help="stage to train (default all: autoencoder, then diffusion)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoints")
+    p.add_argument("--manifest", type=Path, help="data manifest (overrides data.manifest of the config)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides training.device")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from medsynth.config import load_config
+    from medsynth.model.train import train
+
+    over = {"data": {"manifest": str(args.manifest.resolve())}} if args.manifest else None
+    cfg = load_config(args.config, overrides=over)
+    res = train(cfg, args.run, stage=args.stage, resume=args.resume, device=args.device)
+    for s in res.summaries:
+        val = " ".join(f"{k} {v:.4g}" for k, v in (s.get("val") or {}).items())
+        print(f"{s['stage']}: {s['steps']} steps in {s['seconds']:.0f} s" + (f", val {val}" if val else ""))
+    print(f"run: {res.run_dir}" + (f" (model card: {res.run_dir / 'model_card.json'})"
+                                   if (res.run_dir / "model_card.json").is_file() else ""))
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = _verb(sub, "generate", "sample synthetic volumes (NIfTI in physical units + JSON sidecars) from a trained run",
+              "medsynth generate runs/demo -n 8 --out samples/ --seed 0 --class 1", _run_generate)
+    p.add_argument("run", type=Path, help="run folder of 'medsynth train'")
+    p.add_argument("-n", type=int, required=True, help="number of samples: indices START..START+N-1")
+    p.add_argument("--out", type=Path, required=True, help="samples folder (existing samples are kept: resume)")
+    p.add_argument("--start", type=int, default=0, help="first sample index (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="global seed; sample i depends only on (seed, i)")
+    p.add_argument("--class", dest="class_label", type=int,
+                   help="class of every sample (default: classes in turn, index mod n_classes)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the run's sampling.steps)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sampling.guidance_scale)")
+    p.add_argument("--scheduler", choices=("ddpm", "ddim", "rflow"), help="default: sampling.scheduler")
+    p.add_argument("--batch-size", type=int, help="samples per batch (does not change the results)")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's training.device")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from medsynth.errors import ConfigError
+    from medsynth.model.sample import generate
+
+    if args.n < 1 or args.start < 0:
+        raise ConfigError("-n must be >= 1 and --start >= 0")
+    res = generate(args.run, args.out, range(args.start, args.start + args.n), seed=args.seed,
+                   class_label=args.class_label, steps=args.steps, guidance=args.guidance,
+                   batch_size=args.batch_size, scheduler=args.scheduler,
+                   use_ema=False if args.no_ema else None, device=args.device)
+    print(f"wrote {len(res.written)} samples to {res.out_dir}"
+          + (f" ({len(res.skipped)} already there, kept)" if res.skipped else ""))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = _verb(sub, "demo", "write CT phantoms, train both stages on them (CPU, minutes), sample, compare with "
+              "the real phantoms", "medsynth demo --out medsynth-demo", _run_demo)
+    p.add_argument("--out", type=Path, default=Path("medsynth-demo"), help="demo folder (default ./medsynth-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of sampling (default 0)")
+    p.add_argument("--cases", type=int, default=32, help="number of phantoms to train on (default 32)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
+    p.add_argument("--config", type=Path, help="another demo config (default: the built-in demo.yaml)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from medsynth.demo import format_summary, run_demo
+
+    res = run_demo(args.out, seed=args.seed, n_cases=args.cases, per_class=args.per_class, config_path=args.config)
+    print(format_summary(res))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # parser and entry point
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
 REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest,
-                             _add_anonymise, _add_phi_scan, _add_evaluate, _add_qc, _add_expand]
+                             _add_anonymise, _add_phi_scan, _add_evaluate, _add_qc, _add_expand,
+                             _add_train, _add_generate, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
