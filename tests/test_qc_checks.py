@@ -269,3 +269,19 @@ def test_distribution_metrics_respond_to_shift_and_collapse():
     assert good["precision"] > 0.7 and good["recall"] > 0.7 and good["coverage"] > 0.7
     assert bad["recall"] < 0.1 and bad["coverage"] < good["coverage"] - 0.3
     assert prdc(real[:1], same, 5) is None and mmd2_rbf(real[:1], same) is None
+
+
+def test_mr_volumes_use_otsu_body_and_optional_range(data):
+    """MR has no absolute units: the body comes from Otsu's threshold and the physical range is
+    only checked when qc.mr_range is set."""
+    grid = data["grid"]
+    # an MR-like volume: positive intensities, dark air and lungs, bright soft tissue
+    mr = np.clip((data["gen"][0] + 1000.0) * 0.4, 0.0, None) + 5.0
+    vol = Volume(mr.astype(np.float32), grid.affine, modality="MR", units="a.u.")
+    m = body_mask(mr, grid.affine, "MR")
+    assert 0.2 < m.mean() < 0.8
+    res = check_volume(vol, grid, QCConfig())
+    assert res.passed, res.reasons
+    assert "out_of_physical_range" not in res.checks
+    res = check_volume(vol, grid, QCConfig(mr_range=(0.0, 100.0)))
+    assert "out_of_physical_range" in _codes(res)
