@@ -231,8 +231,10 @@ class AutoencoderTrainConfig:
 
 @dataclass
 class DiffusionTrainConfig:
-    """Stage 2: the noise-prediction (DDPM/DDIM) or velocity (rectified flow) objective on latents
-    scaled to unit variance; EMA weights; gradient accumulation over ``grad_accum`` batches."""
+    """Stage 2: the DDPM/DDIM objective (``prediction_type``: the noise, or the v-parameterisation,
+    which stays well conditioned at high noise and suits short training and few sampling steps) or
+    the rectified-flow velocity, on latents scaled to unit variance; EMA weights; gradient
+    accumulation over ``grad_accum`` batches."""
 
     steps: int = 10000
     batch_size: int = 1
@@ -244,6 +246,7 @@ class DiffusionTrainConfig:
     cond_drop_prob: float = 0.1
     num_train_timesteps: int = 1000
     schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     val_every: int = 500
@@ -314,6 +317,12 @@ class SamplingConfig:
 
     ``eta`` is DDIM's stochasticity (0 = deterministic); ``guidance_scale`` is classifier-free
     guidance (1 = plain conditional, 0 = unconditional).
+
+    The inference fast path (see ``medsynth/model/fastpath.py`` and ``benchmarks/``):
+    ``precision: auto`` samples in bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere;
+    ``channels_last`` runs the networks channels-last (NDHWC); ``onednn_conv`` sends every CPU
+    convolution to oneDNN.  ``precision: fp32`` with both flags off is the exact path (the bytes of
+    MONAI's ``LatentDiffusionInferer``).
     """
 
     scheduler: Literal["ddpm", "ddim", "rflow"] = "ddim"
@@ -323,6 +332,9 @@ class SamplingConfig:
     batch_size: int = 1
     use_ema: bool = True
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    onednn_conv: bool = True
 
     def check(self, path: str) -> list[str]:
         errs = []

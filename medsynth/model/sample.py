@@ -34,9 +34,9 @@ from medsynth.model.networks import (
     derive_seed,
     latent_shape,
     resolve_device,
-    resolve_precision,
     seeded_init,
 )
+from medsynth.model.fastpath import memory_format, prepare_for_inference, resolve_sampling_precision
 from medsynth.progress import progress
 from medsynth.volume import Volume
 
@@ -62,14 +62,19 @@ class Sampler:
         from medsynth.data.transforms import IntensityNorm, target_affine
 
         self.cfg = cfg
-        self.autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-        self.unet = unet.to(device).eval().requires_grad_(False)
+        fast = cfg.sampling
+        # the inference fast path (medsynth.model.fastpath): precision, memory format, oneDNN convs
+        self.channels_last = bool(fast.channels_last)
+        self.autoencoder = prepare_for_inference(autoencoder, device, fast.channels_last, fast.onednn_conv)
+        self.unet = prepare_for_inference(unet, device, fast.channels_last, fast.onednn_conv)
         self.scale_factor = float(scale_factor)
         self.norm = IntensityNorm.from_dict(intensity_norm)
         self.affine = target_affine(cfg.data)
         self.device = device
-        self.precision = resolve_precision(cfg.training.precision, device)
-        self.provenance = provenance
+        self.precision = resolve_sampling_precision(fast.precision, device)
+        self.provenance = {**provenance, "sampling_path": {
+            "precision": self.precision, "channels_last": self.channels_last,
+            "onednn_conv": bool(fast.onednn_conv and device.type == "cpu")}}
         self.run = run
         self.num_classes = cfg.model.unet.num_class_embeds
         # CPU kernels may round a batch differently from a single sample: run one at a time there
@@ -157,6 +162,7 @@ class Sampler:
                             for i in indices])
 
     def _net(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x.contiguous(memory_format=memory_format(self.channels_last, x))
         with autocast(self.device, self.precision):
             if not self.per_sample:
                 return self.unet(x, t, class_labels=labels).float()
@@ -175,7 +181,7 @@ class Sampler:
             return uncond
         return uncond + guidance * (self._net(x, tt, labels) - uncond)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def denoise(self, noise: torch.Tensor, labels: Optional[torch.Tensor], step_gens: list[torch.Generator],
                 st: SampleSettings) -> torch.Tensor:
         """The denoising loop: from pure noise to a clean latent in ``st.steps`` scheduler steps."""
@@ -193,7 +199,7 @@ class Sampler:
                 x = torch.cat([sched.step(out[b:b + 1], t, x[b:b + 1], step_gens[b])[0] for b in range(len(x))])
         return x
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in model space, one volume at a time, tiled when large."""
         from monai.inferers import SlidingWindowInferer
@@ -204,13 +210,18 @@ class Sampler:
         tiled = tiling.enabled and any(s > r for s, r in zip(z.shape[2:], tiling.latent_roi))
         inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=tiling.overlap, mode="gaussian",
                                        progress=False, sw_device=self.device, device=torch.device("cpu"))
+        fmt = memory_format(self.channels_last, z)
+
+        def dec(tile: torch.Tensor) -> torch.Tensor:
+            return self.autoencoder.decode(tile.contiguous(memory_format=fmt)).float()
+
         outs = []
         for b in range(len(z)):
             with autocast(self.device, self.precision):
                 if tiled:
-                    outs.append(inferer(z[b:b + 1], lambda tile: self.autoencoder.decode(tile).float()).float())
+                    outs.append(inferer(z[b:b + 1], dec).float())
                 else:
-                    outs.append(self.autoencoder.decode(z[b:b + 1]).float().cpu())
+                    outs.append(dec(z[b:b + 1]).cpu().contiguous())  # callers get NCDHW
         return torch.cat(outs)
 
     def to_volume(self, x: torch.Tensor) -> Volume:

@@ -1,0 +1,92 @@
+"""The inference fast path of sampling: precision, memory format and convolution routing.
+
+Three measured facts shape it (``benchmarks/run.py`` re-measures them on the machine at hand):
+
+* On the CPU, PyTorch sends a batch-1 3D convolution whose ``channels x depth x height`` is at most
+  20480 (every latent-level convolution of a 3D latent diffusion UNet) to its im2col
+  ``slow_conv3d`` kernel, not to oneDNN; oneDNN runs the same convolution 1.5-8x faster.
+  :class:`OneDNNConv3d` routes inference convolutions to oneDNN whatever their size.
+* oneDNN convolutions read and write channels-last (NDHWC) tensors without reordering, and
+  PyTorch's CPU group norm, SiLU and nearest upsampling have channels-last kernels, so the whole
+  network runs channels-last (``torch.channels_last_3d``); on CUDA cuDNN prefers it in bf16/fp16.
+* bf16 autocast pays only where the hardware has bf16 arithmetic: CUDA GPUs with bf16, and CPUs
+  with AVX512-BF16 or AMX.  Elsewhere oneDNN emulates bf16 and a 3D UNet runs tens of times slower,
+  so ``precision: auto`` keeps fp32 there.
+
+``precision: fp32, channels_last: false, onednn_conv: false`` is the exact path: the same
+kernels, hence the same bytes, as MONAI's ``LatentDiffusionInferer.sample``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from medsynth.model.networks import cpu_has_native_bf16, resolve_precision
+
+log = logging.getLogger("medsynth.model.fastpath")
+
+
+class OneDNNConv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose inference forward on the CPU in fp32 always runs oneDNN.
+
+    Training (grad enabled), autocast, other devices and dtypes and non-zero padding modes take
+    the ordinary ``nn.Conv3d`` path, so swapping a module's class changes nothing but the kernel
+    chosen for fp32 CPU inference.  Parameters and ``state_dict`` keys are those of ``nn.Conv3d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see class docstring
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                            self.dilation, self.groups)
+        return super().forward(x)
+
+
+def use_onednn_convolutions(net: nn.Module) -> int:
+    """Make every plain ``nn.Conv3d`` of ``net`` a :class:`OneDNNConv3d` (in place); returns how many.
+
+    Only the class changes (weights, hooks and ``state_dict`` stay), and only when oneDNN is
+    available in this build of torch.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in net.modules():
+        if type(m) is nn.Conv3d:
+            m.__class__ = OneDNNConv3d
+            n += 1
+    return n
+
+
+def resolve_sampling_precision(precision: str, device: torch.device) -> str:
+    """The precision sampling runs in: ``auto`` is bf16 on CUDA (fp16 on GPUs without bf16) and on
+    CPUs with native bf16, fp32 elsewhere; an explicit choice goes through ``resolve_precision``."""
+    if precision != "auto":
+        return resolve_precision(precision, device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def memory_format(channels_last: bool, x: Optional[torch.Tensor] = None) -> torch.memory_format:
+    """``torch.channels_last_3d`` for 5-D tensors when asked, else ``torch.contiguous_format``."""
+    if channels_last and (x is None or x.dim() == 5):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def prepare_for_inference(net: nn.Module, device: torch.device, channels_last: bool, onednn_conv: bool) -> nn.Module:
+    """Move ``net`` to ``device`` in eval mode without gradients, in the chosen memory format, with
+    CPU convolutions routed to oneDNN when ``onednn_conv`` (in place; returns ``net``)."""
+    net = net.to(device).eval().requires_grad_(False)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    if onednn_conv and device.type == "cpu":
+        n = use_onednn_convolutions(net)
+        log.debug("%s: %d convolutions routed to oneDNN", type(net).__name__, n)
+    return net
