@@ -295,7 +295,9 @@ class TrainingConfig:
 class TilingConfig:
     """Decode latents in overlapping tiles (MONAI sliding window, gaussian blending) to bound memory.
 
-    Used only when the latent grid is larger than ``latent_roi`` in some axis.
+    Used only when the latent grid is larger than ``latent_roi`` in some axis.  ``latent_roi`` is
+    the largest tile: each axis gets the fewest tiles of at most that size whose neighbours share
+    at least the voxels ``overlap`` asks for, shrunk to cover the axis evenly.
     """
 
     enabled: bool = True

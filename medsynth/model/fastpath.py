@@ -90,3 +90,32 @@ def prepare_for_inference(net: nn.Module, device: torch.device, channels_last: b
         n = use_onednn_convolutions(net)
         log.debug("%s: %d convolutions routed to oneDNN", type(net).__name__, n)
     return net
+
+
+def plan_tiles(grid: tuple[int, ...], max_roi: tuple[int, ...], overlap: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Tile size and per-axis overlap for a sliding-window decode of a latent ``grid``.
+
+    A fixed ``max_roi`` tile rarely divides the grid: a 64-voxel axis in 32-voxel tiles with 25%
+    overlap needs three tiles that together decode 96 voxels.  Here each axis keeps the fewest
+    tiles that fit in ``max_roi`` while neighbours still share at least the voxels the fixed tiling
+    would share, and the tiles shrink to cover the axis evenly (three 27-voxel tiles, 81 voxels):
+    less decoder work and a smaller peak.  The returned overlap fractions make MONAI's
+    ``SlidingWindowInferer`` place exactly these tiles.
+    """
+    import math
+
+    rois, overlaps = [], []
+    for size, cap in zip(grid, max_roi):
+        cap = max(1, min(int(cap), int(size)))
+        if size <= cap:
+            rois.append(int(size))
+            overlaps.append(0.0)
+            continue
+        shared = min(cap - 1, cap - int(cap * (1.0 - overlap)))
+        n = math.ceil((size - shared) / (cap - shared))
+        roi = math.ceil((size + (n - 1) * shared) / n)
+        interval = math.ceil((size - roi) / (n - 1))
+        rois.append(roi)
+        # MONAI's interval is int(roi * (1 - overlap)); half a voxel of slack survives float rounding
+        overlaps.append(1.0 - (interval + 0.5) / roi)
+    return tuple(rois), tuple(overlaps)

@@ -36,7 +36,7 @@ from medsynth.model.networks import (
     resolve_device,
     seeded_init,
 )
-from medsynth.model.fastpath import memory_format, prepare_for_inference, resolve_sampling_precision
+from medsynth.model.fastpath import memory_format, plan_tiles, prepare_for_inference, resolve_sampling_precision
 from medsynth.progress import progress
 from medsynth.volume import Volume
 
@@ -206,9 +206,10 @@ class Sampler:
 
         z = z.to(self.device) / self.scale_factor
         tiling = self.cfg.sampling.tiling
-        roi = tuple(min(r, s) for r, s in zip(tiling.latent_roi, z.shape[2:]))
+        # tiles no larger than latent_roi, shrunk to cover the grid evenly (fastpath.plan_tiles)
+        roi, overlap = plan_tiles(tuple(z.shape[2:]), tuple(tiling.latent_roi), tiling.overlap)
         tiled = tiling.enabled and any(s > r for s, r in zip(z.shape[2:], tiling.latent_roi))
-        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=tiling.overlap, mode="gaussian",
+        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="gaussian",
                                        progress=False, sw_device=self.device, device=torch.device("cpu"))
         fmt = memory_format(self.channels_last, z)
 
