@@ -23,7 +23,12 @@ from medsynth.errors import CheckpointError, ConfigError, ManifestError, Medsynt
 from medsynth.evaluate import stats
 from medsynth.evaluate.classifier import Budget
 from medsynth.evaluate.split import check_disjoint, split_manifest
-from medsynth.evaluate.utility import ARMS, UtilityOptions, evaluate_utility, reduced_indices
+from medsynth.evaluate.utility import (
+    ARMS,
+    UtilityOptions,
+    evaluate_utility,
+    reduced_indices,
+)
 from medsynth.jobs import write_json
 from medsynth.manifest import Case, Manifest, load_manifest, save_manifest
 from medsynth.samples import write_sample
@@ -135,7 +140,7 @@ def test_overlapping_manifests_are_refused(data, tmp_path):
         check_disjoint(load_manifest(data["manifest"]), test)
     # the same image under another id, without a recorded sha256 (hashed from the file)
     sneaky = Case(id="renamed-case", image=test.cases[0].image, class_label=test.cases[0].class_label)
-    leaky = save_manifest(Manifest(train.cases + [sneaky], name="leaky", modality="CT"), tmp_path / "leaky.json")
+    leaky = save_manifest(Manifest([*train.cases, sneaky], name="leaky", modality="CT"), tmp_path / "leaky.json")
     with pytest.raises(ManifestError, match=r"1 test case\(s\) whose image is also in the train manifest"):
         check_disjoint(load_manifest(leaky), test)
     run = _run_dir(tmp_path / "run", data["train"])
@@ -268,7 +273,7 @@ def test_bad_inputs_fail_before_training(data, tmp_path):
     o = _opts(samples=data["samples"])
     with pytest.raises(CheckpointError, match="run directory not found"):
         evaluate_utility(tmp_path / "nope", data["train"], data["test"], tmp_path / "o", o)
-    with pytest.raises(CheckpointError, match="no config.yaml"):
+    with pytest.raises(CheckpointError, match=r"no config\.yaml"):
         evaluate_utility(tmp_path, data["train"], data["test"], tmp_path / "o", o)
     with pytest.raises(ConfigError, match="reduced arms need --reduced-fraction"):
         evaluate_utility(data["run"], data["train"], data["test"], tmp_path / "o", _opts(arms=["reduced"]))

@@ -428,7 +428,7 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
         "test_manifest": str(test_m.path),
         "grid": {"shape": list(cfg.data.shape), "spacing": list(cfg.data.spacing),
                  "orientation": cfg.data.orientation, "intensity": _norm_dict(cfg.data)},
-        "model": {"network": "monai.networks.nets.ResNet (basic, layers 1-1-1-1, 8-16-32-64)" if not seg
+        "model": {"network": "monai.networks.nets.ResNet (basic blocks 1-1-1-1, channels 8-16-32-64, stride-2 stem)" if not seg
                   else f"monai.networks.nets.UNet ({type(net0).__name__})", "parameters": n_parameters(net0),
                   "outputs": n_out},
         "budget": {**opts.budget.to_dict(), "optimizer": "AdamW", "same_steps_every_arm": True,
