@@ -323,8 +323,9 @@ class SamplingConfig:
     The inference fast path (see ``medsynth/model/fastpath.py`` and ``benchmarks/``):
     ``precision: auto`` samples in bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere;
     ``channels_last`` runs the networks channels-last (NDHWC); ``onednn_conv`` sends every CPU
-    convolution to oneDNN.  ``precision: fp32`` with both flags off is the exact path (the bytes of
-    MONAI's ``LatentDiffusionInferer``).
+    convolution to oneDNN; ``fused_attention`` runs MONAI's attention blocks with PyTorch's fused
+    ``scaled_dot_product_attention``.  ``precision: fp32`` with the three flags off is the exact
+    path (the bytes of MONAI's ``LatentDiffusionInferer``).
     """
 
     scheduler: Literal["ddpm", "ddim", "rflow"] = "ddim"
@@ -337,6 +338,7 @@ class SamplingConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     onednn_conv: bool = True
+    fused_attention: bool = True
 
     def check(self, path: str) -> list[str]:
         errs = []

@@ -65,8 +65,9 @@ class Sampler:
         fast = cfg.sampling
         # the inference fast path (medsynth.model.fastpath): precision, memory format, oneDNN convs
         self.channels_last = bool(fast.channels_last)
-        self.autoencoder = prepare_for_inference(autoencoder, device, fast.channels_last, fast.onednn_conv)
-        self.unet = prepare_for_inference(unet, device, fast.channels_last, fast.onednn_conv)
+        self.autoencoder = prepare_for_inference(autoencoder, device, fast.channels_last, fast.onednn_conv,
+                                                 fast.fused_attention)
+        self.unet = prepare_for_inference(unet, device, fast.channels_last, fast.onednn_conv, fast.fused_attention)
         self.scale_factor = float(scale_factor)
         self.norm = IntensityNorm.from_dict(intensity_norm)
         self.affine = target_affine(cfg.data)
@@ -74,7 +75,7 @@ class Sampler:
         self.precision = resolve_sampling_precision(fast.precision, device)
         self.provenance = {**provenance, "sampling_path": {
             "precision": self.precision, "channels_last": self.channels_last,
-            "onednn_conv": bool(fast.onednn_conv and device.type == "cpu")}}
+            "onednn_conv": bool(fast.onednn_conv and device.type == "cpu"), "fused_attention": fast.fused_attention}}
         self.run = run
         self.num_classes = cfg.model.unet.num_class_embeds
         # CPU kernels may round a batch differently from a single sample: run one at a time there
