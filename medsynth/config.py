@@ -64,6 +64,9 @@ class DataConfig:
     orientation: str = "RAS"
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     use_labels: bool = False
+    # label name -> integer value of the label maps (paired generation); null: taken from the manifest's
+    # "labels" (or the values seen) when training starts, then stored in the run's config
+    labels: Optional[dict[str, int]] = None
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: Optional[str] = None
     num_workers: int = 0
@@ -92,6 +95,12 @@ class DataConfig:
             errs.append(f"{path}.val_fraction: need 0 <= value < 1, got {self.val_fraction}")
         if self.num_workers < 0:
             errs.append(f"{path}.num_workers: must be >= 0")
+        if self.labels is not None:
+            vals = list(self.labels.values()) if isinstance(self.labels, dict) else None
+            if (not vals or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255 for v in vals)
+                    or len(set(vals)) != len(vals) or 0 not in vals):
+                errs.append(f"{path}.labels: need a mapping name -> distinct integer 0..255 including "
+                            f"background 0, e.g. {{background: 0, lung: 1}}, got {self.labels!r}")
         return errs
 
 

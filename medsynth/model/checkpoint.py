@@ -129,6 +129,7 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
                      data_info: dict[str, Any]) -> dict[str, Any]:
     """The model card: what the model takes and gives, what it is for, and which weights it is."""
     from medsynth.data.transforms import target_affine
+    from medsynth.model.labels import label_names
     from medsynth.model.networks import latent_shape
 
     norm = diff_ck["intensity_norm"]
@@ -157,6 +158,8 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
             "names": data_info.get("class_names"),
             "train_counts": data_info.get("class_counts"),
         },
+        "labels": ({"values": label_names(cfg), "channels": "image, then one-hot per label value (ascending)"}
+                   if cfg.data.use_labels else None),
         "latent": {"shape": list(latent_shape(cfg)), "scale_factor": diff_ck["scale_factor"]},
         "diffusion": {"objective": cfg.training.scheduler,
                       "num_train_timesteps": cfg.training.diffusion.num_train_timesteps,

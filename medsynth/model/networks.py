@@ -32,9 +32,11 @@ log = logging.getLogger("medsynth.model.networks")
 
 
 def image_channels(cfg: Config) -> int:
-    """Channels of the image the autoencoder sees.  One today (the image); a later version adds
-    label channels for paired image + label generation, here and only here."""
-    return 1
+    """Channels of the image the autoencoder sees: the image, plus one one-hot channel per label
+    value when ``data.use_labels`` (paired image + label generation, :mod:`medsynth.model.labels`)."""
+    from medsynth.model.labels import label_values
+
+    return 1 + len(label_values(cfg))
 
 
 def downsample_factor(cfg: Config) -> int:

@@ -78,6 +78,10 @@ class Sampler:
             "onednn_conv": bool(fast.onednn_conv and device.type == "cpu"), "fused_attention": fast.fused_attention}}
         self.run = run
         self.num_classes = cfg.model.unet.num_class_embeds
+        from medsynth.model.labels import label_names, label_values
+
+        # paired models decode label channels after the image channel (medsynth.model.labels)
+        self.label_values, self.label_names = label_values(cfg), label_names(cfg)
         # CPU kernels may round a batch differently from a single sample: run one at a time there
         self.per_sample = device.type == "cpu"
 
@@ -236,8 +240,28 @@ class Sampler:
         units = "HU" if self.cfg.data.modality == "CT" else "a.u."
         return Volume(arr, self.affine.copy(), modality=self.cfg.data.modality, units=units)
 
+    def to_label(self, x: torch.Tensor) -> Optional[Volume]:
+        """One decoded output -> its uint8 label map on the image grid (None for an image-only model)."""
+        if not self.label_values:
+            return None
+        from medsynth.model.labels import decode
+
+        return Volume(decode(x, self.label_values), self.affine.copy(), modality="SEG", units="label")
+
+    def sample_pairs(self, indices: Sequence[int], st: SampleSettings, class_label: Optional[int] = None
+                     ) -> list[tuple[Volume, Optional[Volume]]]:
+        """Sample ``indices`` (one batch) as (image in physical units, label map or None) pairs."""
+        images = self.sample_model_space(indices, st, class_label)
+        return [(self.to_volume(images[b]), self.to_label(images[b])) for b in range(len(indices))]
+
     def sample(self, indices: Sequence[int], st: SampleSettings, class_label: Optional[int] = None) -> list[Volume]:
         """Sample the volumes of ``indices`` (one batch) in physical units."""
+        images = self.sample_model_space(indices, st, class_label)
+        return [self.to_volume(images[b]) for b in range(len(indices))]
+
+    def sample_model_space(self, indices: Sequence[int], st: SampleSettings,
+                           class_label: Optional[int] = None) -> torch.Tensor:
+        """Decoded outputs ``[B, C, X, Y, Z]`` in model space (image channel first)."""
         self.check_class(class_label)
         noise = self.initial_noise(indices, st.seed)
         step_gens = [torch.Generator(device=self.device).manual_seed(derive_seed(sample_seed(st.seed, i), "steps"))
@@ -246,8 +270,7 @@ class Sampler:
         if self.num_classes is not None:
             labels = torch.tensor([self.class_of(i, class_label) for i in indices], device=self.device)
         z = self.denoise(noise, labels, step_gens, st)
-        images = self.decode(z)
-        return [self.to_volume(images[b]) for b in range(len(indices))]
+        return self.decode(z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,9 +337,9 @@ def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequen
             todo.append(i)
     batches = [todo[k:k + bs] for k in range(0, len(todo), bs)]
     for batch in progress(batches, desc="generate", total=len(batches)):
-        for i, vol in zip(batch, sampler.sample(batch, st, class_label)):
+        for i, (vol, lab) in zip(batch, sampler.sample_pairs(batch, st, class_label)):
             sid = sample_id(sampler.run, i)
-            write_sample(out, sid, vol, _sidecar(sampler, st, i, class_label))
+            write_sample(out, sid, vol, _sidecar(sampler, st, i, class_label), label=lab)
             result.written.append(sid)
     log.info("generate: %d written, %d already there, in %s", len(result.written), len(result.skipped), out)
     return result
@@ -325,4 +348,5 @@ def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequen
 def _sidecar(sampler: Sampler, st: SampleSettings, index: int, class_label: Optional[int]) -> dict[str, Any]:
     return {"index": int(index), "seed": st.seed, "sample_seed": sample_seed(st.seed, index),
             "class": sampler.class_of(index, class_label), "steps": st.steps, "scheduler": st.scheduler,
-            "guidance": st.guidance, "eta": st.eta, "run": sampler.run, **sampler.provenance}
+            "guidance": st.guidance, "eta": st.eta, "run": sampler.run, **sampler.provenance,
+            **({"label_values": dict(sampler.label_names)} if sampler.label_names else {})}

@@ -10,6 +10,7 @@ uninterrupted run would be, and no global random state is ever touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -95,14 +96,25 @@ def prepare_data(cfg: Config) -> TrainingData:
     train_cases, val_cases = split_cases(manifest.cases, cfg.data.val_fraction, cfg.training.seed)
 
     skipped: list[str] = []
+    paired = cfg.data.use_labels
+    if paired:
+        unlabelled = [c for c in train_cases + val_cases if c.label is None]
+        for c in unlabelled:
+            log.warning("skipping case %s: no label map (data.use_labels is true)", c.id)
+            skipped.append(c.id)
+        train_cases = [c for c in train_cases if c.label is not None]
+        val_cases = [c for c in val_cases if c.label is not None]
+        if not train_cases:
+            raise ManifestError(f"{cfg.data.manifest}: data.use_labels is true but no training case has a label",
+                                hint="add 'label' to the cases or set data.use_labels: false")
     if cfg.data.cache == "memory":
-        tf = build_transforms(cfg.data, with_label=False)
+        tf = build_transforms(cfg.data, with_label=paired)
 
         def load(cases):
             out = []
             for c in cases:
                 try:
-                    out.append(tf(case_dict(c, False)))
+                    out.append(tf(case_dict(c, paired)))
                 except Exception as exc:  # noqa: BLE001 - one bad case never sinks the run
                     log.warning("skipping case %s: %s", c.id, _reason(exc, c.image))
                     skipped.append(c.id)
@@ -110,10 +122,21 @@ def prepare_data(cfg: Config) -> TrainingData:
 
         train, val = load(train_cases), load(val_cases)
     else:
-        train = make_dataset(train_cases, cfg.data, with_label=False)
-        val = make_dataset(val_cases, cfg.data, with_label=False) if val_cases else []
+        train = make_dataset(train_cases, cfg.data, with_label=paired)
+        val = make_dataset(val_cases, cfg.data, with_label=paired) if val_cases else []
     if len(train) == 0:
         raise ManifestError(f"{cfg.data.manifest}: no readable training case", hint="run 'medsynth manifest verify'")
+    label_set = None
+    if paired:  # image + one-hot label channels (medsynth.model.labels)
+        from medsynth.model.labels import check_label_values, pair_items, resolve_label_set, unique_values
+
+        seen = unique_values(train) + (unique_values(val) if len(val) else [])
+        label_set = dict(cfg.data.labels) if cfg.data.labels else \
+            resolve_label_set(manifest.extra, seen, str(cfg.data.manifest))
+        check_label_values(seen, label_set.values(), str(cfg.data.manifest))
+        values = sorted(label_set.values())
+        train = pair_items(train, values)
+        val = pair_items(val, values) if len(val) else []
 
     classes = torch.tensor([int(train[i]["class_label"]) for i in range(len(train))], dtype=torch.long)
     val_classes = torch.tensor([int(val[i]["class_label"]) for i in range(len(val))], dtype=torch.long)
@@ -137,7 +160,7 @@ def prepare_data(cfg: Config) -> TrainingData:
     names = manifest.extra.get("classes") if isinstance(manifest.extra.get("classes"), dict) else None
     counts = {str(int(c)): int((classes == c).sum()) for c in classes.unique() if c >= 0}
     info = {"manifest_name": manifest.name, "n_train": len(train), "n_val": len(val), "skipped": skipped,
-            "class_names": names, "class_counts": counts or None}
+            "class_names": names, "class_counts": counts or None, "labels": label_set}
     log.info("data: %d training and %d validation cases from %s%s", len(train), len(val), manifest.name,
              f" ({len(skipped)} skipped)" if skipped else "")
     return TrainingData(train, val, classes, val_classes, norm, info)
@@ -367,7 +390,7 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         loss = l1 + t.kl_weight * kl
         rec = {"l1": l1.item(), "kl": kl.item()}
         if perceptual is not None:
-            p = perceptual(recon, x)
+            p = perceptual(recon[:, :1], x[:, :1])  # the image channel (label channels are one-hot)
             loss = loss + t.perceptual_weight * p
             rec["perceptual"] = p.item()
         if adv_on:
@@ -611,9 +634,6 @@ def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = F
     """
     if stage not in ("autoencoder", "diffusion", "all"):
         raise ConfigError(f"--stage must be autoencoder, diffusion or all, got {stage!r}")
-    if cfg.data.use_labels:
-        raise ConfigError("data.use_labels: paired image + label generation is not implemented yet",
-                          hint="set data.use_labels: false")
     paths = RunPaths(Path(run_dir))
     if resume and not paths.root.is_dir():
         raise CheckpointError(f"{paths.root}: no run to resume", hint="drop --resume to start a new run")
@@ -628,9 +648,12 @@ def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = F
         raise CheckpointError(f"{paths.root}: nothing to resume (no checkpoint of {' or '.join(stages)})",
                               hint="drop --resume to start training")
     log.info("training %s of '%s' on %s (%s) into %s", " + ".join(stages), cfg.name, dev, precision, paths.root)
+    data = prepare_data(cfg)
+    if cfg.data.use_labels and not cfg.data.labels:
+        # the label set found in the data becomes part of the run's config (and of every checkpoint)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=data.info["labels"]))
     write_text(paths.config, dump_yaml(cfg))
     write_json(paths.versions, versions())
-    data = prepare_data(cfg)
     t0 = time.perf_counter()
     summaries = []
     for s in stages:

@@ -1,0 +1,98 @@
+"""Paired image + label generation (data.use_labels): label channels through the autoencoder,
+integer label maps written beside each sample, nnU-Net export of the pairs (tiny 16³ networks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth.config import ConfigError, config_from_dict
+from medsynth.errors import ManifestError
+from medsynth.model.labels import decode, encode, label_values
+from medsynth.model.networks import build_autoencoder, image_channels
+from medsynth.model.train import prepare_data, train
+from medsynth.samples import list_samples
+from medsynth.volume import Volume
+from tests.test_model import tiny_config
+
+PHANTOM_LABELS = {"background": 0, "lung": 1, "lesion": 2}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from medsynth.data.phantoms import write_phantoms
+
+    return write_phantoms(tmp_path_factory.mktemp("paired_phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+
+
+@pytest.fixture(scope="module")
+def paired_run(phantoms, tmp_path_factory) -> Path:
+    cfg = config_from_dict(tiny_config(phantoms, data={"use_labels": True}))
+    run = tmp_path_factory.mktemp("paired") / "run"
+    train(cfg, run)
+    return run
+
+
+def test_encode_decode_round_trip():
+    lab = torch.tensor([0, 1, 2, 2, 1, 0]).reshape(1, 1, 2, 3).float().expand(1, 2, 2, 3).reshape(1, 2, 2, 3)
+    img = torch.rand(1, 2, 2, 3) * 2 - 1
+    x = encode(img, lab, [0, 1, 2])
+    assert x.shape == (4, 2, 2, 3) and torch.equal(x[0], img[0])
+    assert set(torch.unique(x[1:]).tolist()) == {-1.0, 1.0}
+    assert np.array_equal(decode(x, [0, 1, 2]), lab[0].numpy().astype(np.uint8))
+    # non-contiguous label values map back to themselves
+    assert set(np.unique(decode(encode(img, lab * 2, [0, 2, 4]), [0, 2, 4]))) == {0, 2, 4}
+
+
+def test_label_channels_come_from_the_config():
+    cfg = config_from_dict(tiny_config(None, data={"use_labels": True, "labels": PHANTOM_LABELS}))
+    assert image_channels(cfg) == 4 and label_values(cfg) == [0, 1, 2]
+    ae = build_autoencoder(cfg)
+    assert ae.decode(ae.encode(torch.zeros(1, 4, 16, 16, 16))[0]).shape == (1, 4, 16, 16, 16)
+    with pytest.raises(ConfigError, match="data.labels: not resolved"):
+        image_channels(config_from_dict(tiny_config(None, data={"use_labels": True})))
+    with pytest.raises(ConfigError, match=r"data\.labels: need a mapping"):
+        config_from_dict(tiny_config(None, data={"use_labels": True, "labels": {"lung": 1}}))
+
+
+def test_prepare_data_stacks_labels_and_checks_values(phantoms):
+    cfg = config_from_dict(tiny_config(phantoms, data={"use_labels": True}))
+    data = prepare_data(cfg)
+    assert data.info["labels"] == PHANTOM_LABELS
+    x = data.train[0]["image"]
+    assert x.shape == (4, 16, 16, 16)
+    assert torch.all((x[1:] == 1.0).sum(0) == 1)  # exactly one label channel on per voxel
+    bad = config_from_dict(tiny_config(phantoms, data={"use_labels": True, "labels": {"background": 0, "lung": 1}}))
+    with pytest.raises(ManifestError, match=r"label value\(s\) \[2\] are not in the label set"):
+        prepare_data(bad)
+
+
+def test_generate_writes_labels_on_the_image_grid(paired_run, tmp_path, run_cli):
+    card = json.loads((paired_run / "model_card.json").read_text())
+    assert card["labels"]["values"] == PHANTOM_LABELS
+    code, out, err = run_cli("generate", paired_run, "-n", "2", "--out", tmp_path / "s", "--seed", "3")
+    assert code == 0, err
+    samples = list_samples(tmp_path / "s")
+    assert len(samples) == 2
+    for s in samples:
+        img, lab = s.load(), s.load_label()
+        assert lab is not None and s.label_path.name == f"{s.id}_label.nii.gz"
+        assert lab.shape == img.shape and np.allclose(lab.affine, img.affine)
+        assert s.sidecar["label_values"] == PHANTOM_LABELS
+        assert set(np.unique(lab.array).tolist()) <= set(PHANTOM_LABELS.values())
+        raw = Volume.load_nifti(s.label_path, modality="SEG")
+        assert raw.array.dtype == np.uint8
+
+
+def test_resume_keeps_the_resolved_label_set(paired_run, phantoms):
+    from medsynth.config import load_config
+
+    stored = load_config(paired_run / "config.yaml")
+    assert stored.data.labels == PHANTOM_LABELS
+    # resuming with the unresolved config resolves the same set and is accepted (nothing left to do)
+    cfg = config_from_dict(tiny_config(phantoms, data={"use_labels": True}))
+    train(cfg, paired_run, resume=True)
