@@ -96,3 +96,28 @@ def test_resume_keeps_the_resolved_label_set(paired_run, phantoms):
     # resuming with the unresolved config resolves the same set and is accepted (nothing left to do)
     cfg = config_from_dict(tiny_config(phantoms, data={"use_labels": True}))
     train(cfg, paired_run, resume=True)
+
+
+def test_exported_pairs_pass_nnunet_integrity_check(paired_run, tmp_path):
+    """Samples of the paired model, exported, pass nnU-Net v2's own dataset integrity check."""
+    pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity",
+                        reason="nnunetv2 not installed (pip install --no-deps nnunetv2, see README)")
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    from medsynth.export.dataset import export_samples
+    from medsynth.model.sample import generate
+
+    generate(paired_run, tmp_path / "s", range(3), seed=1)
+    out = tmp_path / "Dataset501_MedsynthPaired"  # nnU-Net's DatasetXXX_Name folder convention
+    res = export_samples(tmp_path / "s", out, formats="nifti", force=True, name="MedsynthPaired")
+    assert res.ok, res.summary()
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["labels"] == PHANTOM_LABELS and ds["numTraining"] == 3
+    assert len(list((out / "labelsTr").glob("*.nii.gz"))) == 3
+    verify_dataset_integrity(str(out), num_processes=1)  # raises on any inconsistency
+    # and it does catch a broken pair: a label value outside dataset.json's labels
+    bad = next((out / "labelsTr").glob("*.nii.gz"))
+    lab = Volume.load_nifti(bad, modality="SEG")
+    lab.with_array(np.full(lab.shape, 7, dtype=np.uint8)).save_nifti(bad, dtype="uint8")
+    with pytest.raises(RuntimeError):
+        verify_dataset_integrity(str(out), num_processes=1)
