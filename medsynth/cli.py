@@ -509,8 +509,9 @@ def _add_train(sub) -> None:
               "medsynth train configs/demo.yaml --run runs/demo --manifest phantoms/manifest.json", _run_train)
     p.add_argument("config", type=Path, help="YAML config file")
     p.add_argument("--run", type=Path, required=True, help="run folder (config, checkpoints, metrics, model card)")
-    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all"), default="all",
-                   help="stage to train (default all: autoencoder, then diffusion)")
+    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all", "controlnet"), default="all",
+                   help="stage to train (default all: autoencoder, then diffusion; controlnet: the mask-conditioned "
+                        "ControlNet on a finished run, trained on the manifest's label maps)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoints")
     p.add_argument("--manifest", type=Path, help="data manifest (overrides data.manifest of the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides training.device")
@@ -522,6 +523,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
     over = {"data": {"manifest": str(args.manifest.resolve())}} if args.manifest else None
     cfg = load_config(args.config, overrides=over)
+    if args.stage == "controlnet":
+        from medsynth.model.controlnet import train_controlnet
+
+        s = train_controlnet(cfg, args.run, resume=args.resume, device=args.device)
+        print(f"controlnet: {s['steps']} steps in {s['seconds']:.0f} s, last loss {s['val']['loss']:.4g}, "
+              f"labels {s['labels']}")
+        print(f"run: {args.run} (controlnet: {args.run / 'controlnet' / 'last.pt'})")
+        return 0
     res = train(cfg, args.run, stage=args.stage, resume=args.resume, device=args.device)
     for s in res.summaries:
         val = " ".join(f"{k} {v:.4g}" for k, v in (s.get("val") or {}).items())
@@ -535,7 +544,7 @@ def _add_generate(sub) -> None:
     p = _verb(sub, "generate", "sample synthetic volumes (NIfTI in physical units + JSON sidecars) from a trained run",
               "medsynth generate runs/demo -n 8 --out samples/ --seed 0 --class 1", _run_generate)
     p.add_argument("run", type=Path, help="run folder of 'medsynth train'")
-    p.add_argument("-n", type=int, required=True, help="number of samples: indices START..START+N-1")
+    p.add_argument("-n", type=int, help="number of samples: indices START..START+N-1 (with --masks: at most N masks)")
     p.add_argument("--out", type=Path, required=True, help="samples folder (existing samples are kept: resume)")
     p.add_argument("--start", type=int, default=0, help="first sample index (default 0)")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i depends only on (seed, i)")
@@ -547,13 +556,28 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the results)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's training.device")
+    p.add_argument("--masks", type=Path, help="data manifest (its cases' labels) or folder of NIfTI masks: one image "
+                   "per mask, following it (needs 'medsynth train ... --stage controlnet'); the mask is the label")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from medsynth.errors import ConfigError
     from medsynth.model.sample import generate
 
-    if args.n < 1 or args.start < 0:
+    if args.masks is not None:
+        from medsynth.model.controlnet import generate_from_masks
+
+        if (args.n is not None and args.n < 1) or args.start < 0:
+            raise ConfigError("-n must be >= 1 and --start >= 0")
+        r = generate_from_masks(args.run, args.masks, args.out, seed=args.seed, start=args.start,
+                                class_label=args.class_label, steps=args.steps, guidance=args.guidance,
+                                scheduler=args.scheduler, use_ema=False if args.no_ema else None,
+                                device=args.device, limit=args.n)
+        print(f"wrote {len(r.written)} mask-conditioned samples to {r.out_dir}"
+              + (f" ({len(r.skipped)} already there, kept)" if r.skipped else "")
+              + (f"; {len(r.failed)} mask(s) failed, see {r.out_dir / 'masks_failed.json'}" if r.failed else ""))
+        return 1 if r.failed else 0
+    if args.n is None or args.n < 1 or args.start < 0:
         raise ConfigError("-n must be >= 1 and --start >= 0")
     res = generate(args.run, args.out, range(args.start, args.start + args.n), seed=args.seed,
                    class_label=args.class_label, steps=args.steps, guidance=args.guidance,

@@ -277,6 +277,27 @@ class DiffusionTrainConfig:
 
 
 @dataclass
+class ControlNetTrainConfig:
+    """Mask-conditioned generation (``medsynth train --stage controlnet``): a MONAI ``ControlNet``
+    copied from the trained UNet learns to steer the frozen model towards a given label map."""
+
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1.0e-4
+    cond_drop_prob: float = 0.0  # class-label dropout (the mask is always given)
+    conditioning_scale: float = 1.0
+    log_every: int = 10
+
+    def check(self, path: str) -> list[str]:
+        errs = []
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
+            errs.append(f"{path}: steps, batch_size and log_every must be >= 1")
+        if self.lr <= 0 or not 0.0 <= self.cond_drop_prob < 1.0 or self.conditioning_scale < 0:
+            errs.append(f"{path}: need lr > 0, 0 <= cond_drop_prob < 1 and conditioning_scale >= 0")
+        return errs
+
+
+@dataclass
 class TrainingConfig:
     """Seed, device, precision and the diffusion objective shared by both stages.
 
@@ -293,6 +314,7 @@ class TrainingConfig:
     checkpoint_every: int = 500
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
 
     def check(self, path: str) -> list[str]:
         if self.checkpoint_every < 1:
