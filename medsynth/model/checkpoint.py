@@ -162,6 +162,8 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
                    if cfg.data.use_labels else None),
         "latent": {"shape": list(latent_shape(cfg)), "scale_factor": diff_ck["scale_factor"]},
         "diffusion": {"objective": cfg.training.scheduler,
+                      "prediction": "velocity" if cfg.training.scheduler == "rflow"
+                      else cfg.training.diffusion.prediction_type,
                       "num_train_timesteps": cfg.training.diffusion.num_train_timesteps,
                       "schedule": cfg.training.diffusion.schedule},
         "sampling_defaults": config_to_dict(cfg.sampling),

@@ -172,9 +172,11 @@ def build_scheduler(kind: str, t: DiffusionTrainConfig, latent_numel: int) -> An
     if t.schedule != "cosine":
         args.update(beta_start=t.beta_start, beta_end=t.beta_end)
     if kind == "ddpm":
-        return DDPMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False, **args)
+        return DDPMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False,
+                             prediction_type=t.prediction_type, **args)
     if kind == "ddim":
-        return DDIMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False, **args)
+        return DDIMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False,
+                             prediction_type=t.prediction_type, **args)
     if kind == "rflow":
         return RFlowScheduler(num_train_timesteps=t.num_train_timesteps, use_discrete_timesteps=False,
                               sample_method="logit-normal", use_timestep_transform=False,
