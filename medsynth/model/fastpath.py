@@ -24,7 +24,6 @@ kernels, hence the same bytes, as MONAI's ``LatentDiffusionInferer.sample``.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ class OneDNNConv3d(nn.Conv3d):
     chosen for fp32 CPU inference.  Parameters and ``state_dict`` keys are those of ``nn.Conv3d``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see class docstring
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
@@ -91,7 +90,7 @@ def resolve_sampling_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
-def memory_format(channels_last: bool, x: Optional[torch.Tensor] = None) -> torch.memory_format:
+def memory_format(channels_last: bool, x: torch.Tensor | None = None) -> torch.memory_format:
     """``torch.channels_last_3d`` for 5-D tensors when asked, else ``torch.contiguous_format``."""
     if channels_last and (x is None or x.dim() == 5):
         return torch.channels_last_3d

@@ -1,0 +1,713 @@
+#!/usr/bin/env python
+"""medsynth benchmarks: speed and memory of medsynth's sampling path against the plain MONAI way.
+
+    python benchmarks/run.py --quick --out benchmarks/results/cpu-quick.json
+
+In one process, with the same networks and the same (seeded, untrained) weights, it measures:
+
+* the training step time of each stage (``medsynth.model.train.train`` on built-in phantoms;
+  median of the timed steps after warm-up);
+* the sampling time per volume at two sizes for DDPM-1000, DDIM-50 and rectified-flow-30, decode
+  included, for the **baseline** (``monai.inferers.LatentDiffusionInferer.sample``: fp32,
+  channels-first, whole-volume decode, as a MONAI tutorial does it) and for **medsynth**
+  (``medsynth.model.sample.Sampler``: the fast path its config selects), interleaved run by run
+  so machine load hits both alike; plus the numerical difference between the two outputs (HU);
+* the peak memory of decoding one large volume whole and in tiles (fresh subprocess each: RSS
+  high-water mark on the CPU, ``max_memory_allocated`` on CUDA);
+* the achieved GFLOP/s of the diffusion UNet forward next to a matmul peak measured in the same run.
+
+Times that are extrapolated rather than measured end to end say so (``"how": "extrapolated"``):
+per-step times and one decode, measured interleaved, times the number of steps.  DDPM-1000 is
+always extrapolated.  The markdown table is printed and can be written with ``--markdown``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch
+from torch import nn
+
+FORMAT = "medsynth-benchmark/1"
+
+# The benchmark networks: MONAI AutoencoderKL (4x downsampling, no attention) and DiffusionModelUNet
+# with attention on its two coarser levels.  "slim" autoencoders are for the large decode only.
+NETS = {
+    "bench": {"autoencoder": {"channels": [32, 64, 64], "latent_channels": 4, "norm_num_groups": 16,
+                              "attention_levels": [False, False, False], "with_nonlocal_attn": False},
+              "unet": {"channels": [64, 128, 256], "attention_levels": [False, True, True],
+                       "num_head_channels": 32, "norm_num_groups": 32, "num_res_blocks": 1}},
+    "tiny": {"autoencoder": {"channels": [8, 16, 16], "latent_channels": 4, "norm_num_groups": 8,
+                             "attention_levels": [False, False, False], "with_nonlocal_attn": False},
+             "unet": {"channels": [16, 32, 32], "attention_levels": [False, True, True],
+                      "num_head_channels": 8, "norm_num_groups": 8, "num_res_blocks": 1}},
+    # MAISI-sized networks (monai.apps.generation.maisi), for the largest-volume probe on a GPU
+    "maisi": {"autoencoder": {"kind": "maisi", "channels": [64, 128, 256], "latent_channels": 4,
+                              "num_res_blocks": 2, "norm_num_groups": 32,
+                              "attention_levels": [False, False, False], "with_nonlocal_attn": False,
+                              "num_splits": 8},
+              "unet": {"kind": "maisi", "channels": [64, 128, 256, 512],
+                       "attention_levels": [False, False, True, True], "num_head_channels": 32,
+                       "norm_num_groups": 32, "num_res_blocks": 2, "use_flash_attention": True}},
+}
+SLIM_AE = {"s8": [8, 16, 16], "s16": [16, 32, 32]}
+
+# What each mode runs.  e2e_sizes: sampled end to end (DDIM-50 and RF-30); other sizes are
+# extrapolated from interleaved per-step and decode timings.
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": {"nets": "tiny", "sizes": (16, 32), "e2e_sizes": (16,), "reps": 2, "step_reps": 2, "ddim_steps": 4, "rf_steps": 3,
+                 "train_size": 16, "train_warm": 1, "train_timed": 1, "decode_size": 32, "decode_ae": "s8", "decode_roi": 4,
+                 "bf16_latent": 4},
+    "quick": {"nets": "bench", "sizes": (64, 128), "e2e_sizes": (64,), "reps": 2, "step_reps": 3, "ddim_steps": 50, "rf_steps": 30,
+                  "train_size": 32, "train_warm": 1, "train_timed": 3, "decode_size": 256, "decode_ae": "s8", "decode_roi": 32,
+                  "bf16_latent": 8, "decode_monai": False},
+    "full": {"nets": "bench", "sizes": (64, 128), "e2e_sizes": (64, 128), "reps": 3, "step_reps": 5, "ddim_steps": 50,
+                 "rf_steps": 30, "train_size": 64, "train_warm": 2, "train_timed": 5, "decode_size": 256, "decode_ae": "s16",
+                 "decode_roi": 32, "bf16_latent": 16},
+}
+GPU_OVERRIDES = {"sizes": (128, 256), "e2e_sizes": (128, 256), "decode_size": 256, "decode_ae": "s16", "decode_roi": 48,
+                     "maisi_sizes": (256, 384, 512)}
+
+HU_WINDOW = (-1000.0, 1000.0)
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall seconds of ``fn()`` (CUDA work included) and its result."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def med(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def config(nets: str, size: int, scheduler: str = "ddim", ae_channels: list[int] | None = None,
+           fast: bool = True, tiling: dict[str, Any] | None = None, device: str = "cpu") -> Any:
+    """A medsynth ``Config`` for benchmark-sized networks on a ``size``³ CT grid."""
+    from medsynth.config import config_from_dict
+
+    spec = copy.deepcopy(NETS[nets])
+    if ae_channels is not None:
+        spec["autoencoder"]["channels"] = list(ae_channels)
+        spec["autoencoder"]["norm_num_groups"] = min(spec["autoencoder"]["norm_num_groups"], min(ae_channels))
+    objective = "rflow" if scheduler == "rflow" else "ddpm"
+    steps = {"ddpm": 1000, "ddim": 50, "rflow": 30}[scheduler]
+    raw = {
+        "name": "bench",
+        "data": {"modality": "CT", "shape": [size] * 3, "spacing": [1.5] * 3, "val_fraction": 0.25,
+                 "intensity": {"window": list(HU_WINDOW)}},
+        "model": spec,
+        "training": {"device": device, "precision": "bf16" if device == "cuda" else "fp32",
+                     "scheduler": objective, "checkpoint_every": 100000, "autoencoder": {"disc_layers": 2},
+                     "diffusion": {"num_train_timesteps": 1000}},
+        "sampling": {"scheduler": scheduler, "steps": steps, "guidance_scale": 1.0, "batch_size": 1,
+                     "use_ema": False, "tiling": tiling or {"enabled": False}},
+    }
+    if not fast:
+        raw["sampling"].update(precision="fp32", channels_last=False, onednn_conv=False, fused_attention=False)
+    return config_from_dict(raw, source="benchmarks/run.py")
+
+
+def build_weights(cfg: Any, seed: int) -> tuple[nn.Module, nn.Module]:
+    """Seeded networks of ``cfg``.  MONAI zero-initialises the UNet's output convolution (and the
+    attention output projections), which makes an untrained UNet predict exactly zero; those
+    layers are re-drawn with PyTorch's default initialisation, from the same seed, so baseline and
+    medsynth outputs differ wherever their arithmetic does."""
+    from medsynth.model.networks import (
+        build_autoencoder,
+        build_unet,
+        derive_seed,
+        seeded_init,
+    )
+
+    with seeded_init(derive_seed(seed, "benchmark-weights")):
+        ae, unet = build_autoencoder(cfg), build_unet(cfg)
+        for net in (ae, unet):
+            for m in net.modules():
+                params = list(m.parameters(recurse=False))
+                if params and hasattr(m, "reset_parameters") and all(bool((p == 0).all()) for p in params):
+                    m.reset_parameters()
+    return ae, unet
+
+
+def make_sampler(cfg: Any, ae: nn.Module, unet: nn.Module, device: torch.device, copy_nets: bool = True) -> Any:
+    """medsynth's ``Sampler`` over (copies of) the given networks; it prepares them in place, and
+    preparing twice is harmless, so prepared networks can be shared between samplers."""
+    from medsynth.data.transforms import intensity_norm
+    from medsynth.model.sample import Sampler
+
+    if copy_nets:
+        ae, unet = copy.deepcopy(ae), copy.deepcopy(unet)
+    return Sampler(cfg, ae, unet, 1.0, intensity_norm(cfg.data).to_dict(), device,
+                   {"checkpoint_sha256": None, "benchmark": True}, "bench")
+
+
+class Baseline:
+    """The plain MONAI way: ``LatentDiffusionInferer.sample`` in fp32, channels-first, whole decode."""
+
+    def __init__(self, ae: nn.Module, unet: nn.Module, device: torch.device):
+        self.ae = copy.deepcopy(ae).to(device).eval()
+        self.unet = copy.deepcopy(unet).to(device).eval()
+        self.device = device
+
+    def scheduler(self, cfg: Any, kind: str, steps: int, latent_numel: int) -> Any:
+        from medsynth.model.networks import build_scheduler
+
+        sched = build_scheduler(kind, cfg.training.diffusion, latent_numel)
+        sched.set_timesteps(steps)
+        return sched
+
+    def sample(self, cfg: Any, noise: torch.Tensor, kind: str, steps: int) -> torch.Tensor:
+        from monai.inferers import LatentDiffusionInferer
+
+        sched = self.scheduler(cfg, kind, steps, math.prod(noise.shape[2:]))
+        inferer = LatentDiffusionInferer(sched, scale_factor=1.0)
+        return inferer.sample(input_noise=noise.to(self.device), autoencoder_model=self.ae,
+                              diffusion_model=self.unet, scheduler=sched, verbose=False)
+
+    @torch.no_grad()
+    def step(self, sched: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One denoising step exactly as the inferer does it."""
+        out = self.unet(x, timesteps=torch.Tensor((t,)).to(self.device), context=None)
+        return sched.step(out, t, x)[0]
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.ae.decode_stage_2_outputs(z.to(self.device) / 1.0)
+
+
+def decode_volume(sampler: Any, z: torch.Tensor) -> Any:
+    """medsynth's decode of one latent up to the Volume in HU."""
+    return sampler.to_volume(sampler.decode(z)[0])
+
+
+def to_hu(sampler: Any, image: torch.Tensor) -> Any:
+    """Model-space image -> HU with medsynth's post-processing (the same for both paths)."""
+    return sampler.to_volume(image.float().cpu().contiguous()).array
+
+
+def compare(ref_hu: Any, out_hu: Any, ref_model: torch.Tensor) -> dict[str, Any]:
+    """Max |diff| in HU and PSNR (window width as data range) of an output against the fp32 baseline.
+
+    Both outputs are clipped to the HU window by the same post-processing; ``clipped_fraction``
+    says how much of the baseline volume lies outside it (untrained networks saturate a lot)."""
+    import numpy as np
+
+    d = np.abs(out_hu.astype(np.float64) - ref_hu.astype(np.float64))
+    mse = float((d ** 2).mean())
+    rng = HU_WINDOW[1] - HU_WINDOW[0]
+    res = {"max_abs_diff_hu": float(d.max()), "mean_abs_diff_hu": float(d.mean()),
+           "psnr_db": float("inf") if mse == 0 else float(10 * math.log10(rng ** 2 / mse)),
+           "reference_std_hu": float(ref_hu.std())}
+    res["clipped_fraction"] = float((ref_model.float().abs() > 1.0).float().mean())
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+
+
+def bench_training(p: dict[str, Any], device: torch.device, work: Path) -> dict[str, Any]:
+    """Median step time of each stage of the real training loop, on built-in phantoms."""
+    from medsynth.config import config_from_dict, config_to_dict
+    from medsynth.data.phantoms import write_phantoms
+    from medsynth.model.train import train
+
+    size, warm, timed_n = p["train_size"], p["train_warm"], p["train_timed"]
+    steps = warm + timed_n + 1  # the last step also validates and checkpoints: not timed
+    manifest = write_phantoms(work / "phantoms", 4, 0, (size, size, size), (1.5, 1.5, 1.5))
+    raw = config_to_dict(config(p["nets"], size, device=device.type))
+    raw["data"]["manifest"] = str(manifest)
+    raw["training"]["autoencoder"] = {"steps": steps, "batch_size": 1, "adv_start": 0, "adv_weight": 0.01,
+                                      "disc_layers": 2, "val_every": 100000, "log_every": 100000}
+    raw["training"]["diffusion"].update(steps=steps, batch_size=1, val_every=100000, log_every=100000)
+    cfg = config_from_dict(raw)
+    stamps: dict[str, list[float]] = {"autoencoder": [], "diffusion": []}
+
+    def cb(stage: str, step: int) -> None:
+        sync(device)
+        stamps[stage].append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    train(cfg, work / "run", device=device.type, callback=cb)
+    out: dict[str, Any] = {"size": size, "batch_size": 1, "warmup_steps": warm, "timed_steps": timed_n,
+                           "precision": "bf16" if device.type == "cuda" else "fp32",
+                           "autoencoder_includes": "L1 + KL + PatchGAN generator and discriminator updates",
+                           "total_s": round(time.perf_counter() - t0, 1)}
+    for stage, ts in stamps.items():
+        gaps = [b - a for a, b in itertools.pairwise(ts)]  # gaps[k] = duration of step k + 2
+        kept = gaps[warm - 1:warm - 1 + timed_n]  # warm >= 1
+        out[stage] = {"median_step_s": round(med(kept), 4), "step_s": [round(g, 4) for g in kept]}
+    return out
+
+
+def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Baseline vs medsynth, interleaved: end to end where the profile says so, else per step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medsynth.model.networks import latent_shape
+
+    res: dict[str, Any] = {"runs": [], "per_step_s": {}, "decode_s": {}, "numerics": {}}
+    cfg0 = config(p["nets"], p["sizes"][0], device=device.type)
+    ae, unet = build_weights(cfg0, seed)
+    base = Baseline(ae, unet, device)
+    # one copy of the networks, prepared by medsynth, serves every size and scheduler
+    m_ae, m_unet = copy.deepcopy(ae), copy.deepcopy(unet)
+    sampler_of = {(size, kind): make_sampler(config(p["nets"], size, kind, device=device.type), m_ae, m_unet,
+                                             device, copy_nets=False)
+                  for size in p["sizes"] for kind in ("ddim", "rflow")}
+    sp = sampler_of[p["sizes"][0], "ddim"]
+    res["settings"] = {"baseline": {"precision": "fp32", "channels_last": False, "onednn_conv": False,
+                                    "decode": "whole volume", "api": "monai.inferers.LatentDiffusionInferer.sample"},
+                       "medsynth": {**sp.provenance["sampling_path"], "inference_mode": True,
+                                    "api": "medsynth.model.sample.Sampler.sample"}}
+
+    # exact path: fp32, channels-first, PyTorch's own kernels == MONAI's bytes (a few DDIM steps)
+    size0 = p["sizes"][0]
+    exact = make_sampler(config(p["nets"], size0, "ddim", fast=False, device=device.type), ae, unet, device)
+    st = exact.settings(seed, 5, 1.0, "ddim", 0.0)
+    noise = exact.initial_noise([0], seed)
+    ex_img = exact.decode(exact.denoise(noise, None, [torch.Generator()], st))
+    ref_img = base.sample(exact.cfg, noise, "ddim", 5)
+    res["exact_path_bitwise_equal_to_monai"] = bool(torch.equal(ex_img.cpu(), ref_img.float().cpu()))
+    del exact
+
+    # end-to-end runs, ABBA-interleaved
+    for size in p["e2e_sizes"]:
+        for kind, steps in (("ddim", p["ddim_steps"]), ("rflow", p["rf_steps"])):
+            s = sampler_of[size, kind]
+            st = s.settings(seed, steps, 1.0, kind, 0.0)
+            noise = s.initial_noise([0], seed)
+            b_t, m_t = [], []
+            reps = p["reps"] if kind == "ddim" else max(1, p["reps"] - 1)
+            for r in range(reps):
+                order = ("b", "m") if r % 2 == 0 else ("m", "b")
+                for who in order:
+                    if who == "b":
+                        dt, b_img = timed(partial(base.sample, s.cfg, noise, kind, steps), device)
+                        b_t.append(dt)
+                    else:
+                        dt, m_vols = timed(partial(s.sample, [0], st), device)
+                        m_t.append(dt)
+                log(f"sampling {size}³ {kind}-{steps} rep {r + 1}/{reps}: baseline {b_t[-1]:.1f} s, "
+                    f"medsynth {m_t[-1]:.1f} s (load {load()[0]})")
+            res["runs"].append({"size": size, "scheduler": kind, "steps": steps, "how": "measured",
+                                "baseline_s": [round(x, 3) for x in b_t], "medsynth_s": [round(x, 3) for x in m_t],
+                                "baseline_s_per_volume": round(med(b_t), 3),
+                                "medsynth_s_per_volume": round(med(m_t), 3),
+                                "speedup": round(med(b_t) / med(m_t), 3),
+                                "speedup_of_fastest_runs": round(min(b_t) / min(m_t), 3)})
+            if size == size0:
+                res["numerics"][f"{kind}-{steps}"] = compare(to_hu(s, b_img[0]), m_vols[0].array, b_img)
+
+    # per-step and decode timings at every size (interleaved), for extrapolation and GFLOP/s
+    for size in p["sizes"]:
+        s = sampler_of[size, "ddim"]
+        shape = (1, *latent_shape(s.cfg))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        sched_b = base.scheduler(s.cfg, "ddim", p["ddim_steps"], math.prod(shape[2:]))
+        sched_m = base.scheduler(s.cfg, "ddim", p["ddim_steps"], math.prod(shape[2:]))
+        t = sched_b.timesteps[len(sched_b.timesteps) // 2]
+
+        def m_step(s: Any = s, sched_m: Any = sched_m, x: torch.Tensor = x, t: torch.Tensor = t) -> torch.Tensor:
+            with torch.inference_mode():
+                return sched_m.step(s.predict(x, t, None, 1.0), t, x)[0]
+
+        b_t, m_t = [], []
+        small = size == p["sizes"][0]
+        if small:  # warm-up (oneDNN primitives, allocator); negligible next to a large size's step
+            base.step(sched_b, x, t), m_step()
+        for r in range(p["step_reps"] if small else 2):
+            for who in (("b", "m") if r % 2 == 0 else ("m", "b")):
+                if who == "b":
+                    b_t.append(timed(partial(base.step, sched_b, x, t), device)[0])
+                else:
+                    m_t.append(timed(m_step, device)[0])
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:  # plain modules: every op counted
+            base.unet(x, t.reshape(1).float().to(device))
+        flops = fc.get_total_flops()
+        res["per_step_s"][str(size)] = {"baseline": round(med(b_t), 4), "medsynth": round(med(m_t), 4),
+                                        "speedup": round(med(b_t) / med(m_t), 3), "unet_gflop": round(flops / 1e9, 3),
+                                        "baseline_gflops": round(flops / 1e9 / med(b_t), 2),
+                                        "medsynth_gflops": round(flops / 1e9 / med(m_t), 2)}
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        db, dm = [], []
+        for r in range(1 if size == p["sizes"][-1] else 2):
+            for who in (("b", "m") if r % 2 == 0 else ("m", "b")):
+                if who == "b":
+                    db.append(timed(partial(base.decode, z), device)[0])
+                else:
+                    dm.append(timed(partial(decode_volume, s, z), device)[0])
+        res["decode_s"][str(size)] = {"baseline": round(med(db), 3), "medsynth": round(med(dm), 3),
+                                      "speedup": round(med(db) / med(dm), 3)}
+        log(f"per step {size}³: baseline {med(b_t):.3f} s, medsynth {med(m_t):.3f} s; decode baseline "
+            f"{med(db):.2f} s, medsynth {med(dm):.2f} s")
+
+    # extrapolated rows: DDPM-1000 everywhere, DDIM/RF where not sampled end to end
+    for size in p["sizes"]:
+        ps, dec = res["per_step_s"][str(size)], res["decode_s"][str(size)]
+        for kind, steps in (("ddpm", 1000), ("ddim", p["ddim_steps"]), ("rflow", p["rf_steps"])):
+            if kind != "ddpm" and size in p["e2e_sizes"]:
+                continue
+            b = steps * ps["baseline"] + dec["baseline"]
+            m = steps * ps["medsynth"] + dec["medsynth"]
+            res["runs"].append({"size": size, "scheduler": kind, "steps": steps, "how": "extrapolated",
+                                "baseline_s_per_volume": round(b, 3), "medsynth_s_per_volume": round(m, 3),
+                                "speedup": round(b / m, 3)})
+    head = next(r for r in res["runs"] if r["size"] == size0 and r["scheduler"] == "ddim" and r["how"] == "measured")
+    res.update(baseline_s_per_volume=head["baseline_s_per_volume"], medsynth_s_per_volume=head["medsynth_s_per_volume"],
+               speedup=head["speedup"], headline=f"DDIM-{head['steps']} at {size0}³, measured end to end, decode included")
+    res["unet_gflops_size"] = size0
+    return res
+
+
+def decode_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: decode one latent whole, tiled, or the MONAI way; report peak memory."""
+    import resource
+
+    from medsynth.model.networks import latent_shape
+
+    device = torch.device(spec["device"])
+    torch.set_num_threads(int(spec["threads"]))
+    tiling = {"enabled": spec["mode"] == "tiled", "latent_roi": [spec["roi"]] * 3, "overlap": 0.25}
+    cfg = config("tiny", spec["size"], ae_channels=spec["ae_channels"], tiling=tiling, device=device.type)
+    ae, unet = build_weights(cfg, 0)
+    z = torch.randn((1, *latent_shape(cfg)), generator=torch.Generator().manual_seed(0))
+    if spec["mode"] == "monai":
+        b = Baseline(ae, unet, device)
+        fn: Callable[[], Any] = lambda: b.decode(z).cpu()
+    else:
+        s = make_sampler(cfg, ae, unet, device)
+        fn = lambda: s.decode(z)
+    del ae, unet
+
+    def hwm_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    before = hwm_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_alloc = torch.cuda.memory_allocated(device)
+    dt, out = timed(fn, device)
+    res = {"mode": spec["mode"], "seconds": round(dt, 2), "out_shape": list(out.shape),
+           "rss_before_mb": round(before, 1), "rss_peak_mb": round(hwm_mb(), 1)}
+    if device.type == "cuda":
+        res["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        res["gpu_before_mb"] = round(base_alloc / 2 ** 20, 1)
+    return res
+
+
+def bench_decode(p: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Peak memory of decoding one ``decode_size``³ volume whole vs tiled, each in a fresh process."""
+    from medsynth.model.fastpath import plan_tiles
+
+    size, roi, ae_ch = p["decode_size"], p["decode_roi"], SLIM_AE[p["decode_ae"]]
+    latent = size // 4
+    tiles, overlaps = plan_tiles((latent,) * 3, (roi,) * 3, 0.25)
+    out: dict[str, Any] = {"size": size, "latent": [4, latent, latent, latent],
+                           "autoencoder": {"kind": "monai AutoencoderKL", "channels": ae_ch, "latent_channels": 4,
+                                           "attention": "none (no latent-level attention)"},
+                           "tiling": {"max_latent_roi": roi, "overlap": 0.25, "latent_tile": list(tiles),
+                                      "tiles": len(_tile_starts(latent, tiles[0], overlaps[0])) ** 3},
+                           "measure": "CUDA max_memory_allocated" if device.type == "cuda"
+                           else "process RSS high-water mark (VmHWM), fresh process per mode"}
+    for mode in ("full", "tiled", "monai") if p.get("decode_monai", True) else ("full", "tiled"):
+        spec = {"mode": mode, "size": size, "roi": roi, "ae_channels": ae_ch, "device": device.type,
+                "threads": torch.get_num_threads()}
+        proc = subprocess.run([sys.executable, __file__, "--decode-child", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=3600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"decode child ({mode}) failed:\n{proc.stderr[-3000:]}")
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(f"decode {size}³ {mode}: peak {out[mode].get('gpu_peak_mb', out[mode]['rss_peak_mb'])} MB, "
+            f"{out[mode]['seconds']} s")
+    key = "gpu_peak_mb" if device.type == "cuda" else "rss_peak_mb"
+    out["full_peak_mb"] = out["full"][key]
+    out["tiled_peak_mb"] = out["tiled"][key]
+    out["tiled_over_full"] = round(out["tiled_peak_mb"] / out["full_peak_mb"], 3)
+    if device.type == "cpu":  # the same ratio above the memory held before decoding starts
+        extra = [out[m]["rss_peak_mb"] - out[m]["rss_before_mb"] for m in ("full", "tiled")]
+        out["full_extra_mb"], out["tiled_extra_mb"] = round(extra[0], 1), round(extra[1], 1)
+    return out
+
+
+def _tile_starts(size: int, roi: int, overlap: float) -> list[int]:
+    if roi >= size:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    return list(range(0, size - roi, step)) + [size - roi]
+
+
+def bench_matmul(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n matmul (median of ``reps``), the practical peak for dense fp32/bf16 math."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    ts = [timed(lambda: a @ b, device)[0] for _ in range(reps)]
+    return round(2 * n ** 3 / med(ts) / 1e9, 2)
+
+
+def bench_bf16(p: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One UNet forward in fp32 vs bf16 autocast on a small latent: does bf16 pay on this device?"""
+    from medsynth.model.networks import autocast, cpu_has_native_bf16
+
+    lat = p["bf16_latent"]
+    cfg = config(p["nets"], lat * 4, device=device.type)
+    _, unet = build_weights(cfg, 0)
+    unet = unet.to(device).eval()
+    x = torch.randn(1, 4, lat, lat, lat, device=device)
+    t = torch.tensor([500.0], device=device)
+
+    def fwd(prec: str) -> Callable[[], Any]:
+        def f() -> Any:
+            with torch.inference_mode(), autocast(device, prec):
+                return unet(x, t).float()
+        return f
+
+    ref, low = fwd("fp32")(), fwd("bf16")()
+    tf, tb = [], []
+    for r in range(3):
+        tf.append(timed(fwd("fp32"), device)[0])
+        tb.append(timed(fwd("bf16"), device)[0])
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    return {"latent": [4, lat, lat, lat], "native_bf16": bool(native), "fp32_s": round(med(tf), 4),
+            "bf16_s": round(med(tb), 4), "bf16_speedup": round(med(tf) / med(tb), 3),
+            "max_abs_diff_unet_output": float((ref - low).abs().max())}
+
+
+def bench_maisi(p: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """GPU only: the largest CT volume medsynth samples (RF-30, MAISI-sized networks) on this card."""
+    out: dict[str, Any] = {"networks": NETS["maisi"], "scheduler": "rflow", "steps": 30, "sizes": []}
+    for size in p.get("maisi_sizes", ()):
+        row: dict[str, Any] = {"size": size}
+        try:
+            tiling = {"enabled": True, "latent_roi": [64, 64, 64], "overlap": 0.25}
+            cfg = config("maisi", size, "rflow", tiling=tiling, device="cuda")
+            ae, unet = build_weights(cfg, 0)
+            sampler = make_sampler(cfg, ae, unet, device, copy_nets=False)
+            st = sampler.settings(0, 30, 1.0, "rflow", 0.0)
+            torch.cuda.reset_peak_memory_stats(device)
+            dt, _ = timed(partial(sampler.sample, [0], st), device)
+            row.update(ok=True, seconds=round(dt, 1),
+                       peak_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2))
+        except torch.cuda.OutOfMemoryError as exc:  # the card's limit, which is what we probe
+            row.update(ok=False, error=f"out of memory: {str(exc).splitlines()[0][:200]}")
+        except Exception as exc:  # noqa: BLE001 - report, keep the rest of the benchmark
+            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        torch.cuda.empty_cache()
+        out["sizes"].append(row)
+        log(f"MAISI-sized {size}³: {row}")
+    fits = [r["size"] for r in out["sizes"] if r.get("ok")]
+    out["largest_size"] = max(fits) if fits else None
+    out["maisi_published"] = {"size": 512, "seconds": 48, "peak_gb": 22.8, "gpu": "A100", "steps": 30,
+                              "source": "MAISI (NVIDIA), rectified-flow 30 steps"}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The README table of a result."""
+    s, d, e = r["sampling"], r.get("decode"), r["environment"]
+    head = (f"Mode `{r['mode']}` on {e['device_name']} ({e['threads']} threads, load average "
+            f"{e['load_before'][0]} -> {e['load_after'][0]}), torch {e['torch']}, MONAI {e['monai']}.")
+    lines = [head, "",
+             "| sampling (per volume, decode included) | how | MONAI baseline | medsynth | speedup |",
+             "|---|---|---:|---:|---:|"]
+    for run in sorted(s["runs"], key=lambda x: (x["size"], ["ddpm", "ddim", "rflow"].index(x["scheduler"]))):
+        name = {"ddpm": "DDPM", "ddim": "DDIM", "rflow": "RF"}[run["scheduler"]]
+        lines.append(f"| {run['size']}³ {name}-{run['steps']} | {run['how']} | {run['baseline_s_per_volume']:.1f} s "
+                     f"| {run['medsynth_s_per_volume']:.1f} s | {run['speedup']:.2f}x |")
+    lines += ["", "| per component | MONAI baseline | medsynth | speedup |", "|---|---:|---:|---:|"]
+    for size, ps in s["per_step_s"].items():
+        lines.append(f"| {size}³ one denoising step | {ps['baseline']:.3f} s | {ps['medsynth']:.3f} s "
+                     f"| {ps['speedup']:.2f}x |")
+    for size, dc in s["decode_s"].items():
+        lines.append(f"| {size}³ decode | {dc['baseline']:.2f} s | {dc['medsynth']:.2f} s | {dc['speedup']:.2f}x |")
+    lines += ["", "| figure | value |", "|---|---|"]
+    for k, v in s["numerics"].items():
+        lines.append(f"| {s['unet_gflops_size']}³ {k}: medsynth vs fp32 baseline | max {v['max_abs_diff_hu']:.3g} HU, "
+                     f"PSNR {v['psnr_db']:.1f} dB |")
+    lines.append(f"| exact path (fp32, channels-first) bitwise equal to MONAI | "
+                 f"{s['exact_path_bitwise_equal_to_monai']} |")
+    lines.append(f"| UNet forward ({s['unet_gflops_size']}³ volume) | {r['unet_gflops']:.1f} GFLOP/s medsynth, "
+                 f"{s['per_step_s'][str(s['unet_gflops_size'])]['baseline_gflops']:.1f} baseline; matmul peak "
+                 f"{r['matmul_peak_gflops']:.1f} |")
+    b = r["bf16"]
+    lines.append(f"| bf16 autocast vs fp32 (UNet forward, native bf16: {b['native_bf16']}) | "
+                 f"{b['bf16_speedup']:.3g}x |")
+    if d:
+        lines.append(f"| decode {d['size']}³ peak memory ({d['autoencoder']['channels']} autoencoder) | "
+                     f"whole {d['full_peak_mb']:.0f} MB, tiled {d['tiled_peak_mb']:.0f} MB "
+                     f"({d['tiled_over_full']:.2f} of whole)"
+                     + (f", MONAI whole {d['monai'].get('gpu_peak_mb', d['monai']['rss_peak_mb']):.0f} MB"
+                        if "monai" in d else "") + " |")
+        lines.append(f"| decode {d['size']}³ time | whole {d['full']['seconds']} s, tiled {d['tiled']['seconds']} s "
+                     f"({d['tiling']['tiles']} tiles of {d['tiling']['latent_tile'][0]}³ latent)"
+                     + (f", MONAI {d['monai']['seconds']} s" if "monai" in d else "") + " |")
+    t = r["training"]
+    if t:
+        lines.append(f"| training step at {t['size']}³, batch 1 | autoencoder {t['autoencoder']['median_step_s']:.2f} s, "
+                     f"diffusion {t['diffusion']['median_step_s']:.2f} s |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import monai
+
+    from medsynth.model.networks import cpu_has_native_bf16
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "onednn": torch.backends.mkldnn.is_available()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="64³/128³ sampling, 256³ decode with a slim autoencoder (minutes on 2 cores)")
+    mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
+                      help="small networks and volumes: a smoke run in well under a minute")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", default="auto",
+                    help="torch CPU threads for both paths: a number, or 'auto' (torch's own choice, but 1 when "
+                         "the load average already exceeds the cores: OpenMP barriers stall on oversubscribed cores)")
+    ap.add_argument("--out", type=Path, help="write the result JSON here")
+    ap.add_argument("--markdown", type=Path, help="also write the markdown table here")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("training", "decode", "maisi"),
+                    help="leave sections out (their keys are then null)")
+    ap.add_argument("--decode-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    from medsynth.progress import set_progress
+
+    set_progress(False)
+    if args.decode_child:
+        print(json.dumps(decode_child(json.loads(args.decode_child))))
+        return 0
+    if args.out is None:
+        ap.error("--out RESULT.json is required")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
+    name = args.mode or "full"
+    p = dict(PROFILES[name])
+    if args.device == "cuda" and name != "tiny":
+        p.update(GPU_OVERRIDES)
+    device = torch.device(args.device)
+    threads_reason = "torch default"
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
+        threads_reason = "--threads"
+    elif device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+        threads_reason = (f"auto: load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores, so 1 thread "
+                          "for both paths (OpenMP barriers stall on oversubscribed cores)")
+    t0 = time.perf_counter()
+    env = environment(device)
+    env["load_before"] = load()
+    env["threads_reason"] = threads_reason
+    result: dict[str, Any] = {"format": FORMAT, "mode": name, "profile": p, "environment": env}
+    log(f"benchmark '{name}' on {env['device_name']}, {env['threads']} threads, load {env['load_before']}")
+
+    result["matmul_peak_gflops"] = bench_matmul(device, torch.float32)
+    if device.type == "cuda":
+        result["matmul_peak_gflops_bf16"] = bench_matmul(device, torch.bfloat16)
+    result["bf16"] = bench_bf16(p, device)
+    log(f"bf16 probe: {result['bf16']}")
+    result["sampling"] = bench_sampling(p, device)
+    ps = result["sampling"]["per_step_s"][str(p["sizes"][0])]
+    result["unet_gflops"] = ps["medsynth_gflops"]
+    if device.type == "cuda" and result["sampling"]["settings"]["medsynth"]["precision"] == "bf16":
+        result["matmul_peak_gflops_fp32"] = result["matmul_peak_gflops"]
+        result["matmul_peak_gflops"] = result["matmul_peak_gflops_bf16"]  # same precision as the UNet
+    result["decode"] = None if "decode" in args.skip else bench_decode(p, device)
+    with tempfile.TemporaryDirectory(prefix="medsynth-bench-") as tmp:
+        result["training"] = None if "training" in args.skip else bench_training(p, device, Path(tmp))
+    if device.type == "cuda" and "maisi" not in args.skip and p.get("maisi_sizes"):
+        result["maisi"] = bench_maisi(p, device)
+    env["load_after"] = load()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["targets"] = targets(result)
+    text = markdown(result)
+
+    from medsynth.jobs import write_json, write_text
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    if args.markdown:
+        write_text(args.markdown, text + "\n")
+    print(text)
+    log(f"done in {result['seconds']} s -> {args.out}")
+    return 0
+
+
+def targets(r: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, checked against this result (reported, never asserted)."""
+    s, d = r["sampling"], r["decode"]
+    out = {"sampling_speedup_ge_2": s["speedup"] >= 2.0, "sampling_speedup": s["speedup"]}
+    if d:
+        out["tiled_decode_peak_le_third_of_full"] = d["tiled_over_full"] <= 1 / 3
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""benchmarks/run.py: a tiny-mode smoke run writes every reported key (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    md = out.with_suffix(".md")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--threads", "1",
+                           "--out", str(out), "--markdown", str(md)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), md.read_text()
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_tiny_run_writes_the_issue_keys(result):
+    r, _ = result
+    s, d = r["sampling"], r["decode"]
+    assert r["format"] == "medsynth-benchmark/1" and r["mode"] == "tiny"
+    for value in (s["baseline_s_per_volume"], s["medsynth_s_per_volume"], s["speedup"], d["full_peak_mb"],
+                  d["tiled_peak_mb"], r["unet_gflops"], r["matmul_peak_gflops"]):
+        assert _number(value) and value > 0
+    assert s["speedup"] == pytest.approx(s["baseline_s_per_volume"] / s["medsynth_s_per_volume"], rel=0.01)
+    env = r["environment"]
+    assert env["threads"] == 1 and len(env["load_before"]) == 3 and len(env["load_after"]) == 3
+
+
+def test_every_scheduler_and_size_is_reported_and_extrapolations_say_so(result):
+    r, _ = result
+    runs = r["sampling"]["runs"]
+    sizes = r["profile"]["sizes"]
+    for size in sizes:
+        assert {x["scheduler"] for x in runs if x["size"] == size} == {"ddpm", "ddim", "rflow"}
+    assert all(x["how"] == "extrapolated" for x in runs if x["scheduler"] == "ddpm")
+    measured = [x for x in runs if x["how"] == "measured"]
+    assert measured and all(len(x["baseline_s"]) == len(x["medsynth_s"]) >= 1 for x in measured)
+    assert all(x["steps"] == 1000 for x in runs if x["scheduler"] == "ddpm")
+
+
+def test_outputs_of_the_two_paths_agree_and_the_exact_path_is_monai_bit_for_bit(result):
+    r, _ = result
+    s = r["sampling"]
+    assert s["exact_path_bitwise_equal_to_monai"] is True
+    assert s["settings"]["baseline"]["precision"] == "fp32"
+    for figures in s["numerics"].values():
+        # fp32 on both sides here: differences are rounding, far below one HU
+        assert figures["max_abs_diff_hu"] < 1.0 and figures["psnr_db"] > 60
+
+
+def test_decode_memory_and_training_sections(result):
+    r, md = result
+    d, t = r["decode"], r["training"]
+    assert d["size"] == r["profile"]["decode_size"] and d["autoencoder"]["channels"] == [8, 16, 16]
+    assert d["tiling"]["tiles"] > 1 and d["full"]["out_shape"] == d["tiled"]["out_shape"] == [1, 1, 32, 32, 32]
+    assert d["tiled_over_full"] == pytest.approx(d["tiled_peak_mb"] / d["full_peak_mb"], abs=0.002)
+    for stage in ("autoencoder", "diffusion"):
+        assert _number(t[stage]["median_step_s"]) and len(t[stage]["step_s"]) == t["timed_steps"]
+    assert "| sampling (per volume, decode included) |" in md and "exact path" in md
+    assert set(r["targets"]) >= {"sampling_speedup_ge_2", "tiled_decode_peak_le_third_of_full"}
+
+
+def test_bad_arguments_are_refused():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 2 and "--out RESULT.json is required" in proc.stderr
