@@ -114,3 +114,48 @@ def test_generate_masks_needs_a_controlnet(tmp_path, setup, run_cli):
     assert code == CheckpointError.exit_code and "controlnet" in err and "Traceback" not in err
     with pytest.raises(ManifestError, match="--masks must be a data manifest or a folder"):
         generate_from_masks(setup["run"], tmp_path / "nowhere", tmp_path / "s2")
+
+
+@pytest.mark.slow
+def test_controlnet_samples_follow_their_masks_better_than_unconditioned(tmp_path):
+    """The quality figure: a small model (16³, 60 diffusion steps) plus 200 ControlNet steps.
+    On held-out phantom masks, and the same masks moved 3 voxels, the lung Dice of a threshold
+    segmentation is higher for ControlNet samples than for unconditioned samples of the same seed,
+    and the denoising loss on held-out cases is lower with the mask than without."""
+    from medsynth.data.phantoms import write_phantoms
+    from medsynth.manifest import load_manifest
+    from medsynth.model.controlnet import denoising_gain
+    from medsynth.model.sample import generate
+
+    man = write_phantoms(tmp_path / "ph", 12, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+    held = write_phantoms(tmp_path / "held", 6, 100, (16, 16, 16), (20.0, 20.0, 20.0))
+    raw = tiny_config(man, training={"autoencoder": {"steps": 40, "lr": 2e-3},
+                                     "diffusion": {"steps": 60, "lr": 2e-3, "num_train_timesteps": 100},
+                                     "controlnet": {"steps": 200, "batch_size": 4, "lr": 3e-3},
+                                     "checkpoint_every": 1000},
+                      sampling={"steps": 10, "guidance_scale": 1.0})
+    cfg = config_from_dict(raw)
+    train(cfg, tmp_path / "run")
+    train_controlnet(cfg, tmp_path / "run")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for c in load_manifest(held).cases:
+        v = Volume.load_nifti(c.label, modality="SEG")
+        v.save_nifti(masks / f"{c.id}.nii.gz", dtype="uint8")
+        a = np.roll(v.array, 3, axis=0)
+        a[:3] = 0
+        v.with_array(a).save_nifti(masks / f"{c.id}_moved.nii.gz", dtype="uint8")
+    res = generate_from_masks(tmp_path / "run", masks, tmp_path / "cn")
+    generate(tmp_path / "run", tmp_path / "un", range(len(res.written)))
+    un = {s.sidecar["index"]: s.load() for s in list_samples(tmp_path / "un")}
+    cn_d, un_d = [], []
+    for s in list_samples(tmp_path / "cn"):
+        m = s.load_label()
+        cn_d.append(mask_agreement(s.load(), m, LABELS)["lung_dice"])
+        un_d.append(mask_agreement(un[s.sidecar["index"]], m, LABELS)["lung_dice"])
+    print(f"lung Dice: controlnet {np.mean(cn_d):.3f}, unconditioned {np.mean(un_d):.3f}")
+    assert np.mean(cn_d) > np.mean(un_d)
+    assert sum(a > b for a, b in zip(cn_d, un_d)) >= 0.75 * len(cn_d)
+    gain = denoising_gain(tmp_path / "run", config_from_dict({**raw, "data": {**raw["data"], "manifest": str(held)}}))
+    print(f"held-out denoising loss: unet {gain['unet']:.3f}, with ControlNet {gain['controlnet']:.3f}")
+    assert gain["controlnet"] < gain["unet"]

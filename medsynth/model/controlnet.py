@@ -141,6 +141,69 @@ def _label_set(run_cfg: Config, cfg: Config) -> dict[str, int]:
     return resolve_label_set(m.extra, None, str(cfg.data.manifest))
 
 
+def _latents_and_masks(run: Any, cfg: Config, values: Sequence[int], labels: dict[str, int],
+                       dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Posterior (mu, sigma) of every training case under the run's frozen autoencoder, its one-hot
+    mask in {0, 1} at image resolution, and its class (-1: none)."""
+    from medsynth.model.train import prepare_data
+
+    rc = run.cfg
+    data_cfg = dataclasses.replace(rc, data=dataclasses.replace(
+        rc.data, manifest=cfg.data.manifest, use_labels=True, labels=labels, cache=cfg.data.cache,
+        cache_dir=cfg.data.cache_dir))
+    data = prepare_data(data_cfg)
+    paired = rc.data.use_labels
+    ae = build_autoencoder(rc)
+    ae.load_state_dict(run.autoencoder_state)
+    ae.to(dev).eval().requires_grad_(False)
+    mus, sigmas, conds = [], [], []
+    with torch.no_grad():
+        for i in range(len(data.train)):
+            x = torch.as_tensor(data.train[i]["image"]).as_subclass(torch.Tensor).float()[None]
+            mu, sigma = ae.encode((x if paired else x[:, :1]).to(dev))
+            mus.append(mu.float().cpu())
+            sigmas.append(sigma.float().cpu())
+            conds.append((x[0, 1:] + 1.0) / 2.0)  # the one-hot label channels, back to {0, 1}
+    return torch.cat(mus), torch.cat(sigmas), torch.stack(conds), data.classes
+
+
+def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device: Optional[str] = None
+                   ) -> dict[str, float]:
+    """Denoising loss of the frozen UNet alone and with the trained ControlNet (given each case's
+    mask), on the same latents, noise and timesteps of ``cfg.data.manifest``'s cases.  A ControlNet
+    that uses the mask predicts the noise better: ``controlnet`` < ``unet``."""
+    from medsynth.model.checkpoint import load_run
+    from medsynth.model.train import _diffusion_batch, batch_indices
+
+    run = load_run(run_dir)
+    rc = run.cfg
+    ck = load_checkpoint(RunPaths(run.root).checkpoint(STAGE), STAGE)
+    labels = {str(k): int(v) for k, v in ck["labels"].items()}
+    values = sorted(labels.values())
+    dev = resolve_device(device or "cpu")
+    mu, sigma, cond, classes = _latents_and_masks(run, cfg, values, labels, dev)
+    unet = build_unet(rc)
+    unet.load_state_dict(run.ema_state if ck.get("use_ema") else run.unet_state)
+    cn = build_controlnet(rc, len(values))
+    cn.load_state_dict(ck["model"])
+    unet.to(dev).eval()
+    cn.to(dev).eval()
+    noise_sched = build_scheduler(rc.training.scheduler, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
+    plain, controlled = [], []
+    with torch.no_grad():
+        for b in range(n_batches):
+            g = generator(rc.training.seed, STAGE, "gain", b)
+            idx = batch_indices(rc.training.seed, "gain", b, len(mu), min(4, len(mu)))
+            x_t, tt, target, cls = _diffusion_batch(rc.training.scheduler, noise_sched, mu, sigma, classes, idx,
+                                                    run.scale_factor, g, 0.0, rc.model.unet.num_class_embeds)
+            x_t, tt, target = x_t.to(dev), tt.to(dev), target.to(dev)
+            cls = None if cls is None else cls.to(dev)
+            plain.append(float(F.mse_loss(unet(x_t, tt, class_labels=cls), target)))
+            controlled.append(float(F.mse_loss(controlled_prediction(
+                unet, cn, x_t, tt, cond[idx].to(dev), cls, float(ck.get("conditioning_scale", 1.0))), target)))
+    return {"unet": float(np.mean(plain)), "controlnet": float(np.mean(controlled)), "batches": n_batches}
+
+
 def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, device: Optional[str] = None,
                      callback: Optional[Any] = None) -> dict[str, Any]:
     """Train the ControlNet of a finished run on the cases (image + label) of ``cfg.data.manifest``.
@@ -150,7 +213,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     (training.seed, "controlnet", s), so a resumed stage continues exactly.
     """
     from medsynth.model.checkpoint import load_run
-    from medsynth.model.train import MetricsLog, _diffusion_batch, batch_indices, prepare_data
+    from medsynth.model.train import MetricsLog, _diffusion_batch, batch_indices
 
     run = load_run(run_dir)
     paths = RunPaths(run.root)
@@ -163,25 +226,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     t = cfg.training.controlnet
     seed, kind = rc.training.seed, rc.training.scheduler
     dev = resolve_device(device or cfg.training.device)
-    data_cfg = dataclasses.replace(rc, data=dataclasses.replace(
-        rc.data, manifest=cfg.data.manifest, use_labels=True, labels=labels, cache=cfg.data.cache,
-        cache_dir=cfg.data.cache_dir))
-    data = prepare_data(data_cfg)
-    paired = rc.data.use_labels
-
-    ae = build_autoencoder(rc)
-    ae.load_state_dict(run.autoencoder_state)
-    ae.to(dev).eval().requires_grad_(False)
-    mus, sigmas, conds = [], [], []
-    with torch.no_grad():
-        for i in range(len(data.train)):
-            x = torch.as_tensor(data.train[i]["image"]).as_subclass(torch.Tensor).float()[None]
-            mu, sigma = ae.encode((x if paired else x[:, :1]).to(dev))
-            mus.append(mu.float().cpu())
-            sigmas.append(sigma.float().cpu())
-            conds.append((x[0, 1:] + 1.0) / 2.0)  # the one-hot label channels, back to {0, 1}
-    mu, sigma, cond = torch.cat(mus), torch.cat(sigmas), torch.stack(conds)
-    del ae
+    mu, sigma, cond, classes = _latents_and_masks(run, cfg, values, labels, dev)
 
     unet = build_unet(rc)
     ema = rc.sampling.use_ema and run.ema_state is not None
@@ -227,7 +272,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     for _ in progress(range(step, t.steps), desc=STAGE, total=t.steps - step):
         g = generator(seed, STAGE, "step", step)
         idx = batch_indices(seed, STAGE, step, n, t.batch_size)
-        x_t, tt, target, cls = _diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, run.scale_factor,
+        x_t, tt, target, cls = _diffusion_batch(kind, noise_sched, mu, sigma, classes, idx, run.scale_factor,
                                                 g, t.cond_drop_prob, null_class)
         pred = controlled_prediction(unet, cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
                                      None if cls is None else cls.to(dev), t.conditioning_scale)
