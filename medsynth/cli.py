@@ -341,6 +341,9 @@ def _add_evaluate(sub) -> None:
                    help="comma-separated subset of: real, synthetic, real+synthetic, reduced, reduced+synthetic")
     u.add_argument("--samples", type=Path, default=None, metavar="SAMPLES_DIR",
                    help="use these generated + QC'd samples instead of generating into OUT/synthetic")
+    u.add_argument("--include-qc-failed", action="store_true",
+                   help="also train on synthetic samples that failed QC or have no verdict (recorded in the "
+                        "report; default: QC-passed samples only)")
     u.add_argument("--steps", type=int, default=150, help="optimiser steps per training, the same for every arm (default 150)")
     u.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     u.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -380,7 +383,8 @@ def _run_evaluate_utility(args: argparse.Namespace) -> int:
                           reduced_fraction=args.reduced_fraction, arms=arms,
                           budget=Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
                           bootstrap=args.bootstrap, device=args.device, samples=args.samples,
-                          sampling_steps=args.sampling_steps, guidance=args.guidance, seg_labels=seg_labels)
+                          sampling_steps=args.sampling_steps, guidance=args.guidance, seg_labels=seg_labels,
+                          include_qc_failed=args.include_qc_failed)
     result = evaluate_utility(args.run, args.manifest, args.test_manifest, args.out, opts)
     print(result.table())
     print(f"wrote {result.json_path} and {result.html_path}")

@@ -23,6 +23,7 @@ from medsynth.errors import CheckpointError, ConfigError, ManifestError, Medsynt
 from medsynth.evaluate import stats
 from medsynth.evaluate.classifier import Budget
 from medsynth.evaluate.split import check_disjoint, split_manifest
+from medsynth.evaluate.synthetic import select_samples
 from medsynth.evaluate.utility import (
     ARMS,
     UtilityOptions,
@@ -235,6 +236,12 @@ def test_every_arm_trains_and_is_scored_on_the_real_test_set(data, tmp_path):
                  "reduced": [4, 4], "reduced+synthetic": [10, 10]}
     syn = rep["data"]["synthetic"]
     assert syn["used_per_class"] == {"0": 3, "1": 3} and syn["failed_qc"] == 1 and syn["no_qc_verdict"] == 1
+    assert syn["qc_filter"] is True and syn["used_without_passing_verdict"] == 0
+    used = {p.id for v in select_samples(data["samples"], [0, 1], 3).by_class.values() for p in v}
+    assert used == {f"synth-ut-{i:05d}" for i in (1, 3, 5, 4, 6, 8)}  # class = index % 2
+    # with the explicit bypass the failed (0) and unjudged (2) samples are taken, lowest index first
+    bypass = select_samples(data["samples"], [0, 1], 3, include_failed=True)
+    assert {p.id for v in bypass.by_class.values() for p in v} == {f"synth-ut-{i:05d}" for i in range(6)}
     test_ids = {c.id for c in load_manifest(data["test"]).cases}
     assert set(rep["predictions"]["test_case_ids"]) == test_ids
     assert rep["data"]["test"] == {"n": 4, "per_class": {"0": 2, "1": 2}}
@@ -400,3 +407,10 @@ def test_generation_goes_through_the_qc_gate(data, tmp_path):
     if not all(s.by_class.values()):
         with pytest.raises(MedsynthError, match="no QC-passed synthetic sample"):
             evaluate_utility(run, data["train"], data["test"], out, _opts(n_synthetic=2, arms=["synthetic"]))
+    # the explicit bypass uses the failed samples too, and says so in the report
+    res = evaluate_utility(run, data["train"], data["test"], out,
+                           _opts(n_synthetic=2, arms=["synthetic"], repeats=1, include_qc_failed=True))
+    syn = res.report["data"]["synthetic"]
+    assert syn["used_per_class"] == {"0": 2, "1": 2} and syn["qc_filter"] is False
+    assert syn["used_without_passing_verdict"] == 4 - sum(len(v) for v in s.by_class.values())
+    assert any("QC filter bypassed" in n for n in res.report["notes"])

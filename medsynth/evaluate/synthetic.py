@@ -29,6 +29,7 @@ class SyntheticSet:
     n_failed_qc: int = 0
     n_no_verdict: int = 0
     n_broken: int = 0
+    include_failed: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -36,9 +37,12 @@ class SyntheticSet:
         return [s for k in sorted(self.by_class) for s in self.by_class[k]]
 
     def summary(self) -> dict[str, Any]:
+        used = self.samples
         return {"source": str(self.source), "found": self.n_found, "failed_qc": self.n_failed_qc,
                 "no_qc_verdict": self.n_no_verdict, "broken": self.n_broken,
-                "used_per_class": {str(k): len(v) for k, v in sorted(self.by_class.items())}}
+                "used_per_class": {str(k): len(v) for k, v in sorted(self.by_class.items())},
+                "qc_filter": not self.include_failed,
+                "used_without_passing_verdict": sum(1 for s in used if qc_status(s) is not True)}
 
 
 def qc_status(sample: Sample) -> Optional[bool]:
@@ -56,34 +60,48 @@ ANY_CLASS = -1  # the key of the one pool of an unconditional selection
 
 
 def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_class: int,
-                   need_labels: bool = False) -> SyntheticSet:
+                   need_labels: bool = False, include_failed: bool = False) -> SyntheticSet:
     """Pick up to ``n_per_class`` QC-passed samples of each class from ``samples_dir`` (lowest index first).
 
     ``classes`` None pools every class (key ``ANY_CLASS``; for unconditional runs).  Samples
     without a verdict or with a failing one (in the folder, or moved to ``quarantine/`` by the QC
-    gate) are skipped and counted; broken samples (a sidecar
-    without its image) are reported and skipped.  With ``need_labels`` a sample must carry a label
-    map.
+    gate) are counted and skipped, unless ``include_failed`` is set: then they are used too (the
+    caller records that the QC gate was bypassed).  Broken samples (a sidecar without its image)
+    are reported and skipped.  With ``need_labels`` a sample must carry a label map.
     """
+    samples_dir = Path(samples_dir)
+    qdir = samples_dir / "quarantine"
     errors: list[str] = []
     try:
-        samples = list_samples(Path(samples_dir), errors=errors)
+        samples = list_samples(samples_dir, errors=errors)
     except MedsynthError:
-        if not (Path(samples_dir) / "quarantine").is_dir():
+        if not qdir.is_dir():
             raise
         samples = []  # every sample failed QC and was moved to quarantine/
+    quarantined: list[Sample] = []
+    if qdir.is_dir():  # the QC gate moves failing samples here
+        try:
+            quarantined = list_samples(qdir, errors=[])
+        except MedsynthError:
+            quarantined = []
     keys = [ANY_CLASS] if classes is None else [int(k) for k in classes]
-    out = SyntheticSet({k: [] for k in keys}, Path(samples_dir), n_found=len(samples),
-                       n_broken=len(errors), notes=list(errors))
-    n_unlabelled = 0
+    out = SyntheticSet({k: [] for k in keys}, samples_dir, n_found=len(samples) + len(quarantined),
+                       n_failed_qc=len(quarantined), n_broken=len(errors), include_failed=include_failed,
+                       notes=list(errors))
+    candidates = []
     for s in samples:
         st = qc_status(s)
         if st is None:
             out.n_no_verdict += 1
-            continue
-        if not st:
+        elif not st:
             out.n_failed_qc += 1
-            continue
+        if st or include_failed:
+            candidates.append(s)
+    if include_failed:
+        candidates += quarantined
+        candidates.sort(key=lambda s: (s.sidecar.get("index", 0), s.id))
+    n_unlabelled = 0
+    for s in candidates:
         cls = s.sidecar.get("class")
         if classes is None:
             key = ANY_CLASS
@@ -96,21 +114,18 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
             continue
         if len(out.by_class[key]) < n_per_class:
             out.by_class[key].append(s)
-    qdir = Path(samples_dir) / "quarantine"
-    if qdir.is_dir():  # the QC gate moves failing samples here
-        out.n_failed_qc += sum(1 for p in qdir.glob("*.json") if not p.name.endswith(".qc.json"))
-    if out.n_no_verdict:
+    if out.n_no_verdict and not include_failed:
         out.notes.append(f"{out.n_no_verdict} sample(s) in {samples_dir} have no QC verdict and were not used "
                          "(run 'medsynth qc' on the folder)")
     if n_unlabelled:
-        out.notes.append(f"{n_unlabelled} QC-passed sample(s) carry no label map and were not used")
+        out.notes.append(f"{n_unlabelled} sample(s) carry no label map and were not used")
     return out
 
 
 def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]], n_per_class: int, seed: int,
                  qc_reference: Path, qc_out: Optional[Path] = None, steps: Optional[int] = None,
                  guidance: Optional[float] = None, batch_size: Optional[int] = None, device: Optional[str] = None,
-                 need_labels: bool = False, max_rounds: int = 3) -> SyntheticSet:
+                 need_labels: bool = False, include_failed: bool = False, max_rounds: int = 3) -> SyntheticSet:
     """Generate ``n_per_class`` samples of each class from ``run_dir`` into ``out_dir``, QC them, select.
 
     ``classes`` None generates unconditionally.  Class ``classes[j]`` gets the indices
@@ -119,7 +134,8 @@ def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]],
     not generated again.  When the QC gate rejects some samples, up to ``max_rounds - 1`` more
     rounds generate replacements for the shortfall.  ``qc_reference`` is the train manifest the QC
     ranges and the memorisation screen are calibrated on (never the test manifest); the QC report
-    goes to ``qc_out`` (default ``out_dir/../synthetic_qc``).
+    goes to ``qc_out`` (default ``out_dir/../synthetic_qc``).  With ``include_failed`` the gate still
+    runs and records its verdicts, but failing samples are used as well (no replacement rounds).
     """
     from medsynth.jobs import sample_id
     from medsynth.model.sample import Sampler, generate
@@ -130,7 +146,7 @@ def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]],
     sampler = Sampler.from_run(run_dir, device=device)
     keys = [ANY_CLASS] if classes is None else [int(k) for k in classes]
     block = n_per_class * max_rounds
-    chosen = SyntheticSet({k: [] for k in keys}, out_dir)
+    chosen = SyntheticSet({k: [] for k in keys}, out_dir, include_failed=include_failed)
     for rnd in range(max_rounds):
         for j, k in enumerate(keys):
             short = n_per_class - len(chosen.by_class[k])
@@ -146,7 +162,8 @@ def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]],
                          steps=steps, guidance=guidance, batch_size=batch_size, sampler=sampler)
         if _unjudged(out_dir):
             run_gate(out_dir, run_dir, qc_reference, qc_out)
-        chosen = select_samples(out_dir, None if classes is None else keys, n_per_class, need_labels=need_labels)
+        chosen = select_samples(out_dir, None if classes is None else keys, n_per_class, need_labels=need_labels,
+                                include_failed=include_failed)
         if all(len(v) >= n_per_class for v in chosen.by_class.values()):
             break
     return chosen

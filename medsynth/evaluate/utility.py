@@ -63,6 +63,7 @@ class UtilityOptions:
     sampling_steps: Optional[int] = None
     guidance: Optional[float] = None
     seg_labels: Optional[Sequence[int]] = None
+    include_qc_failed: bool = False
 
     def chosen_arms(self) -> list[str]:
         """The arms to run: as given, else real/synthetic/real+synthetic plus the reduced pair when
@@ -335,18 +336,25 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
                                    "or run --task segment with --arms real,reduced")
         want = classes if not seg else _label_classes(cfg, train_m)
         if opts.samples is not None:
-            synth_set = select_samples(Path(opts.samples), want, opts.n_synthetic, need_labels=seg)
+            synth_set = select_samples(Path(opts.samples), want, opts.n_synthetic, need_labels=seg,
+                                       include_failed=opts.include_qc_failed)
         else:
             synth_set = generate_set(run_dir, out_dir / "synthetic", want, opts.n_synthetic, opts.seed,
                                      qc_reference=Path(train_m.path), qc_out=out_dir / "synthetic_qc",
                                      steps=opts.sampling_steps, guidance=opts.guidance,
-                                     device=None if opts.device == "auto" else opts.device, need_labels=seg)
+                                     device=None if opts.device == "auto" else opts.device, need_labels=seg,
+                                     include_failed=opts.include_qc_failed)
         notes += synth_set.notes
+        if opts.include_qc_failed:
+            bypass = synth_set.summary()["used_without_passing_verdict"]
+            notes.append(f"QC filter bypassed (--include-qc-failed): {bypass} of {len(synth_set.samples)} "
+                         "synthetic training samples have no passing QC verdict")
         empty = [k for k, v in synth_set.by_class.items() if not v]
         if empty and not seg:
-            raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample of class(es) {empty}",
-                                hint="generate more samples, check 'medsynth qc' verdicts, or lower the QC "
-                                     "thresholds")
+            raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample of class(es) {empty} "
+                                f"({synth_set.n_failed_qc} failed QC, {synth_set.n_no_verdict} without verdict)",
+                                hint="see the QC report for the reasons; train the generator longer, or "
+                                     "measure the unfiltered samples with --include-qc-failed")
         if not synth_set.samples:
             raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample to train on")
         short = {k: len(v) for k, v in synth_set.by_class.items() if len(v) < opts.n_synthetic}
@@ -445,7 +453,9 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
             "train": _counts(real, seg),
             "test": _counts(test, seg),
             "synthetic": ({**synth_set.summary(), "requested_per_class": opts.n_synthetic,
-                           "qc": "only samples with a passing QC verdict"} if synth_set is not None else None),
+                           "qc": ("QC verdicts ignored (--include-qc-failed)" if opts.include_qc_failed
+                                  else "only samples with a passing QC verdict")}
+                          if synth_set is not None else None),
             "reduced": ({"fraction": opts.reduced_fraction, "n": n_train.get("reduced", [None])[0],
                          "stratified": not seg, "resampled_each_repeat": True} if needs_reduced else None),
         },
