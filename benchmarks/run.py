@@ -74,15 +74,15 @@ SLIM_AE = {"s8": [8, 16, 16], "s16": [16, 32, 32], "b32": [32, 64, 64]}
 # What each mode runs.  e2e_sizes: sampled end to end (DDIM-50 and RF-30); other sizes are
 # extrapolated from interleaved per-step and decode timings.
 PROFILES: dict[str, dict[str, Any]] = {
-    "tiny": {"nets": "tiny", "sizes": (16, 32), "e2e_sizes": (16,), "reps": 2, "step_reps": 2, "ddim_steps": 4, "rf_steps": 3,
-                 "train_size": 16, "train_warm": 1, "train_timed": 1, "decode_size": 32, "decode_ae": "s8", "decode_roi": 4,
-                 "bf16_latent": 4},
-    "quick": {"nets": "bench", "sizes": (64, 128), "e2e_sizes": (64,), "reps": 2, "step_reps": 3, "ddim_steps": 50, "rf_steps": 30,
-                  "train_size": 32, "train_warm": 1, "train_timed": 3, "decode_size": 256, "decode_ae": "s8", "decode_roi": 32,
-                  "bf16_latent": 8, "decode_monai": False},
-    "full": {"nets": "bench", "sizes": (64, 128), "e2e_sizes": (64, 128), "reps": 3, "step_reps": 5, "ddim_steps": 50,
-                 "rf_steps": 30, "train_size": 64, "train_warm": 2, "train_timed": 5, "decode_size": 256, "decode_ae": "s16",
-                 "decode_roi": 32, "bf16_latent": 16},
+    "tiny": {"nets": "tiny", "sizes": (16, 32), "e2e_sizes": (16,), "reps": 2, "step_reps": 2,
+             "ddim_steps": 4, "rf_steps": 3, "train_size": 16, "train_warm": 1, "train_timed": 1,
+             "decode_size": 32, "decode_ae": "s8", "decode_roi": 4, "bf16_latent": 4, "decode_monai": False},
+    "quick": {"nets": "bench", "sizes": (64, 128), "e2e_sizes": (64,), "reps": 2, "step_reps": 3,
+              "ddim_steps": 50, "rf_steps": 30, "train_size": 32, "train_warm": 1, "train_timed": 3,
+              "decode_size": 256, "decode_ae": "s8", "decode_roi": 32, "bf16_latent": 8, "decode_monai": False},
+    "full": {"nets": "bench", "sizes": (64, 128), "e2e_sizes": (64, 128), "reps": 3, "step_reps": 5,
+             "ddim_steps": 50, "rf_steps": 30, "train_size": 64, "train_warm": 2, "train_timed": 5,
+             "decode_size": 256, "decode_ae": "s16", "decode_roi": 32, "bf16_latent": 16},
 }
 # On a GPU: larger grids (the baseline's einsum attention at a 48³ latent needs ~3 GB per block; at
 # 64³ it would need ~17 GB), the benchmark autoencoder for the 256³ decode, and the MAISI probe.
