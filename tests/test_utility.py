@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,9 @@ def test_every_arm_trains_and_is_scored_on_the_real_test_set(data, tmp_path):
     page = res.html_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "25% real + synthetic" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+    svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + 6])
+    bars = [e for e in svg if e.tag.endswith("rect") and e.find("{http://www.w3.org/2000/svg}title") is not None]
+    assert len(bars) == 5 * 2  # one bar per arm and metric (the legend swatches carry no title)
     table = res.table()
     assert "synthetic only" in table and "paired differences" in table
 
