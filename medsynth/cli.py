@@ -526,13 +526,17 @@ def _add_train(sub) -> None:
     p = _verb(sub, "train", "train the autoencoder and/or the latent diffusion model into a run folder",
               "medsynth train configs/demo.yaml --run runs/demo --manifest phantoms/manifest.json", _run_train)
     p.add_argument("config", type=Path, help="YAML config file")
-    p.add_argument("--run", type=Path, required=True, help="run folder (config, checkpoints, metrics, model card)")
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                   help="run folder (config, checkpoints, metrics, model card); under torchrun spell it "
+                        "--run-dir (torchrun's own parser takes --run for an abbreviation of --run-path)")
     p.add_argument("--stage", choices=("autoencoder", "diffusion", "all", "controlnet"), default="all",
                    help="stage to train (default all: autoencoder, then diffusion; controlnet: the mask-conditioned "
                         "ControlNet on a finished run, trained on the manifest's label maps)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoints")
     p.add_argument("--manifest", type=Path, help="data manifest (overrides data.manifest of the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides training.device")
+    p.add_argument("--max-steps", type=int, help="stop each stage after N optimizer steps (checkpointed; "
+                   "continue with --resume)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -550,7 +554,12 @@ def _run_train(args: argparse.Namespace) -> int:
               f"labels {s['labels']}")
         print(f"run: {args.run} (controlnet: {args.run / 'controlnet' / 'last.pt'})")
         return 0
-    res = train(cfg, args.run, stage=args.stage, resume=args.resume, device=args.device)
+    res = train(cfg, args.run, stage=args.stage, resume=args.resume, device=args.device,
+                max_steps=getattr(args, "max_steps", None))
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     for s in res.summaries:
         val = " ".join(f"{k} {v:.4g}" for k, v in (s.get("val") or {}).items())
         print(f"{s['stage']}: {s['steps']} steps in {s['seconds']:.0f} s" + (f", val {val}" if val else ""))

@@ -36,6 +36,17 @@ from medsynth.model.checkpoint import (
     versions,
     write_model_card,
 )
+from medsynth.model.distributed import (
+    AEStep,
+    allreduce_grads,
+    barrier,
+    check_batch,
+    ddp,
+    init_from_env,
+    is_main,
+    rank_part,
+    shutdown,
+)
 from medsynth.model.ema import EMA
 from medsynth.model.networks import (
     autocast,
@@ -315,7 +326,8 @@ def _validate_autoencoder(ae: torch.nn.Module, items: Any, device: torch.device,
 
 
 def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
-                      resume: bool, callback: Optional[StepCallback] = None) -> dict[str, Any]:
+                      resume: bool, callback: Optional[StepCallback] = None,
+                      max_steps: Optional[int] = None) -> dict[str, Any]:
     """Stage 1: L1 + KL, PatchGAN adversarial loss from ``adv_start``, optional local perceptual loss.
 
     Validation PSNR/SSIM (model space, data range 2) every ``val_every`` steps and at the end.
@@ -328,6 +340,9 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         ae, disc = build_autoencoder(cfg), build_discriminator(cfg)
     ae.to(device).train()
     disc.to(device).train()
+    check_batch(t.batch_size, "training.autoencoder.batch_size")
+    main = is_main()
+    ae_step = ddp(AEStep(ae), device)  # DistributedDataParallel under torchrun, else the plain module
     opt_g = torch.optim.Adam(ae.parameters(), lr=t.lr)
     opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
@@ -370,20 +385,25 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
             "intensity_norm": data.norm, "val_metrics": val, "data_info": data.info,
         })
 
-    metrics = MetricsLog(paths.metrics(stage), step)
+    metrics = MetricsLog(paths.metrics(stage), step) if main else None
     n = len(data.train)
     per_epoch = math.ceil(n / t.batch_size)
     sums: dict[str, float] = {}
     count, t0, t_epoch = 0, time.perf_counter(), time.perf_counter()
     start = step
-    for _ in progress(range(start, t.steps), desc=stage, total=t.steps - start):
+    end = t.steps if max_steps is None else min(t.steps, start + max_steps)
+    for _ in progress(range(start, end), desc=stage, total=end - start):
         g = generator(seed, stage, "step", step)
-        x = _images(data.train, batch_indices(seed, stage, step, n, t.batch_size), device)
+        # the global batch is a function of (seed, step); each rank takes its part of it
+        x = _images(data.train, rank_part(batch_indices(seed, stage, step, n, t.batch_size)), device)
         adv_on = t.adv_weight > 0 and step >= t.adv_start
+
+        def eps(m: torch.Tensor) -> torch.Tensor:
+            noise = torch.randn((t.batch_size, *m.shape[1:]), generator=g)
+            return rank_part(noise).to(device=device, dtype=m.dtype)
+
         with autocast(device, precision):
-            mu, sigma = ae.encode(x)
-            z = mu + sigma * torch.randn(mu.shape, generator=g).to(device=device, dtype=mu.dtype)
-            recon = ae.decode(z)
+            recon, mu, sigma = ae_step(x, eps)
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
         l1 = F.l1_loss(recon, x)
         kl = _kl(mu, sigma)
@@ -410,6 +430,7 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
                 d_loss = 0.5 * (d_fake + d_real)
             opt_d.zero_grad(set_to_none=True)
             scaler_d.scale(d_loss).backward()
+            allreduce_grads(disc)
             scaler_d.step(opt_d)
             scaler_d.update()
             sched_d.step()
@@ -420,15 +441,15 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         for k, v in rec.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
-        if step % t.log_every == 0 or step == t.steps:
+        if main and (step % t.log_every == 0 or step == t.steps):
             metrics.write({"stage": stage, "step": step, "lr": sched_g.get_last_lr()[0], **rec,
                            "time_s": round(time.perf_counter() - t0, 3)})
-        if (step % t.val_every == 0 or step == t.steps) and len(data.val):
+        if main and (step % t.val_every == 0 or step == t.steps) and len(data.val):
             val = _validate_autoencoder(ae, data.val, device, precision)
             metrics.write({"stage": stage, "step": step, "val": val})
-        if step % cfg.training.checkpoint_every == 0 or step == t.steps:
+        if main and (step % cfg.training.checkpoint_every == 0 or step == end):
             save()
-        if step % per_epoch == 0 or step == t.steps:
+        if main and (step % per_epoch == 0 or step == t.steps):
             _epoch_line(stage, step, t.steps, per_epoch, sums, count, val, time.perf_counter() - t_epoch)
             sums, count, t_epoch = {}, 0, time.perf_counter()
         if callback is not None:
@@ -471,7 +492,12 @@ def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.T
     noise = torch.randn(z0.shape, generator=g)
     t = sample_train_timesteps(kind, scheduler, len(idx), g)
     x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-    target = noise if kind in ("ddpm", "ddim") else z0 - noise  # epsilon, or the flow's velocity
+    if kind == "rflow":
+        target = z0 - noise  # the flow's velocity
+    elif scheduler.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(z0, noise, t)
+    else:
+        target = noise
     labels = None
     if null_class is not None:
         labels = classes[idx].clone()
@@ -481,7 +507,8 @@ def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.T
 
 
 def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
-                    resume: bool, callback: Optional[StepCallback] = None) -> dict[str, Any]:
+                    resume: bool, callback: Optional[StepCallback] = None,
+                    max_steps: Optional[int] = None) -> dict[str, Any]:
     """Stage 2: a class-conditional (or not) UNet on latents of the frozen autoencoder.
 
     Latents are scaled by 1/std (the factor is stored in the checkpoint); the objective follows
@@ -510,6 +537,9 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
     with seeded_init(derive_seed(seed, "init", stage)):
         unet = build_unet(cfg)
     unet.to(device).train()
+    check_batch(t.batch_size, "training.diffusion.batch_size")
+    main = is_main()
+    net = ddp(unet, device)  # DistributedDataParallel under torchrun, else the plain module
     ema = EMA(unet, t.ema_decay)
     opt = torch.optim.Adam(unet.parameters(), lr=t.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
@@ -560,13 +590,14 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
                              class_labels=None if labels is None else labels.to(device))
         return {"loss": float(F.mse_loss(pred.float(), target.to(device)))}
 
-    metrics = MetricsLog(paths.metrics(stage), step)
+    metrics = MetricsLog(paths.metrics(stage), step) if main else None
     n = len(mu)
     per_epoch = math.ceil(n / (t.batch_size * t.grad_accum))
     sums: dict[str, float] = {}
     count, t0, t_epoch = 0, time.perf_counter(), time.perf_counter()
     start = step
-    for _ in progress(range(start, t.steps), desc=stage, total=t.steps - start):
+    end = t.steps if max_steps is None else min(t.steps, start + max_steps)
+    for _ in progress(range(start, end), desc=stage, total=end - start):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(t.grad_accum):
@@ -574,8 +605,11 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
             idx = batch_indices(seed, stage, step * t.grad_accum + micro, n, t.batch_size)
             x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, scale, g,
                                                        t.cond_drop_prob, null_class)
+            # drawn for the global batch, then this rank's part (identical to one process)
+            x_t, tt, target = rank_part(x_t), rank_part(tt), rank_part(target)
+            labels = None if labels is None else rank_part(labels)
             with autocast(device, precision):
-                pred = unet(x_t.to(device), tt.to(device),
+                pred = net(x_t.to(device), tt.to(device),
                             class_labels=None if labels is None else labels.to(device))
             loss = F.mse_loss(pred.float(), target.to(device)) / t.grad_accum
             scaler.scale(loss).backward()
@@ -588,23 +622,25 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
 
         sums["loss"] = sums.get("loss", 0.0) + total
         count += 1
-        if step % t.log_every == 0 or step == t.steps:
+        if main and (step % t.log_every == 0 or step == t.steps):
             metrics.write({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], "loss": total,
                            "time_s": round(time.perf_counter() - t0, 3)})
-        if step % t.val_every == 0 or step == t.steps:
+        if main and (step % t.val_every == 0 or step == t.steps):
             val = validate()
             metrics.write({"stage": stage, "step": step, "val": val})
-        if step % cfg.training.checkpoint_every == 0 or step == t.steps:
+        if main and (step % cfg.training.checkpoint_every == 0 or step == end):
             save()
-        if step % per_epoch == 0 or step == t.steps:
+        if main and (step % per_epoch == 0 or step == t.steps):
             _epoch_line(stage, step, t.steps, per_epoch, sums, count, val, time.perf_counter() - t_epoch)
             sums, count, t_epoch = {}, 0, time.perf_counter()
         if callback is not None:
             callback(stage, step)
     if start == t.steps:
         log.info("diffusion: already trained (%d steps)", step)
-    card = build_model_card(cfg, paths, ae_ck, load_checkpoint(ck_path, stage), data.info)
-    write_model_card(paths, card)
+    barrier()
+    if main and step == t.steps:
+        card = build_model_card(cfg, paths, ae_ck, load_checkpoint(ck_path, stage), data.info)
+        write_model_card(paths, card)
     return {"stage": stage, "steps": step, "val": val, "scale_factor": scale,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -624,7 +660,8 @@ class TrainResult:
 
 
 def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = False,
-          device: Optional[str] = None, callback: Optional[StepCallback] = None) -> TrainResult:
+          device: Optional[str] = None, callback: Optional[StepCallback] = None,
+          max_steps: Optional[int] = None) -> TrainResult:
     """Train ``stage`` ("autoencoder", "diffusion" or "all") of ``cfg`` into ``run_dir``.
 
     Writes the resolved config, versions, checkpoints, metrics logs and, once stage 2 is done, the
@@ -639,6 +676,11 @@ def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = F
         raise CheckpointError(f"{paths.root}: no run to resume", hint="drop --resume to start a new run")
     paths.root.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.training.device)
+    started_dist = init_from_env(dev.type)  # torchrun: one process per device, gloo or nccl
+    if started_dist and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
     precision = resolve_precision(cfg.training.precision, dev)
     stages = ["autoencoder", "diffusion"] if stage == "all" else [stage]
     if stage == "diffusion" and not paths.checkpoint("autoencoder").is_file():
@@ -652,13 +694,24 @@ def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = F
     if cfg.data.use_labels and not cfg.data.labels:
         # the label set found in the data becomes part of the run's config (and of every checkpoint)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=data.info["labels"]))
-    write_text(paths.config, dump_yaml(cfg))
-    write_json(paths.versions, versions())
+    if is_main():
+        write_text(paths.config, dump_yaml(cfg))
+        write_json(paths.versions, versions())
+    barrier()
     t0 = time.perf_counter()
     summaries = []
-    for s in stages:
-        fn = train_autoencoder if s == "autoencoder" else train_diffusion
-        summaries.append(fn(cfg, paths, data, dev, precision, resume, callback))
+    try:
+        for s in stages:
+            fn = train_autoencoder if s == "autoencoder" else train_diffusion
+            summaries.append(fn(cfg, paths, data, dev, precision, resume, callback, max_steps))
+            barrier()
+            if s == "autoencoder" and summaries[-1]["steps"] < cfg.training.autoencoder.steps:
+                log.info("autoencoder stopped at step %d of %d (--max-steps); continue with --resume",
+                         summaries[-1]["steps"], cfg.training.autoencoder.steps)
+                break
+    finally:
+        if started_dist:
+            shutdown()
     return TrainResult(paths.root, summaries, round(time.perf_counter() - t0, 1))
 
 
