@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from medsynth.errors import MedsynthError
+from medsynth.errors import CheckpointError, MedsynthError
 from medsynth.jobs import write_json
 from medsynth.volume import Volume
 
@@ -82,7 +82,11 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     cfg = load_config(cfg_path, overrides={"data": {"manifest": str(manifest.resolve())}})
     run_dir = out / "run"
     t = time.perf_counter()
-    train(cfg, run_dir, stage="all", resume=run_dir.is_dir() and any(run_dir.glob("*/last.pt")))
+    try:
+        train(cfg, run_dir, stage="all", resume=run_dir.is_dir() and any(run_dir.glob("*/last.pt")))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{run_dir}: holds a run this demo cannot continue ({exc.message})",
+                              hint=f"remove {run_dir} or choose another --out folder") from None
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()
