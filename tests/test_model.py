@@ -251,3 +251,22 @@ def test_perceptual_loss_loads_only_a_local_weights_file(tmp_path):
         LocalMedicalNetPerceptualLoss(tmp_path / "missing.pt")
     with pytest.raises(ConfigError, match=r"does not fit a MONAI resnet18"):
         LocalMedicalNetPerceptualLoss(weights, "resnet18")
+
+
+def test_diffusion_targets_follow_the_objective():
+    from medsynth.model.networks import build_scheduler
+    from medsynth.model.train import _diffusion_batch
+
+    cfg = config_from_dict(tiny_config(None, training={"diffusion": {"prediction_type": "v_prediction"}}))
+    mu, sigma = torch.randn(4, 2, 8, 8, 8), torch.zeros(4, 2, 8, 8, 8)
+    classes, idx = torch.tensor([0, 1, -1, 1]), torch.arange(4)
+    for kind in ("ddpm", "rflow"):
+        sched = build_scheduler(kind, cfg.training.diffusion, 512)
+        g = torch.Generator().manual_seed(0)
+        x_t, t, target, labels = _diffusion_batch(kind, sched, mu, sigma, classes, idx, 1.0, g, 0.0, 2)
+        g = torch.Generator().manual_seed(0)
+        torch.randn(mu.shape, generator=g)  # the (zero-sigma) posterior draw
+        noise = torch.randn(mu.shape, generator=g)
+        expect = sched.get_velocity(mu, noise, t) if kind == "ddpm" else mu - noise
+        assert torch.allclose(target, expect, atol=1e-6)
+        assert labels.tolist() == [0, 1, 2, 1]  # unlabelled cases train the null class
