@@ -344,7 +344,7 @@ def _add_evaluate(sub) -> None:
     u.add_argument("--include-qc-failed", action="store_true",
                    help="also train on synthetic samples that failed QC or have no verdict (recorded in the "
                         "report; default: QC-passed samples only)")
-    u.add_argument("--steps", type=int, default=600, help="optimiser steps per training, the same for every arm (default 600)")
+    u.add_argument("--steps", type=int, default=1500, help="optimiser steps per training, the same for every arm (default 1500)")
     u.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     u.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     u.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set (default 2000)")

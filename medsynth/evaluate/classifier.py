@@ -39,7 +39,7 @@ log = logging.getLogger("medsynth.evaluate.classifier")
 class Budget:
     """The training budget every arm gets (identical across arms)."""
 
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
