@@ -418,3 +418,23 @@ def test_generation_goes_through_the_qc_gate(data, tmp_path):
     assert syn["used_per_class"] == {"0": 2, "1": 2} and syn["qc_filter"] is False
     assert syn["used_without_passing_verdict"] == 4 - sum(len(v) for v in s.by_class.values())
     assert any("QC filter bypassed" in n for n in res.report["notes"])
+
+
+def test_segment_arms_with_a_label_generating_run(data, tmp_path):
+    """Paired image + label synthesis (data.use_labels): generated label maps are the synthetic ground truth."""
+    pytest.importorskip("medsynth.model.sample")
+    from medsynth.model.train import train
+
+    run = tmp_path / "run"
+    train(_config(data["train"], use_labels=True), run)
+    res = evaluate_utility(run, data["train"], data["test"], tmp_path / "out",
+                           _opts(task="segment", n_synthetic=2, repeats=1, arms=["real", "synthetic", "real+synthetic"],
+                                 budget=Budget(steps=2, batch_size=2), include_qc_failed=True))
+    rep = res.report
+    assert [a["n_train"] for a in rep["arms"]] == [[12], [4], [16]]
+    assert rep["data"]["synthetic"]["used_per_class"] == {"0": 2, "1": 2}
+    assert rep["model"]["outputs"] == 3 and rep["model"]["network"].startswith("monai.networks.nets.UNet (channels 8-16")
+    labels = sorted((tmp_path / "out" / "synthetic").rglob("*_label.nii.gz"))
+    assert len(labels) == 4
+    for a in rep["arms"]:
+        assert all(0.0 <= v <= 1.0 for v in a["metrics"]["dice"]["per_repeat"])

@@ -437,7 +437,8 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
         "grid": {"shape": list(cfg.data.shape), "spacing": list(cfg.data.spacing),
                  "orientation": cfg.data.orientation, "intensity": _norm_dict(cfg.data)},
         "model": {"network": "monai.networks.nets.ResNet (basic blocks 1-1-1-1, channels 8-16-32-64, stride-2 stem)" if not seg
-                  else f"monai.networks.nets.UNet ({type(net0).__name__})", "parameters": n_parameters(net0),
+                  else (f"monai.networks.nets.UNet (channels {'-'.join(str(c) for c in net0.channels)}, "
+                        "one residual unit per level)"), "parameters": n_parameters(net0),
                   "outputs": n_out},
         "budget": {**opts.budget.to_dict(), "optimizer": "AdamW", "same_steps_every_arm": True,
                    "sampling": "class-balanced batches with replacement" if not seg else "uniform with replacement"},
