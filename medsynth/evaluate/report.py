@@ -145,7 +145,10 @@ def render_html(report: dict[str, Any]) -> str:
                           + ")"),
         ("synthetic", "not used" if synth is None else
          (f"{synth['source']}: requested {synth['requested_per_class']} per class, used {synth['used_per_class']}; "
-          f"{synth['failed_qc']} failed QC, {synth['no_qc_verdict']} without verdict")),
+          f"{synth['failed_qc']} failed QC, {synth['no_qc_verdict']} without verdict; "
+          + ("only QC-passed samples used" if synth.get("qc_filter", True)
+             else f"QC filter OFF (--include-qc-failed): {synth.get('used_without_passing_verdict')} "
+                  "used without a passing verdict"))),
         ("reduced real", "not used" if data.get("reduced") is None else
          (f"{100 * data['reduced']['fraction']:g}% of the train set ({data['reduced']['n']} cases), "
           "stratified by class, redrawn per repeat")),
