@@ -62,6 +62,7 @@ def format_table(report: dict[str, Any]) -> str:
     t = report["data"]["test"]
     lines += ["", (f"test set: {t['n']} real case(s); {report['repeats']} repeat(s); "
                    f"{report['budget']['steps']} optimiser steps per arm; seed {report['seed']}")]
+    lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
 
 
