@@ -523,8 +523,6 @@ class Config:
                 f"data.shape: the latent grid {latent} must be divisible by {unet_down} (the UNet "
                 f"downsamples {len(self.model.unet.channels) - 1} times)"
             )
-        if self.training.diffusion.cond_drop_prob > 0 and self.model.unet.num_class_embeds is None:
-            pass  # unconditional model: label dropout is simply unused
         if self.sampling.guidance_scale != 1.0 and self.model.unet.num_class_embeds is None:
             errs.append("sampling.guidance_scale: classifier-free guidance needs a class-conditional "
                         "model (set model.unet.num_class_embeds) or guidance_scale: 1.0")

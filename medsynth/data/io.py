@@ -32,10 +32,8 @@ def read_image(path: str | Path, modality: Optional[str] = None, **case_extra: A
     if path.is_dir():
         from medsynth.data.dicom import read_series
 
-        vol = read_series(path, **case_extra)
-        if modality and vol.modality != modality and vol.modality in ("CT", "MR"):
-            pass  # the manifest verifier reports modality mismatches; reading stays permissive
-        return vol
+        # reading stays permissive about modality: the manifest verifier reports mismatches
+        return read_series(path, **case_extra)
     if is_nifti(path):
         return Volume.load_nifti(path, modality=modality or "CT")
     raise ImageReadError(f"{path}: unsupported image type",

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medsynth.config import DataConfig
-from medsynth.manifest import Case, Manifest
+from medsynth.manifest import Case
 from medsynth.volume import affine_from_spacing
 
 log = logging.getLogger("medsynth.data.transforms")
@@ -166,8 +166,3 @@ def target_affine(cfg: DataConfig) -> np.ndarray:
     """The affine every model-space volume (and every synthetic sample) lives on: the configured
     spacing and orientation, centred on the world origin."""
     return affine_from_spacing(cfg.spacing, cfg.shape, cfg.orientation.upper())
-
-
-def load_cases(manifest: Manifest, with_label: bool) -> list[Case]:
-    """Cases usable for training; with labels, every case must have one (checked by the caller)."""
-    return list(manifest.cases)
