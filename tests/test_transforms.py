@@ -21,7 +21,8 @@ def _cfg(**data):
     base = {"shape": [16, 16, 16], "spacing": [20.0, 20.0, 20.0], "orientation": "RAS", "cache": "none"}
     base.update(data)
     return config_from_dict({"data": base, "model": {"autoencoder": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 8},
-                                                       "unet": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 8}}})
+                                                       "unet": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 8}},
+                            "training": {"autoencoder": {"disc_layers": 1}}})
 
 
 @pytest.fixture(scope="module")
