@@ -121,7 +121,10 @@ def test_sharded_equals_unsharded_and_resume_after_kill(tiny, tmp_path):
     job = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medsynth", "--no-progress", "expand", str(run), "--manifest", str(man),
            "--out", str(job), "--n", "4", "--seed", "11", "--max-tries", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import torch
+
+    # same thread count as this process: float reductions (and so voxels) depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     r0 = job / "shards" / "0-of-1" / "round-0"

@@ -230,8 +230,11 @@ def test_png_writer_roundtrip():
 
 
 def test_config_grid_and_holdout_manifest(world, run_cli, tmp_path, repo_root):
-    """--config gives the grid (configs/demo.yaml: 32^3 at 10 mm) and --holdout the calibration set."""
-    dcfg = DataConfig(shape=(32, 32, 32), spacing=(10.0, 10.0, 10.0), orientation="RAS", cache="none")
+    """--config gives the grid (that of configs/demo.yaml) and --holdout the calibration set."""
+    from medsynth.config import load_config
+
+    demo = load_config(repo_root / "configs" / "demo.yaml").data
+    dcfg = DataConfig(shape=demo.shape, spacing=demo.spacing, orientation=demo.orientation, cache="none")
     aff = target_affine(dcfg)
     hold = write_phantoms(tmp_path / "hold", 2, seed=3, **PHANTOM)
     gen = write_phantoms(tmp_path / "gen", 2, seed=4, **PHANTOM)
@@ -247,7 +250,7 @@ def test_config_grid_and_holdout_manifest(world, run_cli, tmp_path, repo_root):
                              "--config", repo_root / "configs" / "demo.yaml", "--holdout", hold, "--no-quarantine")
     assert code == 0, err
     s = json.loads((tmp_path / "qc" / "qc.json").read_text())
-    assert s["grid"]["shape"] == [32, 32, 32] and s["grid"]["spacing"] == [10.0, 10.0, 10.0]
+    assert s["grid"]["shape"] == list(demo.shape) and s["grid"]["spacing"] == list(demo.spacing)
     assert "demo.yaml" in s["grid"]["source"] and s["grid"]["analysis_window"] == [-1000.0, 1000.0]
     cal = s["memorisation"]["calibration"]
     assert cal["mode"] == "holdout_manifest" and cal["n_heldout"] == 2 and cal["n_train"] == 4
