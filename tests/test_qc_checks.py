@@ -192,6 +192,42 @@ def test_label_inside_and_outside_body(data):
     assert "label_geometry_mismatch" in _codes(_check(data, a, label=shifted))
 
 
+def test_lesion_intensity_inside_its_label_is_judged_against_the_reference(tmp_path):
+    """Reference label maps teach the median HU inside each label (lung, lesion); a sample whose
+    lesion label sits on tissue of the wrong density fails label_2_p50_out_of_range."""
+    dcfg = DataConfig(shape=(N, N, N), spacing=(320 / N,) * 3, orientation="RAS", cache="none")
+    grid = Grid((N, N, N), target_affine(dcfg))
+    # lesion phantoms only (class 1: every other case), so every case has label 2
+    cases = [c for c in load_manifest(write_phantoms(tmp_path / "p", 14, seed=4, **PHANTOM)).cases
+             if c.class_label == 1]
+    labels: list = []
+    _, arrs, skipped = resample_cases(cases, dcfg, labels_out=labels)
+    assert not skipped and len(labels) == len(arrs) and all(lab is not None for lab in labels)
+    stats = [volume_stats(a, body_mask(a, grid.affine, "CT"), "CT", lab) for a, lab in zip(arrs, labels)]
+    qc = QCConfig()
+    ranges = learn_ranges(stats[:-1], qc)
+    assert {"label_1_p50", "label_2_p50"} <= set(ranges.ranges)
+    lo, hi = ranges.ranges["label_2_p50"]
+    assert lo > -400 and hi < 400  # soft-tissue lesion, well away from the lung's -850 HU
+
+    a, lab = arrs[-1], labels[-1]
+    lab_vol = Volume(lab.astype(np.uint8), grid.affine, modality="SEG", units="label")
+    res = check_volume(_vol(a, grid), grid, qc, ranges, label=lab_vol)
+    assert res.checks["label_2_p50_out_of_range"]["passed"], res.reasons
+    assert res.checks["label_1_p50_out_of_range"]["passed"], res.reasons
+    # the same lesion label over air-filled lung: implausible lesion HU
+    bad = a.copy()
+    bad[lab == 2] = -850.0
+    res = check_volume(_vol(bad, grid), grid, qc, ranges, label=lab_vol)
+    reason = [r for r in res.reasons if r.startswith("label_2_p50_out_of_range")]
+    assert not res.passed and reason and "inside label 2" in reason[0]
+    # a sample without a lesion label (class 0) is not judged on label 2
+    no_lesion = np.where(lab == 2, 1, lab).astype(np.uint8)
+    res = check_volume(_vol(a, grid), grid, qc, ranges,
+                       label=Volume(no_lesion, grid.affine, modality="SEG", units="label"))
+    assert "label_2_p50_out_of_range" not in res.checks
+
+
 def test_learned_range_has_a_floor():
     same = [{"body_fraction": 0.4, "background_fraction": 0.5, "body_p01": -900.0, "body_p50": 40.0,
              "body_p99": 800.0}] * 3

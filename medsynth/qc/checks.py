@@ -8,7 +8,9 @@ Checks, in order (a volume that fails an early check skips the checks that would
 4. ``out_of_physical_range`` CT within ``qc.ct_range`` (-1024..3071 HU), MR within ``qc.mr_range`` if set;
 5. ``no_body_found`` and ``<stat>_out_of_range``: body fraction, background fraction and the
    p1/p50/p99 intensities inside the body inside the ranges learned from the reference cases;
-6. ``label_outside_body``  labelled voxels lie inside the body (when the sample has a label);
+6. ``label_outside_body``  labelled voxels lie inside the body (when the sample has a label), and
+   ``label_<v>_p50_out_of_range``: the median intensity inside each label value (e.g. lesion HU)
+   lies in the range learned from the reference cases' label maps;
 7. ``artefact_suspected``  the artefact score (tiling seams, checkerboard) below ``qc.artefact_threshold``.
 
 Reasons are strings ``code (details)``, e.g. ``body_fraction_out_of_range (0.05 not in [0.31, 0.52])``.
@@ -92,11 +94,14 @@ def background_level(modality: str, body_values: np.ndarray) -> float:
     return 0.1 * float(np.median(body_values)) if body_values.size else 0.0
 
 
-def volume_stats(array: np.ndarray, mask: np.ndarray, modality: str) -> dict[str, float]:
+def volume_stats(array: np.ndarray, mask: np.ndarray, modality: str,
+                 label: Optional[np.ndarray] = None) -> dict[str, float]:
     """Body fraction, background fraction and p1/p50/p99 inside the body of one volume.
 
     The background fraction is the fraction of all voxels darker than :func:`background_level`
     (air outside the body and inside lungs for CT).  Percentiles are NaN when the body is empty.
+    With a ``label`` map of the same shape, ``label_<v>_p50`` is the median intensity inside each
+    label value v > 0 present (e.g. lesion HU).
     """
     arr = np.asarray(array, dtype=np.float64)
     body = arr[mask]
@@ -107,7 +112,15 @@ def volume_stats(array: np.ndarray, mask: np.ndarray, modality: str) -> dict[str
         out.update(body_p01=float(p[0]), body_p50=float(p[1]), body_p99=float(p[2]))
     else:
         out.update(body_p01=float("nan"), body_p50=float("nan"), body_p99=float("nan"))
+    if label is not None and np.shape(label) == arr.shape:
+        out.update(label_stats(arr, label))
     return out
+
+
+def label_stats(array: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """``label_<v>_p50``: the median intensity inside each label value v > 0 present in ``label``."""
+    lab = np.rint(np.asarray(label)).astype(np.int64)
+    return {f"label_{int(v)}_p50": float(np.median(array[lab == v])) for v in np.unique(lab) if v > 0}
 
 
 @dataclass
@@ -131,7 +144,8 @@ def learn_ranges(stats: Sequence[dict[str, float]], qc: QCConfig) -> ReferenceRa
     and ``range_floor`` x the median p1..p99 intensity span for intensities, so a reference whose
     cases happen to agree exactly does not reject every sample.
     """
-    table = {k: np.array([s[k] for s in stats if np.isfinite(s.get(k, np.nan))]) for k in STATS}
+    label_keys = sorted({k for s in stats for k in s if k.startswith("label_")})
+    table = {k: np.array([s[k] for s in stats if np.isfinite(s.get(k, np.nan))]) for k in (*STATS, *label_keys)}
     p01, p99 = table["body_p01"], table["body_p99"]
     int_span = float(np.median(p99) - np.median(p01)) if p01.size and p99.size else 1.0
     ranges, mm = {}, {}
@@ -339,6 +353,8 @@ def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[Referen
         res.fail("no_body_found", "no voxel above the body threshold", value=0.0, limit=">0")
     elif ranges is not None:
         for k, (lo, hi) in ranges.ranges.items():
+            if k.startswith("label_"):
+                continue  # judged with the label (6.)
             v = res.stats.get(k, float("nan"))
             if not np.isfinite(v) or not lo <= v <= hi:
                 res.fail(f"{k}_out_of_range", f"{_fmt(v)} not in [{_fmt(lo)}, {_fmt(hi)}]", value=v, limit=[lo, hi])
@@ -363,6 +379,18 @@ def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[Referen
                          value=frac, limit=qc.label_outside_body_max)
             else:
                 res.ok("label_outside_body", value=frac, limit=qc.label_outside_body_max)
+            # intensity inside each label (e.g. lesion HU) within the reference's range for that label
+            inside = label_stats(arr, lab)
+            res.stats.update(inside)
+            for k, v in inside.items():
+                if ranges is None or k not in ranges.ranges:
+                    continue
+                lo, hi = ranges.ranges[k]
+                if not lo <= v <= hi:
+                    res.fail(f"{k}_out_of_range", f"median {_fmt(v)} {vol.units} inside label "
+                             f"{k.split('_')[1]} not in [{_fmt(lo)}, {_fmt(hi)}]", value=v, limit=[lo, hi])
+                else:
+                    res.ok(f"{k}_out_of_range", value=v, limit=[lo, hi])
 
     # 7. artefacts
     res.artefact = artefact_score(arr, mask)

@@ -158,23 +158,29 @@ def _why(exc: BaseException) -> str:
     return f"could not be read or resampled ({type(exc).__name__})"
 
 
-def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "reference"
+def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "reference",
+                   labels_out: Optional[list[Optional[np.ndarray]]] = None
                    ) -> tuple[list[str], list[np.ndarray], list[dict[str, str]]]:
     """Resample manifest cases onto the sample grid in physical units.
 
     Uses :func:`medsynth.data.transforms.build_transforms` (orientation, spacing, pad/crop) and the
     exact inverse of its intensity normalisation.  Returns (ids, arrays, skipped) where skipped
     lists ``{"id", "reason"}`` for cases that could not be read — one bad case never sinks the run.
+    With ``labels_out`` (a list), the label map of each returned case (nearest-neighbour on the
+    same grid, integer) or None for a case without one is appended to it.
     """
     from medsynth.data.transforms import IntensityNorm, build_transforms, case_dict
 
     tf = build_transforms(data_cfg)
+    tf_lab = build_transforms(data_cfg, with_label=True) if labels_out is not None else None
     ids, arrays, skipped = [], [], []
     for c in progress(cases, desc=desc, total=len(cases)):
         try:
-            d = tf(case_dict(c, False))
+            with_label = tf_lab is not None and c.label is not None
+            d = (tf_lab if with_label else tf)(case_dict(c, with_label))
             norm = IntensityNorm(float(d["intensity_lo"]), float(d["intensity_hi"]))
             arr = np.asarray(norm.inverse(d["image"][0].detach().cpu().numpy().astype(np.float64)))
+            lab = np.rint(d["label"][0].detach().cpu().numpy()).astype(np.int32) if with_label else None
         except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError; report and skip
             reason = _why(exc)
             log.warning("reference case %s skipped: %s", c.id, reason)
@@ -182,6 +188,8 @@ def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "refe
             continue
         ids.append(c.id)
         arrays.append(arr)
+        if labels_out is not None:
+            labels_out.append(lab)
     return ids, arrays, skipped
 
 
@@ -274,7 +282,8 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
 
     # -- reference ------------------------------------------------------------------------------
     manifest = load_manifest(reference)
-    ref_ids, ref_raw, skipped = resample_cases(manifest.cases, data_cfg)
+    ref_labels: list[Optional[np.ndarray]] = []
+    ref_ids, ref_raw, skipped = resample_cases(manifest.cases, data_cfg, labels_out=ref_labels)
     if len(ref_ids) < MIN_REFERENCE_CASES:
         raise QCError(f"{reference}: only {len(ref_ids)} of {len(manifest.cases)} reference cases could be read; "
                       f"the quality gate needs at least {MIN_REFERENCE_CASES}",
@@ -283,7 +292,7 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     for arr in ref_raw:
         a = np.clip(arr, *window) if window else arr
         ref.append(_Vol(a, body_mask(a, grid.affine, modality, qc.body_threshold_hu)))
-    ranges = learn_ranges([volume_stats(v.array, v.mask, modality) for v in ref], qc)
+    ranges = learn_ranges([volume_stats(v.array, v.mask, modality, lab) for v, lab in zip(ref, ref_labels)], qc)
     ref_artefact = [float(artefact_score(v.array, v.mask)["score"]) for v in ref]
 
     net = None
