@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +19,7 @@ from medsynth.config import config_from_dict, dump_yaml
 from medsynth.data.phantoms import write_phantoms
 
 
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, ae_steps: int = 4) -> Path:
     man = write_phantoms(tmp_path / "data", 4, seed=1, shape=(20, 20, 12), spacing=(16.0, 16.0, 27.0))
     raw = {"name": "ddp", "data": {"manifest": str(man), "shape": [16, 16, 16], "spacing": [20.0, 20.0, 20.0],
                                    "cache": "memory", "val_fraction": 0.0},
@@ -26,7 +28,7 @@ def _config(tmp_path: Path) -> Path:
                      "unet": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 8,
                               "num_head_channels": 8, "num_class_embeds": 2}},
            "training": {"device": "cpu", "precision": "fp32", "checkpoint_every": 2,
-                        "autoencoder": {"steps": 4, "batch_size": 2, "adv_start": 2, "adv_weight": 0.01,
+                        "autoencoder": {"steps": ae_steps, "batch_size": 2, "adv_start": 2, "adv_weight": 0.01,
                                         "disc_layers": 1, "val_every": 1000, "log_every": 1},
                         "diffusion": {"steps": 4, "batch_size": 2, "num_train_timesteps": 50, "val_every": 1000,
                                       "log_every": 1}},
@@ -45,11 +47,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_cmd(cfg: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+            "-m", "medsynth", "train", str(cfg), "--no-progress", "--run-dir", str(run), *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _torchrun(cfg: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "medsynth", "train", str(cfg), "--no-progress", "--run-dir", str(run), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(_torchrun_cmd(cfg, run, *extra), env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def test_two_process_gloo_training_resumes_and_samples(tmp_path, run_cli):
@@ -83,3 +90,35 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path):
     r = _torchrun(cfg, tmp_path / "run", "--max-steps", "1")
     assert r.returncode != 0
     assert "not divisible by the 2 training processes" in r.stderr  # torchrun's launcher adds its own report
+
+
+def test_killed_torchrun_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL of the whole torchrun process group mid-training, then --resume: the same weights as a
+    run that was never interrupted (batches and noise are functions of (seed, step), not of history)."""
+    cfg = _config(tmp_path, ae_steps=40)
+    r = _torchrun(cfg, tmp_path / "whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    p = subprocess.Popen(_torchrun_cmd(cfg, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    ck_path = run / "autoencoder" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not ck_path.exists():
+        time.sleep(0.02)
+    assert p.poll() is None, "training ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)  # launcher and both workers at once, as a scheduler's kill would
+    p.wait()
+    assert not (run / "model_card.json").exists()
+    # the checkpoint on disk is whole (atomic write) and from before the end
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    assert 0 < ck["step"] < 40
+
+    r = _torchrun(cfg, run, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("autoencoder", "diffusion"):
+        a = torch.load(tmp_path / "whole" / stage / "last.pt", map_location="cpu", weights_only=False)
+        b = torch.load(run / stage / "last.pt", map_location="cpu", weights_only=False)
+        assert a["step"] == b["step"]
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k]), f"{stage}: {k} differs after resume"

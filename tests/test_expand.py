@@ -117,14 +117,28 @@ def test_sharded_equals_unsharded_and_resume_after_kill(tiny, tmp_path):
     merge(tmp_path / "sharded")
     _same(ref, _dataset_state(tmp_path / "sharded"))
 
-    # kill -9 in the middle of the job, rerun the same command: same result
-    job = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "medsynth", "--no-progress", "expand", str(run), "--manifest", str(man),
-           "--out", str(job), "--n", "4", "--seed", "11", "--max-tries", "2"]
     import torch
 
     # same thread count as this process: float reductions (and so voxels) depend on it
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    base = [sys.executable, "-m", "medsynth", "--no-progress", "expand", str(run), "--manifest", str(man),
+            "--n", "4", "--seed", "11", "--max-tries", "2"]
+
+    # both shards as processes running at the same time on one output folder, then --merge
+    together = tmp_path / "together"
+    procs = [subprocess.Popen([*base, "--out", str(together), "--shard", f"{i}/2"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode in (0, 1), err
+    r = subprocess.run([sys.executable, "-m", "medsynth", "--no-progress", "expand", "--merge", str(together)],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stderr
+    _same(ref, _dataset_state(together))
+
+    # kill -9 in the middle of the job, rerun the same command: same result
+    job = tmp_path / "killed"
+    cmd = [*base, "--out", str(job)]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     r0 = job / "shards" / "0-of-1" / "round-0"
