@@ -625,13 +625,17 @@ def _add_demo(sub) -> None:
     p.add_argument("--cases", type=int, default=32, help="number of phantoms to train on (default 32)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--config", type=Path, help="another demo config (default: the built-in demo.yaml)")
+    p.add_argument("--labels", action="store_true",
+                   help="learn image and label map together (data.use_labels): every sample comes with "
+                        "<id>_label.nii.gz (0 background, 1 lung, 2 lesion)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     _passive_openmp_waits()
     from medsynth.demo import format_summary, run_demo
 
-    res = run_demo(args.out, seed=args.seed, n_cases=args.cases, per_class=args.per_class, config_path=args.config)
+    res = run_demo(args.out, seed=args.seed, n_cases=args.cases, per_class=args.per_class, config_path=args.config,
+                   labels=args.labels)
     print(format_summary(res))
     return 0
 

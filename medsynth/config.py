@@ -207,8 +207,10 @@ def _steps_checks(obj: Any, path: str) -> list[str]:
 
 @dataclass
 class AutoencoderTrainConfig:
-    """Stage 1: L1 + ``kl_weight`` KL, PatchGAN (``adv_weight``) from step ``adv_start``, optional
-    perceptual loss from a local MedicalNet-style 3D ResNet weights file (never downloaded)."""
+    """Stage 1: L1 (+ ``l2_weight`` MSE) + ``kl_weight`` KL, PatchGAN (``adv_weight``) from step
+    ``adv_start``, optional perceptual loss from a local MedicalNet-style 3D ResNet weights file
+    (never downloaded).  L1 alone tends to the median, which erases small bright structures (bone,
+    contrast) while the decoder is still unsure where they are; an MSE term keeps them."""
 
     steps: int = 2000
     batch_size: int = 1
@@ -216,6 +218,7 @@ class AutoencoderTrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     kl_weight: float = 1e-6
+    l2_weight: float = 0.0
     adv_weight: float = 0.01
     adv_start: int = 500
     disc_channels: int = 32
@@ -231,8 +234,8 @@ class AutoencoderTrainConfig:
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             errs.append(f"{path}.perceptual_weights: perceptual_weight > 0 needs a local weights file "
                         "(nothing is downloaded); set the path or set perceptual_weight: 0")
-        if self.kl_weight < 0 or self.adv_weight < 0 or self.perceptual_weight < 0:
-            errs.append(f"{path}: loss weights (kl_weight, adv_weight, perceptual_weight) must be >= 0")
+        if min(self.kl_weight, self.l2_weight, self.adv_weight, self.perceptual_weight) < 0:
+            errs.append(f"{path}: loss weights (kl_weight, l2_weight, adv_weight, perceptual_weight) must be >= 0")
         if self.disc_layers < 1 or self.disc_channels < 1:
             errs.append(f"{path}.disc_layers/disc_channels: must be >= 1")
         return errs

@@ -50,6 +50,7 @@ class DemoResult:
     n_cases: int
     n_samples: int
     timings: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -57,8 +58,12 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int = 32, per_class: int = 4,
-             config_path: Optional[str | Path] = None) -> DemoResult:
-    """Run the demo into ``out_dir`` and return a :class:`DemoResult` (see the module docstring)."""
+             config_path: Optional[str | Path] = None, labels: bool = False) -> DemoResult:
+    """Run the demo into ``out_dir`` and return a :class:`DemoResult` (see the module docstring).
+
+    ``labels`` trains image and label map together (``data.use_labels``), so every sample comes
+    with ``<id>_label.nii.gz``; the result's ``labels`` counts the label values the samples hold.
+    """
     from medsynth.config import load_config
     from medsynth.data.phantoms import write_phantoms
     from medsynth.manifest import load_manifest
@@ -71,7 +76,8 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
         raise MedsynthError(f"demo needs --cases >= 4 and --per-class >= 1, got {n_cases} and {per_class}")
     out = Path(out_dir)
     cfg_path = Path(config_path) if config_path else demo_config_path()
-    probe = load_config(cfg_path)
+    label_override = {"use_labels": True} if labels else {}
+    probe = load_config(cfg_path, overrides={"data": label_override})
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -79,7 +85,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     timings["phantoms"] = time.perf_counter() - t
     log.info("demo: %d phantoms in %s", n_cases, manifest)
 
-    cfg = load_config(cfg_path, overrides={"data": {"manifest": str(manifest.resolve())}})
+    cfg = load_config(cfg_path, overrides={"data": {"manifest": str(manifest.resolve()), **label_override}})
     run_dir = out / "run"
     t = time.perf_counter()
     try:
@@ -94,23 +100,33 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     indices = range(per_class * k)  # classes in turn: index mod k
     samples, untrained_dir = out / "samples", out / "untrained_samples"
     generate(run_dir, samples, indices, seed=seed)
-    baseline = Sampler.untrained(cfg, seed=seed, device="cpu")
+    # the run's resolved config (label set filled in at training) for the same architecture
+    baseline = Sampler.untrained(load_config(run_dir / "config.yaml"), seed=seed, device="cpu")
     generate(None, untrained_dir, indices, seed=seed, sampler=baseline)
     timings["sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()
     real = [Volume.load_nifti(c.image, modality="CT") for c in load_manifest(manifest).cases]
-    trained_vols = [s.load() for s in list_samples(samples) if s.sidecar.get("index") in indices]
+    trained = [s for s in list_samples(samples) if s.sidecar.get("index") in indices]
+    trained_vols = [s.load() for s in trained]
+    label_info: dict[str, Any] = {}
+    if cfg.data.use_labels:
+        counts: dict[str, int] = {}
+        for s in trained:
+            lab = s.load_label()
+            for v in (np.unique(np.asarray(lab.array)).tolist() if lab is not None else []):
+                counts[str(int(v))] = counts.get(str(int(v)), 0) + 1
+        label_info = {"samples_with_value": counts, "n_samples": len(trained)}
     untrained_vols = [s.load() for s in list_samples(untrained_dir) if s.sidecar.get("index") in indices]
     fig = fidelity(real, {"trained": trained_vols, "untrained": untrained_vols})
     table = format_table(fig)
     write_json(out / "fidelity.json", {"figures": fig, "table": table.splitlines(), "seed": seed,
-                                       "n_cases": n_cases, "per_class": per_class})
+                                       "n_cases": n_cases, "per_class": per_class, "labels": label_info})
     preview = write_preview(out / "preview.png", {"real": real[: len(trained_vols)], "trained": trained_vols,
                                                   "untrained": untrained_vols})
     timings["fidelity"] = time.perf_counter() - t
     return DemoResult(out, manifest, run_dir, samples, untrained_dir, preview, fig, table, n_cases,
-                      len(trained_vols), timings)
+                      len(trained_vols), timings, label_info)
 
 
 def format_summary(res: DemoResult) -> str:
@@ -127,6 +143,10 @@ def format_summary(res: DemoResult) -> str:
         f"  data      {res.manifest}  ({res.n_cases} CT phantoms; class 0 no lesion, class 1 lesion)",
         f"  run       {res.run_dir}  (model card {res.run_dir / 'model_card.json'}, metrics */metrics.jsonl)",
         f"  samples   {res.samples}  ({res.n_samples} volumes, classes in turn; NIfTI in HU + JSON sidecars)",
+        *([f"  labels    <id>_label.nii.gz beside each sample (0 background, 1 lung, 2 lesion); samples holding "
+           "each value: " + ", ".join(f"{v}: {n}/{res.labels['n_samples']}"
+                                      for v, n in sorted(res.labels["samples_with_value"].items()))]
+          if res.labels else []),
         f"  baseline  {res.untrained}  (same architecture and sampling, random weights)",
         f"  preview   {res.preview}  (mid-axial slices; rows: real, trained, untrained)",
         "",
