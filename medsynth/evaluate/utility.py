@@ -496,13 +496,7 @@ def _norm_dict(data_cfg: Any) -> dict[str, Any]:
             "percentiles": list(it.percentiles) if it.percentiles is not None else None}
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+def _versions() -> dict[str, Optional[str]]:
+    from medsynth.versions import package_versions
 
-    out = {}
-    for dist in ("medsynth", "torch", "monai", "numpy"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
+    return package_versions(("torch", "monai", "numpy"))

@@ -378,16 +378,10 @@ def _write_dataset_files(tmp: Path, name: str, modality: str, records: list[dict
     result.dataset_files.append("manifest.json")
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+def _versions() -> dict[str, Optional[str]]:
+    from medsynth.versions import package_versions
 
-    out = {"medsynth": __version__}
-    for dist in ("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom"))
 
 
 # ---------------------------------------------------------------------------------------------

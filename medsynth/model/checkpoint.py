@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import torch
 
-from medsynth import __version__
 from medsynth.config import Config, config_from_dict, config_hash, config_to_dict
 from medsynth.errors import CheckpointError, ConfigError
 from medsynth.jobs import atomic_path, sha256_file, write_json
@@ -65,15 +64,12 @@ class RunPaths:
 
 def versions() -> dict[str, Optional[str]]:
     """Versions of medsynth and the libraries that shape a model, plus the git commit if known."""
-    import importlib.metadata as md
     import platform
 
-    out: dict[str, Optional[str]] = {"medsynth": __version__, "python": platform.python_version()}
-    for dist in ("torch", "monai", "numpy", "nibabel"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
+    from medsynth.versions import package_versions
+
+    out: dict[str, Optional[str]] = {"python": platform.python_version(),
+                                     **package_versions(("torch", "monai", "numpy", "nibabel"))}
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5)

@@ -297,6 +297,51 @@ def _epoch_line(stage: str, step: int, steps: int, per_epoch: int, sums: dict[st
              step, steps, parts, vtxt, seconds)
 
 
+class StepBook:
+    """What both training loops do after an optimizer step: the metrics log every ``log_every``
+    steps, validation every ``val_every`` steps, a checkpoint every ``training.checkpoint_every``
+    steps and at the last step of this call, the one-line epoch summary, then the callback.
+    Rank 0 alone logs, validates and saves; ``val`` holds the latest validation metrics (saved in
+    checkpoints)."""
+
+    def __init__(self, stage: str, cfg: Config, t: Any, paths: RunPaths, step: int, per_epoch: int,
+                 val: Optional[dict[str, float]], callback: Optional[StepCallback]):
+        self.stage, self.t, self.per_epoch, self.callback = stage, t, per_epoch, callback
+        self.checkpoint_every = cfg.training.checkpoint_every
+        self.main = is_main()
+        self.metrics = MetricsLog(paths.metrics(stage), step) if self.main else None
+        self.val = val
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.t0 = self.t_epoch = time.perf_counter()
+
+    def after_step(self, step: int, end: int, rec: dict[str, float], lr: float,
+                   validate: Optional[Callable[[], dict[str, float]]], save: Callable[[], None]) -> None:
+        t = self.t
+        for k, v in rec.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        if self.main:
+            if step % t.log_every == 0 or step == t.steps:
+                self.metrics.write({"stage": self.stage, "step": step, "lr": lr, **rec,
+                                    "time_s": round(time.perf_counter() - self.t0, 3)})
+            if validate is not None and (step % t.val_every == 0 or step == t.steps):
+                self.val = validate()
+                self.metrics.write({"stage": self.stage, "step": step, "val": self.val})
+            if step % self.checkpoint_every == 0 or step == end:
+                save()
+            if step % self.per_epoch == 0 or step == t.steps:
+                _epoch_line(self.stage, step, t.steps, self.per_epoch, self.sums, self.count, self.val,
+                            time.perf_counter() - self.t_epoch)
+                self.sums, self.count, self.t_epoch = {}, 0, time.perf_counter()
+        if self.callback is not None:
+            self.callback(self.stage, step)
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 1: autoencoder
 # --------------------------------------------------------------------------------------------
@@ -350,7 +395,6 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
     ae.to(device).train()
     disc.to(device).train()
     check_batch(t.batch_size, "training.autoencoder.batch_size")
-    main = is_main()
     ae_step = ddp(AEStep(ae), device)  # DistributedDataParallel under torchrun, else the plain module
     opt_g = torch.optim.Adam(ae.parameters(), lr=t.lr)
     opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr)
@@ -391,14 +435,11 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
-            "intensity_norm": data.norm, "val_metrics": val, "data_info": data.info,
+            "intensity_norm": data.norm, "val_metrics": book.val, "data_info": data.info,
         })
 
-    metrics = MetricsLog(paths.metrics(stage), step) if main else None
     n = len(data.train)
-    per_epoch = math.ceil(n / t.batch_size)
-    sums: dict[str, float] = {}
-    count, t0, t_epoch = 0, time.perf_counter(), time.perf_counter()
+    book = StepBook(stage, cfg, t, paths, step, math.ceil(n / t.batch_size), val, callback)
     start = step
     end = t.steps if max_steps is None else min(t.steps, start + max_steps)
     for _ in progress(range(start, end), desc=stage, total=end - start):
@@ -450,26 +491,12 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
             rec["d_loss"] = d_loss.item()
         sched_g.step()
         step += 1
-
-        for k, v in rec.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if main and (step % t.log_every == 0 or step == t.steps):
-            metrics.write({"stage": stage, "step": step, "lr": sched_g.get_last_lr()[0], **rec,
-                           "time_s": round(time.perf_counter() - t0, 3)})
-        if main and (step % t.val_every == 0 or step == t.steps) and len(data.val):
-            val = _validate_autoencoder(ae, data.val, device, precision)
-            metrics.write({"stage": stage, "step": step, "val": val})
-        if main and (step % cfg.training.checkpoint_every == 0 or step == end):
-            save()
-        if main and (step % per_epoch == 0 or step == t.steps):
-            _epoch_line(stage, step, t.steps, per_epoch, sums, count, val, time.perf_counter() - t_epoch)
-            sums, count, t_epoch = {}, 0, time.perf_counter()
-        if callback is not None:
-            callback(stage, step)
+        book.after_step(step, end, rec, sched_g.get_last_lr()[0],
+                        (lambda: _validate_autoencoder(ae, data.val, device, precision)) if len(data.val) else None,
+                        save)
     if start == t.steps:
         log.info("autoencoder: already trained (%d steps)", step)
-    return {"stage": stage, "steps": step, "val": val, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"stage": stage, "steps": step, "val": book.val, "seconds": book.seconds}
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +615,7 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
             **_base_payload(cfg, stage, step, t.steps),
             "model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "scale_factor": scale,
-            "autoencoder_sha256": ae_sha, "intensity_norm": norm, "val_metrics": val,
+            "autoencoder_sha256": ae_sha, "intensity_norm": norm, "val_metrics": book.val,
             "data_info": data.info, "null_class": null_class,
         })
 
@@ -603,11 +630,8 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
                              class_labels=None if labels is None else labels.to(device))
         return {"loss": float(F.mse_loss(pred.float(), target.to(device)))}
 
-    metrics = MetricsLog(paths.metrics(stage), step) if main else None
     n = len(mu)
-    per_epoch = math.ceil(n / (t.batch_size * t.grad_accum))
-    sums: dict[str, float] = {}
-    count, t0, t_epoch = 0, time.perf_counter(), time.perf_counter()
+    book = StepBook(stage, cfg, t, paths, step, math.ceil(n / (t.batch_size * t.grad_accum)), val, callback)
     start = step
     end = t.steps if max_steps is None else min(t.steps, start + max_steps)
     for _ in progress(range(start, end), desc=stage, total=end - start):
@@ -632,30 +656,14 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         sched.step()
         ema.update(unet)
         step += 1
-
-        sums["loss"] = sums.get("loss", 0.0) + total
-        count += 1
-        if main and (step % t.log_every == 0 or step == t.steps):
-            metrics.write({"stage": stage, "step": step, "lr": sched.get_last_lr()[0], "loss": total,
-                           "time_s": round(time.perf_counter() - t0, 3)})
-        if main and (step % t.val_every == 0 or step == t.steps):
-            val = validate()
-            metrics.write({"stage": stage, "step": step, "val": val})
-        if main and (step % cfg.training.checkpoint_every == 0 or step == end):
-            save()
-        if main and (step % per_epoch == 0 or step == t.steps):
-            _epoch_line(stage, step, t.steps, per_epoch, sums, count, val, time.perf_counter() - t_epoch)
-            sums, count, t_epoch = {}, 0, time.perf_counter()
-        if callback is not None:
-            callback(stage, step)
+        book.after_step(step, end, {"loss": total}, sched.get_last_lr()[0], validate, save)
     if start == t.steps:
         log.info("diffusion: already trained (%d steps)", step)
     barrier()
     if main and step == t.steps:
         card = build_model_card(cfg, paths, ae_ck, load_checkpoint(ck_path, stage), data.info)
         write_model_card(paths, card)
-    return {"stage": stage, "steps": step, "val": val, "scale_factor": scale,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {"stage": stage, "steps": step, "val": book.val, "scale_factor": scale, "seconds": book.seconds}
 
 
 # --------------------------------------------------------------------------------------------
