@@ -207,6 +207,18 @@ def test_rectified_flow_and_gradient_accumulation_train(phantoms, tmp_path):
     assert torch.isfinite(torch.tensor(res.summaries[1]["val"]["loss"]))
 
 
+def test_autoencoder_mse_term_is_trained_and_logged(phantoms, tmp_path):
+    """``l2_weight`` adds an MSE term to stage 1 (kept small structures); it is logged per step."""
+    raw = tiny_config(phantoms, training={"autoencoder": {"steps": 2, "l2_weight": 1.0, "log_every": 1}})
+    train(config_from_dict(raw), tmp_path / "r", stage="autoencoder")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "autoencoder" / "metrics.jsonl").read_text().splitlines()]
+    l2 = [r["l2"] for r in rows if "l2" in r]
+    assert len(l2) == 2 and all(v > 0 for v in l2)
+    bad = tiny_config(phantoms, training={"autoencoder": {"l2_weight": -1.0}})
+    with pytest.raises(ConfigError, match="l2_weight"):
+        config_from_dict(bad)
+
+
 def test_bad_case_is_reported_and_skipped(phantoms, tmp_path, caplog):
     from medsynth.manifest import load_manifest, save_manifest
 
