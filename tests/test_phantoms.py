@@ -53,7 +53,11 @@ def test_write_phantoms_manifest(tmp_path):
     man = load_manifest(path)
     assert [c.class_label for c in man.cases] == [0, 1, 0, 1]
     raw = json.loads(path.read_text())
-    assert raw["cases"][0]["image"] == "images/phantom-000.nii.gz"   # relative to the manifest
+    assert raw["cases"][0]["image"] == "images/phantom-s2-000.nii.gz"   # relative to the manifest
+    # another seed, other case ids: a held-out set never collides with a training set by id
+    other = load_manifest(write_phantoms(tmp_path / "ho", 2, seed=0, shape=(20, 20, 12), spacing=(15.0, 15.0, 25.0)))
+    assert [c.id for c in other.cases] == ["phantom-000", "phantom-001"]
+    assert not {c.id for c in other.cases} & {c.id for c in man.cases}
     for c in man.cases:
         v = Volume.load_nifti(c.image)
         assert v.shape == (20, 20, 12) and c.label.is_file()

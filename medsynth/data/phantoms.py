@@ -156,7 +156,9 @@ def write_phantoms(out_dir: str | Path, n: int, seed: int = 0,
     """Write ``n`` phantoms (balanced classes) as NIfTI plus ``out_dir/manifest.json``; returns the manifest path.
 
     Case ``i`` uses seed ``seed * 100003 + i`` and class ``i % 2`` so the classes are balanced and
-    the set is reproducible.  Files: ``images/phantom-XXX.nii.gz``, ``labels/phantom-XXX.nii.gz``.
+    the set is reproducible.  Files: ``images/<id>.nii.gz``, ``labels/<id>.nii.gz`` with case ids
+    ``phantom-XXX`` for seed 0 and ``phantom-s<seed>-XXX`` otherwise, so sets written with
+    different seeds (e.g. a training set and a held-out test set) never share a case id.
     """
     from medsynth.jobs import sha256_file
     from medsynth.manifest import Case, Manifest, save_manifest
@@ -173,7 +175,7 @@ def write_phantoms(out_dir: str | Path, n: int, seed: int = 0,
     (out / "labels").mkdir(parents=True, exist_ok=True)
     cases = []
     for i in range(n):
-        cid = f"phantom-{i:03d}"
+        cid = f"phantom-{i:03d}" if int(seed) == 0 else f"phantom-s{int(seed)}-{i:03d}"
         img, lab, cls = make_phantom(int(seed) * 100003 + i, shape, spacing, lesion=bool(i % 2))
         ip = img.save_nifti(out / "images" / f"{cid}.nii.gz", dtype="int16", description="medsynth phantom")
         lp = lab.save_nifti(out / "labels" / f"{cid}.nii.gz", dtype="uint8", description="medsynth phantom label")
