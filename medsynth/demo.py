@@ -76,8 +76,8 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
         raise MedsynthError(f"demo needs --cases >= 4 and --per-class >= 1, got {n_cases} and {per_class}")
     out = Path(out_dir)
     cfg_path = Path(config_path) if config_path else demo_config_path()
+    probe = load_config(cfg_path)  # the grid of the phantoms
     label_override = {"use_labels": True} if labels else {}
-    probe = load_config(cfg_path, overrides={"data": label_override})
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -143,7 +143,7 @@ def format_summary(res: DemoResult) -> str:
         f"  data      {res.manifest}  ({res.n_cases} CT phantoms; class 0 no lesion, class 1 lesion)",
         f"  run       {res.run_dir}  (model card {res.run_dir / 'model_card.json'}, metrics */metrics.jsonl)",
         f"  samples   {res.samples}  ({res.n_samples} volumes, classes in turn; NIfTI in HU + JSON sidecars)",
-        *([f"  labels    <id>_label.nii.gz beside each sample (0 background, 1 lung, 2 lesion); samples holding "
+        *(["  labels    <id>_label.nii.gz beside each sample (0 background, 1 lung, 2 lesion); samples holding "
            "each value: " + ", ".join(f"{v}: {n}/{res.labels['n_samples']}"
                                       for v, n in sorted(res.labels["samples_with_value"].items()))]
           if res.labels else []),

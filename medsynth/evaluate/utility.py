@@ -38,6 +38,7 @@ from medsynth.evaluate import stats
 from medsynth.evaluate.classifier import Budget, predict, train
 from medsynth.evaluate.split import check_disjoint
 from medsynth.manifest import Case, Manifest, load_manifest
+from medsynth.versions import package_versions
 
 log = logging.getLogger("medsynth.evaluate.utility")
 
@@ -470,7 +471,7 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
         "notes": notes,
         "elapsed_s": round(time.time() - t0, 1),
         "device": str(device),
-        "versions": _versions(),
+        "versions": package_versions(("torch", "monai", "numpy")),
     }
     json_path, html_path = write_report(report, out_dir)
     return UtilityResult(report, json_path, html_path)
@@ -494,9 +495,3 @@ def _norm_dict(data_cfg: Any) -> dict[str, Any]:
     it = data_cfg.intensity
     return {"window": list(it.window) if it.window is not None else None,
             "percentiles": list(it.percentiles) if it.percentiles is not None else None}
-
-
-def _versions() -> dict[str, Optional[str]]:
-    from medsynth.versions import package_versions
-
-    return package_versions(("torch", "monai", "numpy"))

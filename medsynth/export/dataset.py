@@ -34,6 +34,7 @@ from medsynth.errors import ExportError, MedsynthError, PrivacyError
 from medsynth.jobs import sha256_file, write_json
 from medsynth.progress import progress
 from medsynth.samples import SAMPLE_FORMAT, Sample, read_sample
+from medsynth.versions import package_versions
 
 log = logging.getLogger("medsynth.export")
 
@@ -378,12 +379,6 @@ def _write_dataset_files(tmp: Path, name: str, modality: str, records: list[dict
     result.dataset_files.append("manifest.json")
 
 
-def _versions() -> dict[str, Optional[str]]:
-    from medsynth.versions import package_versions
-
-    return package_versions(("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom"))
-
-
 # ---------------------------------------------------------------------------------------------
 # PHI scan and publishing
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +524,7 @@ def export_samples(
         report = {
             "format": EXPORT_REPORT_FORMAT,
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
+            "versions": package_versions(("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom")),
             "formats": list(fmts),
             "uid_root": root,
             "uid_scheme": "deterministic: 2.25.<uuid5> or <root>.<sha256 digits> of (medsynth version, "

@@ -370,13 +370,14 @@ def _validate_autoencoder(ae: torch.nn.Module, items: Any, device: torch.device,
     return out
 
 
-def _recon_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 reconstruction loss; with label channels (paired models) the image channel weighs as
-    much as all label channels together, so adding K one-hot channels does not dilute the image's
-    share of the loss to 1 / (1 + K)."""
+def _recon_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], recon: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+    """A reconstruction loss (``F.l1_loss``, ``F.mse_loss``); with label channels (paired models)
+    the image channel weighs as much as all label channels together, so adding K one-hot channels
+    does not dilute the image's share of the loss to 1 / (1 + K)."""
     if x.shape[1] == 1:
-        return F.l1_loss(recon, x)
-    return 0.5 * (F.l1_loss(recon[:, :1], x[:, :1]) + F.l1_loss(recon[:, 1:], x[:, 1:]))
+        return loss(recon, x)
+    return 0.5 * (loss(recon[:, :1], x[:, :1]) + loss(recon[:, 1:], x[:, 1:]))
 
 
 def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
@@ -455,12 +456,12 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         with autocast(device, precision):
             recon, mu, sigma = ae_step(x, eps)
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
-        l1 = _recon_l1(recon, x)
+        l1 = _recon_loss(F.l1_loss, recon, x)
         kl = _kl(mu, sigma)
         loss = l1 + t.kl_weight * kl
         rec = {"l1": l1.item(), "kl": kl.item()}
         if t.l2_weight > 0:
-            l2 = F.mse_loss(recon, x)
+            l2 = _recon_loss(F.mse_loss, recon, x)
             loss = loss + t.l2_weight * l2
             rec["l2"] = l2.item()
         if perceptual is not None:
