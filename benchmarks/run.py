@@ -587,7 +587,10 @@ def markdown(r: dict[str, Any]) -> str:
     b = r["bf16"]
     lines.append(f"| bf16 autocast vs fp32 (UNet forward, native bf16: {b['native_bf16']}) | "
                  f"{b['bf16_speedup']:.3g}x |")
-    if d:
+    for key in ("decode", "training", "maisi"):
+        if r.get(key) and not ok(r[key]):
+            lines.append(f"| {key} | failed: {r[key]['error'].splitlines()[0][:160]} |")
+    if ok(d):
         lines.append(f"| decode {d['size']}³ peak memory ({d['autoencoder']['channels']} autoencoder) | "
                      f"whole {d['full_peak_mb']:.0f} MB, tiled {d['tiled_peak_mb']:.0f} MB "
                      f"({d['tiled_over_full']:.2f} of whole)"
@@ -597,9 +600,18 @@ def markdown(r: dict[str, Any]) -> str:
                      f"({d['tiling']['tiles']} tiles of {d['tiling']['latent_tile'][0]}³ latent)"
                      + (f", MONAI {d['monai']['seconds']} s" if "monai" in d else "") + " |")
     t = r["training"]
-    if t:
+    if ok(t):
         lines.append(f"| training step at {t['size']}³, batch 1 | autoencoder {t['autoencoder']['median_step_s']:.2f} s, "
                      f"diffusion {t['diffusion']['median_step_s']:.2f} s |")
+    m = r.get("maisi")
+    if ok(m):
+        pub = m["maisi_published"]
+        for row in m["sizes"]:
+            fig = (f"{row['seconds']} s, peak {row['peak_gb']} GB" if row.get("ok")
+                   else f"does not run: {row.get('error', '')[:120]}")
+            lines.append(f"| {row['size']}³ CT, MAISI-sized networks, RF-{m['steps']}, tiled decode | {fig} |")
+        lines.append(f"| MAISI published, {pub['size']}³ RF-{pub['steps']} on {pub['gpu']} | {pub['seconds']} s, "
+                     f"peak {pub['peak_gb']} GB |")
     return "\n".join(lines)
 
 
@@ -683,11 +695,28 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and result["sampling"]["settings"]["medsynth"]["precision"] == "bf16":
         result["matmul_peak_gflops_fp32"] = result["matmul_peak_gflops"]
         result["matmul_peak_gflops"] = result["matmul_peak_gflops_bf16"]  # same precision as the UNet
-    result["decode"] = None if "decode" in args.skip else bench_decode(p, device)
-    with tempfile.TemporaryDirectory(prefix="medsynth-bench-") as tmp:
-        result["training"] = None if "training" in args.skip else bench_training(p, device, Path(tmp))
+    save_partial(args.out, result)
+
+    def section(key: str, fn: Callable[[], Any]) -> None:
+        # a failing later section is reported in the JSON and does not lose the sampling figures
+        try:
+            result[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            result[key] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+            log(f"{key}: FAILED {result[key]['error'][:300]}")
+        save_partial(args.out, result)
+
+    if "decode" in args.skip:
+        result["decode"] = None
+    else:
+        section("decode", lambda: bench_decode(p, device))
+    if "training" in args.skip:
+        result["training"] = None
+    else:
+        with tempfile.TemporaryDirectory(prefix="medsynth-bench-") as tmp:
+            section("training", lambda: bench_training(p, device, Path(tmp)))
     if device.type == "cuda" and "maisi" not in args.skip and p.get("maisi_sizes"):
-        result["maisi"] = bench_maisi(p, device)
+        section("maisi", lambda: bench_maisi(p, device))
     # the peak is measured again at the end and the better kept: machine load only lowers it
     result["matmul_peak_gflops_fp32_runs"] = [result.get("matmul_peak_gflops_fp32", result["matmul_peak_gflops"]),
                                               bench_matmul(device, torch.float32)]
@@ -709,11 +738,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def save_partial(out: Path, result: dict[str, Any]) -> None:
+    """Write what is measured so far (``"partial": true``), so a run stopped by a time limit keeps it."""
+    from medsynth.jobs import write_json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {**result, "partial": True})
+
+
+def ok(section: Any) -> bool:
+    """A section that ran and did not fail."""
+    return bool(section) and "error" not in section
+
+
 def targets(r: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, checked against this result (reported, never asserted)."""
     s, d = r["sampling"], r["decode"]
     out = {"sampling_speedup_ge_2": s["speedup"] >= 2.0, "sampling_speedup": s["speedup"]}
-    if d:
+    if ok(d):
         out["tiled_decode_peak_le_third_of_full"] = d["tiled_over_full"] <= 1 / 3
     return out
 
