@@ -91,6 +91,8 @@ GPU_OVERRIDES = {"sizes": (192, 256), "e2e_sizes": (192, 256), "decode_size": 25
                  "decode_roi": 32, "decode_monai": True, "maisi_sizes": (256, 384, 512), "bf16_latent": 32}
 
 HU_WINDOW = (-1000.0, 1000.0)
+# medsynth sampling settings changed with --sampling KEY=VALUE (e.g. channels_last=false)
+SAMPLING_OVERRIDES: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +150,8 @@ def config(nets: str, size: int, scheduler: str = "ddim", ae_channels: list[int]
     }
     if not fast:
         raw["sampling"].update(precision="fp32", channels_last=False, onednn_conv=False, fused_attention=False)
+    else:
+        raw["sampling"].update(SAMPLING_OVERRIDES)
     return config_from_dict(raw, source="benchmarks/run.py")
 
 
@@ -323,6 +327,9 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
             s = sampler_of[size, kind]
             st = s.settings(seed, steps, 1.0, kind, 0.0)
             noise = s.initial_noise([0], seed)
+            # untimed warm-up of both paths at this size (kernel selection, allocator, cuDNN plans)
+            base.sample(s.cfg, noise, kind, 2)
+            s.sample([0], s.settings(seed, 2, 1.0, kind, 0.0))
             b_t, m_t = [], []
             reps = p["reps"] if kind == "ddim" else max(1, p["reps"] - 1)
             for r in range(reps):
@@ -415,6 +422,7 @@ def decode_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = torch.device(spec["device"])
     torch.set_num_threads(int(spec["threads"]))
+    SAMPLING_OVERRIDES.update(spec.get("sampling", {}))
     tiling = {"enabled": spec["mode"] == "tiled", "latent_roi": [spec["roi"]] * 3, "overlap": 0.25}
     cfg = config("tiny", spec["size"], ae_channels=spec["ae_channels"], tiling=tiling, device=device.type)
     ae, unet = build_weights(cfg, 0)
@@ -462,7 +470,7 @@ def bench_decode(p: dict[str, Any], device: torch.device) -> dict[str, Any]:
                            else "process RSS high-water mark (VmHWM), fresh process per mode"}
     for mode in ("full", "tiled", "monai") if p.get("decode_monai", True) else ("full", "tiled"):
         spec = {"mode": mode, "size": size, "roi": roi, "ae_channels": ae_ch, "device": device.type,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "sampling": SAMPLING_OVERRIDES}
         proc = subprocess.run([sys.executable, __file__, "--decode-child", json.dumps(spec)],
                               capture_output=True, text=True, timeout=3600, check=False)
         if proc.returncode != 0:
@@ -653,10 +661,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, help="also write the markdown table here")
     ap.add_argument("--skip", nargs="*", default=[], choices=("training", "decode", "maisi"),
                     help="leave sections out (their keys are then null)")
+    ap.add_argument("--sampling", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="medsynth sampling settings for this run, e.g. precision=fp32 channels_last=false")
     ap.add_argument("--decode-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     from medsynth.progress import set_progress
+
+    for item in args.sampling:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("precision", "channels_last", "onednn_conv", "fused_attention"):
+            ap.error(f"--sampling {item!r}: expected precision|channels_last|onednn_conv|fused_attention=VALUE")
+        low = value.strip().lower()
+        SAMPLING_OVERRIDES[key] = value if key == "precision" else low in ("1", "true", "yes", "on")
 
     set_progress(False)
     if args.decode_child:
@@ -683,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     env["load_before"] = load()
     env["threads_reason"] = threads_reason
-    result: dict[str, Any] = {"format": FORMAT, "mode": name, "profile": p, "environment": env}
+    result: dict[str, Any] = {"format": FORMAT, "mode": name, "profile": p, "environment": env,
+                              "sampling_overrides": dict(SAMPLING_OVERRIDES)}
     log(f"benchmark '{name}' on {env['device_name']}, {env['threads']} threads, load {env['load_before']}")
 
     result["matmul_peak_gflops"] = bench_matmul(device, torch.float32)
