@@ -14,6 +14,7 @@ from medsynth.config import ConfigError, config_from_dict
 from medsynth.model.fastpath import (
     OneDNNConv3d,
     plan_tiles,
+    resolve_channels_last,
     resolve_sampling_precision,
     use_fused_attention,
     use_onednn_convolutions,
@@ -104,6 +105,17 @@ def test_precision_auto_and_explicit():
     assert resolve_sampling_precision("fp16", CPU) == "fp32"  # fp16 autocast needs CUDA
     with pytest.raises(ConfigError, match=r"sampling.precision: must be one of .*got 'bf61'"):
         _cfg(precision="bf61")
+
+
+def test_channels_last_auto_is_cpu_only_and_an_explicit_choice_wins():
+    assert _cfg().sampling.channels_last == "auto"
+    assert resolve_channels_last("auto", CPU) is True
+    assert resolve_channels_last("auto", torch.device("cuda")) is False  # cuDNN 3D convs: slower (H200)
+    assert resolve_channels_last(True, torch.device("cuda")) is True
+    assert resolve_channels_last(False, CPU) is False
+    assert _cfg(channels_last=False).sampling.channels_last is False
+    with pytest.raises(ConfigError, match=r"sampling.channels_last"):
+        _cfg(channels_last="sometimes")
 
 
 def test_exact_path_reproduces_monai_latent_diffusion_inferer_bit_for_bit():

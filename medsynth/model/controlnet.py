@@ -388,7 +388,7 @@ def generate_from_masks(run_dir: str | Path, masks: str | Path, out_dir: str | P
     cn = build_controlnet(sampler.cfg, len(values))
     cn.load_state_dict(ck["model"])
     fast = sampler.cfg.sampling
-    cn = prepare_for_inference(cn, sampler.device, fast.channels_last, fast.onednn_conv)
+    cn = prepare_for_inference(cn, sampler.device, sampler.channels_last, fast.onednn_conv)
     controlled = ControlledUNet(sampler.unet, cn, float(ck.get("conditioning_scale", 1.0)))
     sampler.unet = controlled
     st = sampler.settings(seed, steps, guidance, scheduler, None)

@@ -90,6 +90,15 @@ def resolve_sampling_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
+def resolve_channels_last(channels_last: bool | str, device: torch.device) -> bool:
+    """``sampling.channels_last``: ``auto`` is channels-last on the CPU only.  oneDNN's 3D convolutions
+    gain from it; on CUDA, cuDNN's lost: bf16 DDIM-50 at 256³ on an H200 took 1.8 s channels-last vs
+    1.5 s channels-first (benchmarks/results/gpu-*.json)."""
+    if channels_last == "auto":
+        return device.type == "cpu"
+    return bool(channels_last)
+
+
 def memory_format(channels_last: bool, x: torch.Tensor | None = None) -> torch.memory_format:
     """``torch.channels_last_3d`` for 5-D tensors when asked, else ``torch.contiguous_format``."""
     if channels_last and (x is None or x.dim() == 5):

@@ -36,7 +36,13 @@ from medsynth.model.networks import (
     resolve_device,
     seeded_init,
 )
-from medsynth.model.fastpath import memory_format, plan_tiles, prepare_for_inference, resolve_sampling_precision
+from medsynth.model.fastpath import (
+    memory_format,
+    plan_tiles,
+    prepare_for_inference,
+    resolve_channels_last,
+    resolve_sampling_precision,
+)
 from medsynth.progress import progress
 from medsynth.volume import Volume
 
@@ -64,10 +70,10 @@ class Sampler:
         self.cfg = cfg
         fast = cfg.sampling
         # the inference fast path (medsynth.model.fastpath): precision, memory format, oneDNN convs
-        self.channels_last = bool(fast.channels_last)
-        self.autoencoder = prepare_for_inference(autoencoder, device, fast.channels_last, fast.onednn_conv,
+        self.channels_last = resolve_channels_last(fast.channels_last, device)
+        self.autoencoder = prepare_for_inference(autoencoder, device, self.channels_last, fast.onednn_conv,
                                                  fast.fused_attention)
-        self.unet = prepare_for_inference(unet, device, fast.channels_last, fast.onednn_conv, fast.fused_attention)
+        self.unet = prepare_for_inference(unet, device, self.channels_last, fast.onednn_conv, fast.fused_attention)
         self.scale_factor = float(scale_factor)
         self.norm = IntensityNorm.from_dict(intensity_norm)
         self.affine = target_affine(cfg.data)
