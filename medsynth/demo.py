@@ -58,11 +58,12 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int = 32, per_class: int = 4,
-             config_path: Optional[str | Path] = None, labels: bool = False) -> DemoResult:
+             config_path: Optional[str | Path] = None, labels: Optional[bool] = None) -> DemoResult:
     """Run the demo into ``out_dir`` and return a :class:`DemoResult` (see the module docstring).
 
-    ``labels`` trains image and label map together (``data.use_labels``), so every sample comes
-    with ``<id>_label.nii.gz``; the result's ``labels`` counts the label values the samples hold.
+    The built-in demo config trains image and label map together (``data.use_labels: true``), so
+    every sample comes with ``<id>_label.nii.gz``; the result's ``labels`` counts the label values
+    the samples hold.  ``labels`` True/False overrides the config's choice (None keeps it).
     """
     from medsynth.config import load_config
     from medsynth.data.phantoms import write_phantoms
@@ -77,7 +78,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     out = Path(out_dir)
     cfg_path = Path(config_path) if config_path else demo_config_path()
     probe = load_config(cfg_path)  # the grid of the phantoms
-    label_override = {"use_labels": True} if labels else {}
+    label_override = {} if labels is None else {"use_labels": bool(labels)}
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -112,11 +113,19 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     label_info: dict[str, Any] = {}
     if cfg.data.use_labels:
         counts: dict[str, int] = {}
+        by_class: dict[str, dict[str, Any]] = {}
         for s in trained:
             lab = s.load_label()
-            for v in (np.unique(np.asarray(lab.array)).tolist() if lab is not None else []):
-                counts[str(int(v))] = counts.get(str(int(v)), 0) + 1
-        label_info = {"samples_with_value": counts, "n_samples": len(trained)}
+            cls = by_class.setdefault(str(s.sidecar.get("class")), {"n_samples": 0, "samples_with_value": {},
+                                                                    "voxels": {}})
+            cls["n_samples"] += 1
+            values, n_vox = np.unique(np.asarray(lab.array), return_counts=True) if lab is not None else ([], [])
+            for v, n in zip(values, n_vox):
+                key = str(int(v))
+                counts[key] = counts.get(key, 0) + 1
+                cls["samples_with_value"][key] = cls["samples_with_value"].get(key, 0) + 1
+                cls["voxels"].setdefault(key, []).append(int(n))
+        label_info = {"samples_with_value": counts, "n_samples": len(trained), "by_class": by_class}
     untrained_vols = [s.load() for s in list_samples(untrained_dir) if s.sidecar.get("index") in indices]
     fig = fidelity(real, {"trained": trained_vols, "untrained": untrained_vols})
     table = format_table(fig)
@@ -147,6 +156,9 @@ def format_summary(res: DemoResult) -> str:
            "each value: " + ", ".join(f"{v}: {n}/{res.labels['n_samples']}"
                                       for v, n in sorted(res.labels["samples_with_value"].items()))]
           if res.labels else []),
+        *([f"            class {c}: " + ", ".join(f"{v}: {n}/{info['n_samples']}"
+                                                  for v, n in sorted(info["samples_with_value"].items()))
+           for c, info in sorted(res.labels.get("by_class", {}).items())] if res.labels else []),
         f"  baseline  {res.untrained}  (same architecture and sampling, random weights)",
         f"  preview   {res.preview}  (mid-axial slices; rows: real, trained, untrained)",
         "",

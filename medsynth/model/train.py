@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from medsynth.model.distributed import (
     shutdown,
 )
 from medsynth.model.ema import EMA
+from medsynth.model.labels import label_values
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
@@ -354,30 +355,77 @@ def _kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _validate_autoencoder(ae: torch.nn.Module, items: Any, device: torch.device, precision: str) -> dict[str, float]:
+def _validate_autoencoder(ae: torch.nn.Module, items: Any, device: torch.device, precision: str,
+                          label_vals: Sequence[int] = ()) -> dict[str, float]:
+    """PSNR/SSIM of the image channel; for paired models also ``label_dice_<value>``, the Dice of the
+    argmax label map per label value over all validation cases."""
     from monai.metrics import PSNRMetric, SSIMMetric
 
     ae.eval()
     psnr, ssim = PSNRMetric(max_val=2.0), SSIMMetric(spatial_dims=3, data_range=2.0, win_size=7)
+    inter: dict[int, float] = {}
+    total: dict[int, float] = {}
     for i in range(len(items)):
         x = _images(items, torch.tensor([i]), device)
         with autocast(device, precision):
             recon = ae.decode(ae.encode(x)[0]).float().clamp(-1.0, 1.0)
-        psnr(recon, x)
-        ssim(recon, x)
+        psnr(recon[:, :1], x[:, :1])
+        ssim(recon[:, :1], x[:, :1])
+        if x.shape[1] > 1:  # paired: Dice of the argmax label map, per channel, over all cases
+            pred, true = recon[:, 1:].argmax(1), x[:, 1:].argmax(1)
+            for k in range(x.shape[1] - 1):
+                p, q = pred == k, true == k
+                inter[k] = inter.get(k, 0.0) + float((p & q).sum())
+                total[k] = total.get(k, 0.0) + float(p.sum() + q.sum())
     out = {"psnr": float(psnr.aggregate().item()), "ssim": float(ssim.aggregate().item())}
+    for k in inter:
+        if total[k] > 0:
+            out[f"label_dice_{label_vals[k] if k < len(label_vals) else k}"] = 2.0 * inter[k] / total[k]
     ae.train()
     return out
 
 
-def _recon_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], recon: torch.Tensor,
-                x: torch.Tensor) -> torch.Tensor:
+def _recon_loss(loss: Callable[..., torch.Tensor], recon: torch.Tensor, x: torch.Tensor,
+                balance: float = 0.0) -> torch.Tensor:
     """A reconstruction loss (``F.l1_loss``, ``F.mse_loss``); with label channels (paired models)
     the image channel weighs as much as all label channels together, so adding K one-hot channels
-    does not dilute the image's share of the loss to 1 / (1 + K)."""
+    does not dilute the image's share of the loss to 1 / (1 + K).
+
+    ``balance`` (paired only) is the share of each term that is averaged per label value instead
+    of per voxel: every label value present in the batch then weighs the same, so the voxels of a
+    lesion covering 0.1 % of the volume count as much as the background's, in the image channel
+    too (the image is what makes the encoder keep a lesion)."""
     if x.shape[1] == 1:
         return loss(recon, x)
-    return 0.5 * (loss(recon[:, :1], x[:, :1]) + loss(recon[:, 1:], x[:, 1:]))
+    img = loss(recon[:, :1], x[:, :1])
+    lab = loss(recon[:, 1:], x[:, 1:])
+    if balance > 0:
+        per = loss(recon, x, reduction="none")  # [B, 1 + K, ...]
+        hot = x[:, 1:] > 0  # one-hot masks [B, K, ...]
+        img_k, lab_k = [], []
+        for k in range(hot.shape[1]):
+            m = hot[:, k:k + 1]
+            if bool(m.any()):
+                img_k.append(per[:, :1][m].mean())
+                lab_k.append(per[:, 1:][m.expand_as(per[:, 1:])].mean())
+        img = (1 - balance) * img + balance * torch.stack(img_k).mean()
+        lab = (1 - balance) * lab + balance * torch.stack(lab_k).mean()
+    return 0.5 * (img + lab)
+
+
+def _label_dice(recon: torch.Tensor, x: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss of the decoded label channels ``recon[:, 1:]`` against the one-hot ``x[:, 1:]``
+    (both in [-1, 1], mapped to [0, 1]), per label value over the whole batch, averaged over the
+    values.  The squared denominator (V-Net's form) is minimal exactly at the target for any real
+    output and never saturates: a softmax across the channels did, once the L1 term had pushed them
+    to +-1, and a lesion channel stuck at -1 then got no gradient at all.  A value absent from the
+    batch and not predicted costs nothing (``eps``)."""
+    prob = (recon[:, 1:] + 1.0) * 0.5
+    target = (x[:, 1:] + 1.0) * 0.5
+    dims = (0, *range(2, x.dim()))
+    inter = (prob * target).sum(dims)
+    denom = (prob * prob).sum(dims) + target.sum(dims)
+    return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
 def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
@@ -456,12 +504,16 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         with autocast(device, precision):
             recon, mu, sigma = ae_step(x, eps)
         recon, mu, sigma = recon.float(), mu.float(), sigma.float()
-        l1 = _recon_loss(F.l1_loss, recon, x)
+        l1 = _recon_loss(F.l1_loss, recon, x, t.label_balance)
         kl = _kl(mu, sigma)
         loss = l1 + t.kl_weight * kl
         rec = {"l1": l1.item(), "kl": kl.item()}
+        if t.label_dice_weight > 0 and x.shape[1] > 1:
+            dice = _label_dice(recon, x)
+            loss = loss + t.label_dice_weight * dice
+            rec["label_dice"] = dice.item()
         if t.l2_weight > 0:
-            l2 = _recon_loss(F.mse_loss, recon, x)
+            l2 = _recon_loss(F.mse_loss, recon, x, t.label_balance)
             loss = loss + t.l2_weight * l2
             rec["l2"] = l2.item()
         if perceptual is not None:
@@ -493,7 +545,8 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         sched_g.step()
         step += 1
         book.after_step(step, end, rec, sched_g.get_last_lr()[0],
-                        (lambda: _validate_autoencoder(ae, data.val, device, precision)) if len(data.val) else None,
+                        (lambda: _validate_autoencoder(ae, data.val, device, precision, label_values(cfg)))
+                        if len(data.val) else None,
                         save)
     if start == t.steps:
         log.info("autoencoder: already trained (%d steps)", step)
