@@ -94,8 +94,8 @@ def test_full_demo_under_ten_minutes_and_trained_far_better_than_untrained(tmp_p
     assert seconds < 600
     result = json.loads((tmp_path / "demo" / "fidelity.json").read_text())
     fig = result["figures"]
-    # the default demo learns image + label map (4 channels): measured 5.2x (image only: 28x)
-    assert fig["trained"]["frechet"] * 4 < fig["untrained"]["frechet"]
+    # the default demo learns image + label map (4 channels): measured 12x (image only: 28x)
+    assert fig["trained"]["frechet"] * 6 < fig["untrained"]["frechet"]
     for k in ("body_fraction", "lung_fraction", "gradient", "body_std"):
         assert abs(fig["trained"][k] - fig["real"][k]) < abs(fig["untrained"][k] - fig["real"][k])
     # every sample has a label map with lungs; lesion labels come with the lesion class only
