@@ -344,9 +344,9 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
                 log(f"sampling {size}³ {kind}-{steps} rep {r + 1}/{reps}: baseline {b_t[-1]:.1f} s, "
                     f"medsynth {m_t[-1]:.1f} s (load {load()[0]})")
             res["runs"].append({"size": size, "scheduler": kind, "steps": steps, "how": "measured",
-                                "baseline_s": [round(x, 3) for x in b_t], "medsynth_s": [round(x, 3) for x in m_t],
-                                "baseline_s_per_volume": round(med(b_t), 3),
-                                "medsynth_s_per_volume": round(med(m_t), 3),
+                                "baseline_s": [round(x, 4) for x in b_t], "medsynth_s": [round(x, 4) for x in m_t],
+                                "baseline_s_per_volume": round(med(b_t), 4),
+                                "medsynth_s_per_volume": round(med(m_t), 4),
                                 "speedup": round(med(b_t) / med(m_t), 3),
                                 "speedup_of_fastest_runs": round(min(b_t) / min(m_t), 3)})
             if size == size0:
