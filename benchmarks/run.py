@@ -718,7 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     save_partial(args.out, result)
 
     def section(key: str, fn: Callable[[], Any]) -> None:
-        # a failing later section is reported in the JSON and does not lose the sampling figures
+        # skipped -> null; a failing later section is reported in the JSON and does not lose the
+        # sampling figures
+        if key in args.skip:
+            result[key] = None
+            return
         try:
             result[key] = fn()
         except Exception as exc:  # noqa: BLE001 - reported, the run goes on
@@ -726,16 +730,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{key}: FAILED {result[key]['error'][:300]}")
         save_partial(args.out, result)
 
-    if "decode" in args.skip:
-        result["decode"] = None
-    else:
-        section("decode", lambda: bench_decode(p, device))
-    if "training" in args.skip:
-        result["training"] = None
-    else:
+    def training() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="medsynth-bench-") as tmp:
-            section("training", lambda: bench_training(p, device, Path(tmp)))
-    if device.type == "cuda" and "maisi" not in args.skip and p.get("maisi_sizes"):
+            return bench_training(p, device, Path(tmp))
+
+    section("decode", lambda: bench_decode(p, device))
+    section("training", training)
+    if device.type == "cuda" and p.get("maisi_sizes"):
         section("maisi", lambda: bench_maisi(p, device))
     # the peak is measured again at the end and the better kept: machine load only lowers it
     result["matmul_peak_gflops_fp32_runs"] = [result.get("matmul_peak_gflops_fp32", result["matmul_peak_gflops"]),

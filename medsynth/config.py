@@ -213,7 +213,7 @@ class AutoencoderTrainConfig:
     contrast) while the decoder is still unsure where they are; an MSE term keeps them.
 
     Paired models (``data.use_labels``) add ``label_dice_weight`` times a soft Dice loss over the
-    decoded label channels (softmax across them, averaged over label values): in an L1 over the
+    decoded label channels (V-Net form, averaged over label values): in an L1 over the
     one-hot channels a lesion of 0.1 % of the volume is noise, in a Dice it weighs as much as the
     background.  ``label_balance`` (paired only) is the share of the L1/MSE terms averaged per label
     value rather than per voxel, image channel included: with the default 0.25 the demo's

@@ -112,7 +112,6 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     trained_vols = [s.load() for s in trained]
     label_info: dict[str, Any] = {}
     if cfg.data.use_labels:
-        counts: dict[str, int] = {}
         by_class: dict[str, dict[str, Any]] = {}
         for s in trained:
             lab = s.load_label()
@@ -122,9 +121,12 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
             values, n_vox = np.unique(np.asarray(lab.array), return_counts=True) if lab is not None else ([], [])
             for v, n in zip(values, n_vox):
                 key = str(int(v))
-                counts[key] = counts.get(key, 0) + 1
                 cls["samples_with_value"][key] = cls["samples_with_value"].get(key, 0) + 1
                 cls["voxels"].setdefault(key, []).append(int(n))
+        counts: dict[str, int] = {}
+        for cls in by_class.values():
+            for key, n in cls["samples_with_value"].items():
+                counts[key] = counts.get(key, 0) + n
         label_info = {"samples_with_value": counts, "n_samples": len(trained), "by_class": by_class}
     untrained_vols = [s.load() for s in list_samples(untrained_dir) if s.sidecar.get("index") in indices]
     fig = fidelity(real, {"trained": trained_vols, "untrained": untrained_vols})

@@ -363,24 +363,23 @@ def _validate_autoencoder(ae: torch.nn.Module, items: Any, device: torch.device,
 
     ae.eval()
     psnr, ssim = PSNRMetric(max_val=2.0), SSIMMetric(spatial_dims=3, data_range=2.0, win_size=7)
-    inter: dict[int, float] = {}
-    total: dict[int, float] = {}
+    inter, total = torch.zeros(len(label_vals)), torch.zeros(len(label_vals))
     for i in range(len(items)):
         x = _images(items, torch.tensor([i]), device)
         with autocast(device, precision):
             recon = ae.decode(ae.encode(x)[0]).float().clamp(-1.0, 1.0)
         psnr(recon[:, :1], x[:, :1])
         ssim(recon[:, :1], x[:, :1])
-        if x.shape[1] > 1:  # paired: Dice of the argmax label map, per channel, over all cases
+        if label_vals:  # paired: Dice of the argmax label map, per label value, over all cases
             pred, true = recon[:, 1:].argmax(1), x[:, 1:].argmax(1)
-            for k in range(x.shape[1] - 1):
+            for k in range(len(label_vals)):
                 p, q = pred == k, true == k
-                inter[k] = inter.get(k, 0.0) + float((p & q).sum())
-                total[k] = total.get(k, 0.0) + float(p.sum() + q.sum())
+                inter[k] += float((p & q).sum())
+                total[k] += float(p.sum() + q.sum())
     out = {"psnr": float(psnr.aggregate().item()), "ssim": float(ssim.aggregate().item())}
-    for k in inter:
+    for k, v in enumerate(label_vals):
         if total[k] > 0:
-            out[f"label_dice_{label_vals[k] if k < len(label_vals) else k}"] = 2.0 * inter[k] / total[k]
+            out[f"label_dice_{v}"] = float(2.0 * inter[k] / total[k])
     ae.train()
     return out
 
@@ -397,20 +396,19 @@ def _recon_loss(loss: Callable[..., torch.Tensor], recon: torch.Tensor, x: torch
     too (the image is what makes the encoder keep a lesion)."""
     if x.shape[1] == 1:
         return loss(recon, x)
-    img = loss(recon[:, :1], x[:, :1])
-    lab = loss(recon[:, 1:], x[:, 1:])
-    if balance > 0:
-        per = loss(recon, x, reduction="none")  # [B, 1 + K, ...]
-        hot = x[:, 1:] > 0  # one-hot masks [B, K, ...]
-        img_k, lab_k = [], []
-        for k in range(hot.shape[1]):
-            m = hot[:, k:k + 1]
-            if bool(m.any()):
-                img_k.append(per[:, :1][m].mean())
-                lab_k.append(per[:, 1:][m.expand_as(per[:, 1:])].mean())
-        img = (1 - balance) * img + balance * torch.stack(img_k).mean()
-        lab = (1 - balance) * lab + balance * torch.stack(lab_k).mean()
-    return 0.5 * (img + lab)
+    if balance <= 0:
+        return 0.5 * (loss(recon[:, :1], x[:, :1]) + loss(recon[:, 1:], x[:, 1:]))
+    per = loss(recon, x, reduction="none")  # [B, 1 + K, ...]
+    img, lab = per[:, :1], per[:, 1:]
+    img_k, lab_k = [], []
+    for k in range(lab.shape[1]):
+        m = x[:, 1 + k:2 + k] > 0  # voxels of label value k, [B, 1, ...]
+        if bool(m.any()):
+            img_k.append(img[m].mean())
+            lab_k.append(lab[m.expand_as(lab)].mean())
+    img_term = (1 - balance) * img.mean() + balance * torch.stack(img_k).mean()
+    lab_term = (1 - balance) * lab.mean() + balance * torch.stack(lab_k).mean()
+    return 0.5 * (img_term + lab_term)
 
 
 def _label_dice(recon: torch.Tensor, x: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
