@@ -198,18 +198,22 @@ def _add_manifest(sub) -> None:
     msub = p.add_subparsers(dest="manifest_cmd", metavar="ACTION", parser_class=_Parser)
     msub.required = True
     b = _verb(msub, "build",
-              "scan a folder for NIfTI volumes and DICOM series and write a manifest (no PHI copied)",
+              "scan a folder for volume files (NIfTI, NRRD, MetaImage) and DICOM series and write a manifest "
+              "per modality (no PHI copied)",
               "medsynth manifest build scans/ -o data_manifests/chest.json --labels masks/ --classes classes.csv",
               _run_manifest_build)
-    b.add_argument("src", type=Path, metavar="SRC", help="folder scanned recursively (NIfTI files, DICOM files)")
-    b.add_argument("-o", "--out", type=Path, required=True, metavar="OUT.json", help="manifest file to write")
+    b.add_argument("src", type=Path, metavar="SRC",
+                   help="folder scanned recursively (.nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd files, DICOM files)")
+    b.add_argument("-o", "--out", type=Path, required=True, metavar="OUT.json",
+                   help="manifest file to write; a folder holding CT and MR gives OUT-CT.json and OUT-MR.json")
     b.add_argument("--labels", type=Path, default=None, metavar="DIR",
                    help="folder of label maps, matched to images by identical file name "
-                        "(DICOM series: <series folder name>.nii.gz)")
+                        "(DICOM series: <series folder name>.nii.gz, .nrrd, ...)")
     b.add_argument("--classes", type=Path, default=None, metavar="CSV",
                    help="CSV with columns id,class: id is a case id, image file name or path relative to SRC")
     b.add_argument("--modality", choices=("CT", "MR"), default=None,
-                   help="modality of every case (default: DICOM Modality tag; NIfTI guessed from intensities)")
+                   help="keep only the cases of this modality (DICOM: Modality tag; volume files: CT when the "
+                        "values are Hounsfield units) and write one manifest")
     b.add_argument("--name", default=None, help="dataset name (default: SRC folder name)")
     v = _verb(msub, "verify",
               "open every case of a manifest and report all problems, one line each (exit 3 if any)",
@@ -219,17 +223,15 @@ def _add_manifest(sub) -> None:
 
 
 def _run_manifest_build(args: argparse.Namespace) -> int:
-    from medsynth.manifest import build_manifest, save_manifest
+    from medsynth.manifest import build_manifest, save_build, source_counts
 
     report = build_manifest(args.src, labels=args.labels, classes=args.classes, modality=args.modality,
                             name=args.name)
     for note in report.notes:
         log.warning("%s", note)
-    path = save_manifest(report.manifest, args.out)
-    m = report.manifest
-    print(f"wrote {path}: {len(m.cases)} case(s) ({report.n_nifti} NIfTI, {report.n_dicom} DICOM series), "
-          f"modality {m.modality or 'mixed'}, {sum(c.label is not None for c in m.cases)} with label; "
-          f"{len(report.notes)} note(s)")
+    for m, path in zip(report.manifests, save_build(report, args.out)):
+        print(f"wrote {path}: {len(m.cases)} case(s) ({source_counts(m)}), modality {m.modality}, "
+              f"{sum(c.label is not None for c in m.cases)} with label; {len(report.notes)} note(s)")
     return 0
 
 

@@ -259,10 +259,9 @@ def _load_decathlon(raw: dict[str, Any], path: Path) -> Manifest:
 
 
 def _strip_nii(name: str) -> str:
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    from medsynth.data.io import volume_stem
+
+    return volume_stem(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +286,7 @@ class Problem:
 _FIX_MISSING = "correct the path (relative to the manifest's folder) or remove the case"
 _FIX_UNREADABLE = "replace the file with a complete, valid copy or remove the case"
 _FIX_REBUILD = "rebuild the manifest with 'medsynth manifest build' or correct the recorded value"
+_FIX_ONE_3D = "use one 3D volume per case (no 2D slices, 4D series or multi-channel images)"
 
 
 def _read(path: Path, modality: Optional[str], extra: dict[str, Any]):
@@ -294,6 +294,22 @@ def _read(path: Path, modality: Optional[str], extra: dict[str, Any]):
 
     kw = {"series_files": extra["series_files"]} if path.is_dir() and "series_files" in extra else {}
     return read_image(path, modality, **kw)
+
+
+def _content_defects(vol) -> list[tuple[str, str]]:
+    """What makes a readable volume unusable as a case, as (message, fix) pairs; [] if none.
+
+    Shared by build (which skips such inputs) and verify (which reports them), so a manifest that
+    build writes is one that verify accepts.
+    """
+    if min(vol.shape) < 2:
+        return [(f"a 2D image (shape {list(vol.shape)}), not a 3D volume", "use one 3D volume per case (no 2D slices)")]
+    arr = vol.array
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            return [(f"{bad} voxel(s) are NaN or infinite", "re-export the image without NaN/Inf voxels or remove the case")]
+    return []
 
 
 def _check_volume(case: Case, field_: str, path: Path, modality: Optional[str], extra: dict[str, Any],
@@ -306,9 +322,7 @@ def _check_volume(case: Case, field_: str, path: Path, modality: Optional[str], 
         vol = _read(path, modality, extra)
     except ImageReadError as exc:
         shape_msg = "expected a 3D image" in exc.message
-        out.append(Problem(case.id, field_, exc.message,
-                           "use one 3D volume per case (no 2D slices, 4D series or multi-channel images)"
-                           if shape_msg else (exc.hint or _FIX_UNREADABLE)))
+        out.append(Problem(case.id, field_, exc.message, _FIX_ONE_3D if shape_msg else (exc.hint or _FIX_UNREADABLE)))
         return None
     except MedsynthError as exc:
         out.append(Problem(case.id, field_, f"{path}: {exc.message}", exc.hint or _FIX_UNREADABLE))
@@ -321,17 +335,38 @@ def _check_volume(case: Case, field_: str, path: Path, modality: Optional[str], 
         out.append(Problem(case.id, field_, f"{path}: could not be read ({type(exc).__name__})",
                            _FIX_UNREADABLE + "; rerun with --debug for details"))
         return None
-    if min(vol.shape) < 2:
-        out.append(Problem(case.id, field_, f"{path}: a 2D image (shape {list(vol.shape)}), not a 3D volume",
-                           "use one 3D volume per case (no 2D slices)"))
+    defects = _content_defects(vol)
+    out += [Problem(case.id, field_, f"{path}: {msg}", fix) for msg, fix in defects]
+    if defects and min(vol.shape) < 2:
         return None
-    arr = vol.array
-    if np.issubdtype(arr.dtype, np.floating):
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            out.append(Problem(case.id, field_, f"{path}: {bad} voxel(s) are NaN or infinite",
-                               "re-export the image without NaN/Inf voxels or remove the case"))
     return vol
+
+
+def _label_problems(case: Case, lab, vol, out: list[Problem]) -> None:
+    """Problems of a case's label map ``lab`` against its image ``vol`` (None if unreadable)."""
+    arr = lab.array
+    if not np.issubdtype(arr.dtype, np.integer) and not (np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))):
+        out.append(Problem(case.id, "label", f"{case.label}: values are not integers",
+                           "store the label map as integer class values (e.g. uint8)"))
+    elif arr.size and float(arr.min()) < 0:
+        out.append(Problem(case.id, "label", f"{case.label}: negative label values",
+                           "use 0 for background and positive integers for structures"))
+    if vol is None:
+        return
+    if lab.shape != vol.shape:
+        out.append(Problem(case.id, "label", f"{case.label}: shape {list(lab.shape)} differs "
+                           f"from the image's {list(vol.shape)}",
+                           "resample the label onto the image grid or fix the label path"))
+    elif not np.allclose(lab.affine, vol.affine, atol=1e-3):
+        d = float(np.abs(lab.affine - vol.affine).max())
+        out.append(Problem(case.id, "label", f"{case.label}: affine differs from the image's (by up to {d:.3g} mm)",
+                           "the label must share the image's voxel grid: resample it or fix its header"))
+
+
+def _content_hash(case: Case, vol) -> str:
+    from medsynth.data.io import volume_sha256
+
+    return vol.meta.get("sha256") if case.image.is_dir() else volume_sha256(case.image)
 
 
 def verify_manifest(manifest: Manifest) -> list[Problem]:
@@ -342,8 +377,8 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
     spacing and sha256 match the files (a changed file is reported); the DICOM Modality tag agrees
     with the manifest.  Across cases: duplicate ids, duplicate images, mixed or unknown modality,
     class labels given for some cases but not others.  An empty list means the manifest is clean.
+    Images and labels may be NIfTI, NRRD or MetaImage files, or DICOM series folders (images).
     """
-    from medsynth.jobs import sha256_file
     from medsynth.progress import progress
 
     problems: list[Problem] = []
@@ -382,8 +417,12 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
                 problems.append(Problem(case.id, "spacing", f"recorded {[round(s, 4) for s in case.spacing]} mm "
                                         f"but the image has {[round(s, 4) for s in vol.spacing]} mm", _FIX_REBUILD))
             if case.sha256 is not None:
-                actual = vol.meta.get("sha256") if case.image.is_dir() else sha256_file(case.image)
-                if actual != case.sha256:
+                try:
+                    actual = _content_hash(case, vol)
+                except MedsynthError as exc:
+                    actual = None
+                    problems.append(Problem(case.id, "sha256", exc.message, exc.hint or _FIX_UNREADABLE))
+                if actual is not None and actual != case.sha256:
                     problems.append(Problem(case.id, "sha256", f"{case.image}: content changed since the "
                                             "manifest was built (sha256 differs)",
                                             "restore the original file(s) or rebuild the manifest"))
@@ -396,25 +435,7 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
         if case.label is not None:
             lab = _check_volume(case, "label", case.label, "SEG" if not case.label.is_dir() else None, {}, problems)
             if lab is not None:
-                arr = lab.array
-                if not np.issubdtype(arr.dtype, np.integer) and not (
-                        np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))):
-                    problems.append(Problem(case.id, "label", f"{case.label}: values are not integers",
-                                            "store the label map as integer class values (e.g. uint8)"))
-                elif arr.size and float(arr.min()) < 0:
-                    problems.append(Problem(case.id, "label", f"{case.label}: negative label values",
-                                            "use 0 for background and positive integers for structures"))
-                if vol is not None:
-                    if lab.shape != vol.shape:
-                        problems.append(Problem(case.id, "label", f"{case.label}: shape {list(lab.shape)} differs "
-                                                f"from the image's {list(vol.shape)}",
-                                                "resample the label onto the image grid or fix the label path"))
-                    elif not np.allclose(lab.affine, vol.affine, atol=1e-3):
-                        d = float(np.abs(lab.affine - vol.affine).max())
-                        problems.append(Problem(case.id, "label", f"{case.label}: affine differs from the image's "
-                                                f"(by up to {d:.3g} mm)",
-                                                "the label must share the image's voxel grid: resample it or fix "
-                                                "its header"))
+                _label_problems(case, lab, vol, problems)
         del vol
 
     counts: dict[str, int] = {}
@@ -439,18 +460,28 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
 
 
 # --------------------------------------------------------------------------------------------
-# build: measure a folder of NIfTI files and DICOM series into a manifest
+# build: measure a folder of volume files and DICOM series into one manifest per modality
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class BuildReport:
-    """What :func:`build_manifest` made: the manifest plus one line per input it skipped or doubted."""
+    """What :func:`build_manifest` made: one manifest per modality found (CT first), plus one line per
+    input it skipped or doubted.  Save it with :func:`save_build`."""
 
-    manifest: Manifest
+    manifests: list[Manifest]
     notes: list[str] = field(default_factory=list)
     n_nifti: int = 0
+    n_itk: int = 0  # NRRD and MetaImage files
     n_dicom: int = 0
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest, when the folder held one modality (else see :attr:`manifests`)."""
+        if len(self.manifests) != 1:
+            raise ManifestError(f"the build made {len(self.manifests)} manifests (one per modality)",
+                                hint="use BuildReport.manifests, or pass modality='CT' or 'MR'")
+        return self.manifests[0]
 
 
 def guess_modality(array: np.ndarray) -> str:
@@ -468,16 +499,18 @@ def guess_modality(array: np.ndarray) -> str:
     return "CT" if inside.size and float(np.mean(inside <= 3100)) >= 0.99 else "MR"
 
 
-def _nifti_files(src: Path, exclude: Sequence[Path]) -> list[Path]:
+def _volume_files(src: Path, exclude: Sequence[Path]) -> list[Path]:
+    """Volume files (NIfTI, NRRD, MetaImage) under ``src``, sorted, hidden and excluded folders skipped."""
     import os
+
+    from medsynth.data.io import is_volume_file
 
     excl = {p.resolve() for p in exclude}
     out = []
     for dirpath, dirnames, filenames in os.walk(src):
         d = Path(dirpath)
         dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() not in excl)
-        out += [d / n for n in sorted(filenames)
-                if not n.startswith(".") and n.lower().endswith((".nii", ".nii.gz"))]
+        out += [d / n for n in sorted(filenames) if not n.startswith(".") and is_volume_file(n)]
     return out
 
 
@@ -531,28 +564,182 @@ def _unique(base: str, taken: set[str]) -> str:
     return cid
 
 
+@dataclass
+class _Builder:
+    """The state of one :func:`build_manifest` run: cases so far, notes, label matching."""
+
+    src: Path
+    label_dir: Optional[Path]
+    modality: Optional[str]
+    report: BuildReport
+    cases: list[Case] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)
+    keys: dict[str, list[str]] = field(default_factory=dict)  # case id -> names the classes CSV may use
+    guessed: dict[str, int] = field(default_factory=dict)
+    used_labels: set[Path] = field(default_factory=set)
+
+    def note(self, text: str) -> None:
+        self.report.notes.append(text)
+
+    def find_label(self, names: Sequence[str]) -> Optional[Path]:
+        if self.label_dir is None:
+            return None
+        for n in names:
+            if (self.label_dir / n).is_file():
+                self.used_labels.add((self.label_dir / n).resolve())
+                return (self.label_dir / n).resolve()
+        return None
+
+    def usable_label(self, cid: str, label: Optional[Path], vol) -> Optional[Path]:
+        """``label`` if verify would accept it for this image, else None (with a note saying why)."""
+        if label is None:
+            return None
+        probe = Case(id=cid, image=Path(), label=label)
+        probs: list[Problem] = []
+        lab = _check_volume(probe, "label", label, "SEG", {}, probs)
+        if lab is not None:
+            _label_problems(probe, lab, vol, probs)
+        if probs:
+            p = probs[0]
+            self.note(f"{label}: label not used for case {cid}: {_without_path(p.message, label)} (fix: {p.fix})")
+            return None
+        return label
+
+    def add(self, case: Case, keys: list[str], vol) -> None:
+        case.label = self.usable_label(case.id, case.label, vol)
+        self.cases.append(case)
+        self.keys[case.id] = keys
+
+
+def _without_path(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def _add_volume_files(b: _Builder, files: Sequence[Path]) -> None:
+    """NIfTI, NRRD and MetaImage files: one case each; modality from the intensities."""
+    from medsynth.data.io import is_nifti, read_image, volume_sha256
+    from medsynth.progress import progress
+
+    for path in progress(files, desc="reading volumes", total=len(files)):
+        try:
+            vol = read_image(path, "CT")
+            sha = volume_sha256(path)
+        except MedsynthError as exc:
+            b.note(f"{path}: skipped: {_without_path(exc.message, path)}")
+            continue
+        except Exception as exc:  # one unreadable file never sinks the build
+            log.debug("reading %s failed", path, exc_info=True)
+            b.note(f"{path}: skipped: could not be read ({type(exc).__name__})")
+            continue
+        defects = _content_defects(vol)
+        if defects:
+            b.note(f"{path}: skipped: {defects[0][0]}")
+            continue
+        mod = guess_modality(vol.array)
+        if b.modality is not None and mod != b.modality:
+            why = "values are Hounsfield units" if mod == "CT" else "values are not Hounsfield units"
+            b.note(f"{path}: skipped: looks like {mod}, not {b.modality} ({why}; --modality {b.modality})")
+            continue
+        b.guessed[mod] = b.guessed.get(mod, 0) + 1
+        cid = _unique(_strip_nii(path.name), b.taken)
+        b.add(Case(id=cid, image=path.resolve(), label=b.find_label([path.name]), modality=mod,
+                   shape=vol.shape, spacing=vol.spacing, sha256=sha),
+              [path.name, path.relative_to(b.src).as_posix()], vol)
+        if is_nifti(path):
+            b.report.n_nifti += 1
+        else:
+            b.report.n_itk += 1
+        del vol
+
+
+def _add_dicom_series(b: _Builder, exclude: Sequence[Path]) -> None:
+    """DICOM series: counter ids, modality from the Modality tag."""
+    from medsynth.data.dicom import read_series, scan_dicom
+    from medsynth.data.io import VOLUME_SUFFIXES
+    from medsynth.progress import progress
+
+    series, dproblems = scan_dicom(b.src, recursive=True, exclude=exclude)
+    b.report.notes += [str(p) for p in dproblems]
+    counter = 0
+    for s in progress(series, desc="reading DICOM series", total=len(series)):
+        if b.modality is not None and s.modality != b.modality:
+            b.note(f"{s.folder}: skipped: a {s.modality} series (--modality {b.modality})")
+            continue
+        try:
+            vol = read_series(s.files)
+        except ImageReadError as exc:
+            b.note(f"{s.folder}: rejected: {exc.message}")
+            continue
+        except Exception as exc:  # one unreadable series never sinks the build
+            b.note(f"{s.folder}: rejected: could not be read ({type(exc).__name__})")
+            continue
+        defects = _content_defects(vol)
+        if defects:
+            b.note(f"{s.folder}: rejected: {defects[0][0]}")
+            continue
+        counter += 1
+        cid = _unique(f"series-{counter:04d}", b.taken)
+        extra: dict[str, Any] = {} if s.exclusive else {"series_files": s.relative_files()}
+        label = b.find_label([s.folder.name + suf for suf in VOLUME_SUFFIXES]) if s.exclusive else None
+        rel = s.folder.resolve().relative_to(b.src.resolve()).as_posix()
+        b.add(Case(id=cid, image=s.folder.resolve(), label=label, modality=vol.modality,
+                   shape=vol.shape, spacing=vol.spacing, sha256=vol.meta["sha256"], extra=extra),
+              [rel] if s.exclusive else [], vol)
+        b.report.n_dicom += 1
+        del vol
+
+
+def _assign_classes(b: _Builder, class_map: dict[str, int], classes: Path) -> None:
+    """Give each case its class from the CSV (by case id, file name or path); report stray rows."""
+    used_keys: set[str] = set()
+    for c in b.cases:
+        for k in [c.id, *b.keys.get(c.id, [])]:
+            if k in class_map:
+                c.class_label = class_map[k]
+                used_keys.add(k)
+                break
+    stray = sorted(set(class_map) - used_keys)
+    if stray:
+        b.note(f"{len(stray)} row(s) of {classes} match no case: {', '.join(stray[:5])}"
+               + (" ..." if len(stray) > 5 else ""))
+
+
+def _without_class_left_out(cases: list[Case], classes: Path, notes: list[str]) -> list[Case]:
+    """The cases of one manifest, less those without a class when others have one (verify requires a
+    class_label for every case of a manifest, or for none)."""
+    missing = [c.id for c in cases if c.class_label is None]
+    if not missing:
+        return cases
+    left_out = len(missing) < len(cases)
+    notes.append(f"{len(missing)} case(s) have no row in {classes}: {', '.join(missing[:5])}"
+                 + (" ..." if len(missing) > 5 else "")
+                 + ("; left out (a manifest gives every case a class_label, or none)" if left_out else ""))
+    return [c for c in cases if c.class_label is not None] if left_out else cases
+
+
 def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes: Optional[str | Path] = None,
                    modality: Optional[str] = None, name: Optional[str] = None) -> BuildReport:
-    """Scan ``src`` recursively for NIfTI files and DICOM series and measure each into a :class:`Case`.
+    """Scan ``src`` recursively for volume files and DICOM series and measure each into a :class:`Case`.
 
-    NIfTI case ids are file names without extension; DICOM series get counter ids ``series-0001``...
-    in folder order (never a UID or header value).  Each case records modality (``modality`` if
-    given, the DICOM Modality tag, or a guess from NIfTI intensities), shape, spacing and sha256.
+    Volume files are NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) and MetaImage
+    (``.mha``, ``.mhd``); their case ids are file names without extension, their modality is guessed
+    from the intensities (:func:`guess_modality`).  DICOM series get counter ids ``series-0001``...
+    in folder order (never a UID or header value) and the modality of their Modality tag.
+    ``modality`` ("CT" or "MR") keeps only the cases of that modality; without it the cases are split
+    into one manifest per modality found.  Each case records modality, shape, spacing and sha256.
     A label in ``labels`` is matched by identical file name (for a DICOM series: the series folder's
-    name plus ``.nii.gz``/``.nii``); ``classes`` is a CSV read by :func:`read_classes_csv`.
-    Unreadable files and irregular series are skipped and described in ``notes``; the input is never
-    modified.  Save the result with :func:`save_manifest`.
+    name plus a volume suffix, e.g. ``.nii.gz``); ``classes`` is a CSV read by :func:`read_classes_csv`.
+    Every input that verify would reject (unreadable, 2D, NaN voxels, a label off the image grid, a
+    case without a class among cases with one) is left out or loses its label, with a note saying
+    why, so :func:`verify_manifest` accepts what this writes.  The input is never modified.  Save
+    the result with :func:`save_build`.
     """
     from medsynth import __version__
-    from medsynth.data.dicom import read_series, scan_dicom
-    from medsynth.errors import VolumeError
-    from medsynth.jobs import sha256_file
-    from medsynth.progress import progress
-    from medsynth.volume import Volume
 
     src = Path(src)
     if not src.is_dir():
-        raise ManifestError(f"{src}: not a folder", hint="pass the folder that holds the NIfTI files / DICOM series")
+        raise ManifestError(f"{src}: not a folder", hint="pass the folder that holds the image files / DICOM series")
     if modality is not None and modality not in ("CT", "MR"):
         raise ManifestError(f"--modality must be CT or MR, got {modality!r}")
     label_dir = Path(labels) if labels is not None else None
@@ -561,106 +748,69 @@ def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes
     class_map = read_classes_csv(classes) if classes is not None else None
     exclude = [label_dir] if label_dir is not None else []
 
-    report = BuildReport(Manifest([], name=name or src.resolve().name or "dataset"))
-    cases: list[Case] = []
-    taken: set[str] = set()
-    keys: dict[str, list[str]] = {}  # case id -> names the classes CSV may use for it
-    guessed: dict[str, int] = {}
-    used_labels: set[Path] = set()
-
-    def find_label(stem_names: Sequence[str]) -> Optional[Path]:
-        if label_dir is None:
-            return None
-        for n in stem_names:
-            if (label_dir / n).is_file():
-                used_labels.add((label_dir / n).resolve())
-                return (label_dir / n).resolve()
-        return None
-
-    nifti = _nifti_files(src, exclude)
-    for path in progress(nifti, desc="reading NIfTI", total=len(nifti)):
-        try:
-            vol = Volume.load_nifti(path, modality="CT")
-        except (ImageReadError, VolumeError) as exc:
-            report.notes.append(f"{path}: skipped: {exc.message}")
-            continue
-        except Exception as exc:  # one unreadable file never sinks the build
-            report.notes.append(f"{path}: skipped: could not be read ({type(exc).__name__})")
-            continue
-        if min(vol.shape) < 2:
-            report.notes.append(f"{path}: skipped: a 2D image (shape {list(vol.shape)}), not a 3D volume")
-            continue
-        mod = modality or guess_modality(vol.array)
-        if modality is None:
-            guessed[mod] = guessed.get(mod, 0) + 1
-        cid = _unique(_strip_nii(path.name), taken)
-        cases.append(Case(id=cid, image=path.resolve(), label=find_label([path.name]), modality=mod,
-                          shape=vol.shape, spacing=vol.spacing, sha256=sha256_file(path)))
-        keys[cid] = [path.name, path.relative_to(src).as_posix()]
-        report.n_nifti += 1
-        del vol
-
-    series, dproblems = scan_dicom(src, recursive=True, exclude=exclude)
-    report.notes += [str(p) for p in dproblems]
-    counter = 0
-    for s in progress(series, desc="reading DICOM series", total=len(series)):
-        if modality is not None and s.modality != modality:
-            report.notes.append(f"{s.folder}: skipped: a {s.modality} series (--modality {modality})")
-            continue
-        try:
-            vol = read_series(s.files)
-        except ImageReadError as exc:
-            report.notes.append(f"{s.folder}: rejected: {exc.message}")
-            continue
-        except Exception as exc:  # one unreadable series never sinks the build
-            report.notes.append(f"{s.folder}: rejected: could not be read ({type(exc).__name__})")
-            continue
-        counter += 1
-        cid = _unique(f"series-{counter:04d}", taken)
-        extra: dict[str, Any] = {} if s.exclusive else {"series_files": s.relative_files()}
-        label = find_label([s.folder.name + ".nii.gz", s.folder.name + ".nii"]) if s.exclusive else None
-        cases.append(Case(id=cid, image=s.folder.resolve(), label=label, modality=vol.modality,
-                          shape=vol.shape, spacing=vol.spacing, sha256=vol.meta["sha256"], extra=extra))
-        rel = s.folder.resolve().relative_to(src.resolve()).as_posix()
-        keys[cid] = [rel] if s.exclusive else []
-        report.n_dicom += 1
-        del vol
-
-    if not cases:
-        raise ManifestError(f"{src}: no readable NIfTI file or DICOM series found"
-                            + (f" ({len(report.notes)} input(s) skipped: {report.notes[0]})" if report.notes else ""),
-                            hint="point SRC at the folder holding the images; see 'medsynth manifest build --help'")
-    if guessed:
-        report.notes.append("modality guessed from intensities for NIfTI files: "
-                            + ", ".join(f"{n} {m}" for m, n in sorted(guessed.items()))
-                            + " (pass --modality to set it)")
-    if label_dir is not None:
-        n_lab = sum(c.label is not None for c in cases)
-        unused = [p for p in _nifti_files(label_dir, []) if p.resolve() not in used_labels]
-        if n_lab < len(cases):
-            report.notes.append(f"{len(cases) - n_lab} of {len(cases)} case(s) have no label in {label_dir} "
-                                "(labels are matched by identical file name)")
-        if unused:
-            report.notes.append(f"{len(unused)} label file(s) in {label_dir} match no image, e.g. {unused[0].name}")
+    b = _Builder(src, label_dir, modality, BuildReport([]))
+    _add_volume_files(b, _volume_files(src, exclude))
+    _add_dicom_series(b, exclude)
     if class_map is not None:
-        used_keys: set[str] = set()
-        for c in cases:
-            for k in [c.id, *keys.get(c.id, [])]:
-                if k in class_map:
-                    c.class_label = class_map[k]
-                    used_keys.add(k)
-                    break
-        missing = [c.id for c in cases if c.class_label is None]
-        if missing:
-            report.notes.append(f"{len(missing)} case(s) have no row in {classes}: {', '.join(missing[:5])}"
-                                + (" ..." if len(missing) > 5 else ""))
-        stray = sorted(set(class_map) - used_keys)
-        if stray:
-            report.notes.append(f"{len(stray)} row(s) of {classes} match no case: {', '.join(stray[:5])}"
-                                + (" ..." if len(stray) > 5 else ""))
-    mods = {c.modality for c in cases}
-    report.manifest = Manifest(cases, name=report.manifest.name, modality=mods.pop() if len(mods) == 1 else None,
-                               extra={"built_by": f"medsynth {__version__} manifest build"})
-    if report.manifest.modality is None:
-        report.notes.append("cases have mixed modalities; 'medsynth manifest verify' will report them")
-    return report
+        _assign_classes(b, class_map, Path(classes))  # type: ignore[arg-type]
+    notes = b.report.notes
+    if not b.cases:
+        what = f"{modality} " if modality else ""
+        raise ManifestError(f"{src}: no readable {what}volume file (NIfTI, NRRD, MetaImage) or DICOM series found"
+                            + (f" ({len(notes)} input(s) skipped: {notes[0]})" if notes else ""),
+                            hint="point SRC at the folder holding the images; see 'medsynth manifest build --help'")
+    if b.guessed:
+        notes.append("modality guessed from intensities for NIfTI/NRRD/MetaImage files: "
+                     + ", ".join(f"{n} {m}" for m, n in sorted(b.guessed.items()))
+                     + (f" (--modality {modality} keeps only {modality})" if modality else
+                        " (pass --modality CT or MR to keep one)"))
+    if label_dir is not None:
+        n_lab = sum(c.label is not None for c in b.cases)
+        unused = [p for p in _volume_files(label_dir, []) if p.resolve() not in b.used_labels]
+        if n_lab < len(b.cases):
+            notes.append(f"{len(b.cases) - n_lab} of {len(b.cases)} case(s) have no label in {label_dir} "
+                         "(labels are matched by identical file name)")
+        if unused:
+            notes.append(f"{len(unused)} label file(s) in {label_dir} match no image, e.g. {unused[0].name}")
+
+    base = name or src.resolve().name or "dataset"
+    by_mod = {m: [c for c in b.cases if c.modality == m] for m in ("CT", "MR")}
+    by_mod = {m: cs for m, cs in by_mod.items() if cs}
+    if len(by_mod) > 1:
+        notes.append("cases have mixed modalities: written as one manifest per modality ("
+                     + ", ".join(f"{len(cs)} {m}" for m, cs in by_mod.items()) + ")")
+    for m, cs in by_mod.items():
+        if class_map is not None:
+            cs = _without_class_left_out(cs, Path(classes), notes)  # type: ignore[arg-type]
+        b.report.manifests.append(Manifest(cs, name=base if len(by_mod) == 1 else f"{base}-{m}", modality=m,
+                                           extra={"built_by": f"medsynth {__version__} manifest build"}))
+    return b.report
+
+
+def build_paths(report: BuildReport, out: str | Path) -> list[Path]:
+    """Where :func:`save_build` writes each manifest: ``OUT`` for one, ``OUT-CT.json``/``OUT-MR.json``
+    (the modality before the suffix) when the build made one per modality."""
+    out = Path(out)
+    if len(report.manifests) == 1:
+        return [out]
+    stem, suffix = (out.stem, out.suffix) if out.suffix else (out.name, ".json")
+    return [out.with_name(f"{stem}-{m.modality}{suffix}") for m in report.manifests]
+
+
+def save_build(report: BuildReport, out: str | Path) -> list[Path]:
+    """Write every manifest of a build (atomically, see :func:`build_paths` for the names)."""
+    return [save_manifest(m, p) for m, p in zip(report.manifests, build_paths(report, out))]
+
+
+def source_counts(manifest: Manifest) -> str:
+    """What a manifest's images are, e.g. ``1 NIfTI, 2 NRRD, 3 DICOM series`` (formats with none omitted,
+    NIfTI and DICOM always named)."""
+    from medsynth.data.io import fmt_name
+
+    counts: dict[str, int] = {}
+    for c in manifest.cases:
+        kind = fmt_name(c.image)
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{counts.get('nifti', 0)} NIfTI"]
+    parts += [f"{counts[k]} {label}" for k, label in (("nrrd", "NRRD"), ("metaimage", "MetaImage")) if counts.get(k)]
+    return ", ".join(parts + [f"{counts.get('dicom', 0)} DICOM series"])

@@ -261,16 +261,19 @@ def test_build_nifti_ids_modality_labels_and_classes(tmp_path, run_cli):
     assert by_id["case-2"]["sha256"] == sha256_file(src / "b" / "case-2.nii")
     assert "1 row(s) of" in stderr and "zzz" in stderr           # stray CSV row reported
     assert "2 of 3 case(s) have no label" in stderr
-    assert "modality guessed from intensities for NIfTI files: 3 CT" in stderr
+    assert "modality guessed from intensities for NIfTI/NRRD/MetaImage files: 3 CT" in stderr
     assert run_cli("manifest", "verify", out)[0] == 0
 
 
-def test_build_modality_option_and_guess(tmp_path):
+def test_build_modality_option_filters_and_guess(tmp_path):
     mr(seed=10).save_nifti(tmp_path / "s" / "t1.nii.gz")
     rep = build_manifest(tmp_path / "s")
     assert rep.manifest.cases[0].modality == "MR" and rep.manifest.modality == "MR"
-    rep = build_manifest(tmp_path / "s", modality="CT")
-    assert rep.manifest.cases[0].modality == "CT" and not any("guessed" in n for n in rep.notes)
+    assert build_manifest(tmp_path / "s", modality="MR").manifest.cases[0].modality == "MR"
+    # --modality is a filter: an MR-looking volume is never written into a CT manifest
+    with pytest.raises(ManifestError, match=r"no readable CT volume file .*t1\.nii\.gz: skipped: looks like MR, "
+                                            r"not CT \(values are not Hounsfield units; --modality CT\)"):
+        build_manifest(tmp_path / "s", modality="CT")
 
 
 def test_build_skips_unreadable_and_2d_nifti_but_keeps_the_rest(tmp_path):
@@ -302,9 +305,91 @@ def test_build_on_folder_without_images_fails_clearly(tmp_path, run_cli):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("nothing here")
     code, _, err = run_cli("manifest", "build", tmp_path / "empty", "-o", tmp_path / "m.json")
-    assert code == 3 and "no readable NIfTI file or DICOM series found" in err
+    assert code == 3 and "no readable volume file (NIfTI, NRRD, MetaImage) or DICOM series found" in err
     code, _, err = run_cli("manifest", "build", tmp_path / "nope", "-o", tmp_path / "m.json")
     assert code == 3 and "not a folder" in err
+
+
+def _mixed_folder(src: Path) -> None:
+    """One CT and one MR NIfTI, and one MR DICOM series (written with pydicom)."""
+    from tests.test_dicom import write_series
+
+    ct(seed=20).save_nifti(src / "chest.nii.gz")
+    mr(seed=21).save_nifti(src / "brain.nii.gz")
+    mr_values = np.random.default_rng(22).integers(0, 900, size=(8, 8, 4)).astype(np.int16)
+    write_series(src / "dicom" / "t2", mr_values, modality="MR", intercept=0.0)
+
+
+def test_build_splits_a_mixed_folder_by_modality_and_verify_accepts_each(tmp_path, run_cli):
+    src = tmp_path / "src"
+    _mixed_folder(src)
+    out = tmp_path / "m" / "study.json"
+    code, stdout, stderr = run_cli("manifest", "build", src, "-o", out)
+    assert code == 0, stderr
+    ct_path, mr_path = tmp_path / "m" / "study-CT.json", tmp_path / "m" / "study-MR.json"
+    assert not out.exists() and ct_path.is_file() and mr_path.is_file()
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith(f"wrote {ct_path}: 1 case(s) (1 NIfTI, 0 DICOM series), modality CT")
+    assert lines[1].startswith(f"wrote {mr_path}: 2 case(s) (1 NIfTI, 1 DICOM series), modality MR")
+    assert "mixed modalities: written as one manifest per modality (1 CT, 2 MR)" in stderr
+    ct_raw, mr_raw = json.loads(ct_path.read_text()), json.loads(mr_path.read_text())
+    validate_schema(ct_raw)
+    validate_schema(mr_raw)
+    assert (ct_raw["modality"], [c["id"] for c in ct_raw["cases"]]) == ("CT", ["chest"])
+    assert (mr_raw["modality"], [c["id"] for c in mr_raw["cases"]]) == ("MR", ["brain", "series-0001"])
+    assert ct_raw["name"] == "src-CT" and mr_raw["name"] == "src-MR"
+    for path in (ct_path, mr_path):
+        code, stdout, stderr = run_cli("manifest", "verify", path)
+        assert code == 0 and "no problems" in stdout, stdout + stderr
+
+
+@pytest.mark.parametrize("modality,ids", [("CT", ["chest"]), ("MR", ["brain", "series-0001"])])
+def test_build_modality_filter_writes_one_manifest(tmp_path, run_cli, modality, ids):
+    src = tmp_path / "src"
+    _mixed_folder(src)
+    out = tmp_path / "m.json"
+    code, stdout, stderr = run_cli("manifest", "build", src, "-o", out, "--modality", modality)
+    assert code == 0, stderr
+    raw = json.loads(out.read_text())
+    assert raw["modality"] == modality and [c["id"] for c in raw["cases"]] == ids
+    assert all(c["modality"] == modality for c in raw["cases"])
+    assert not list(tmp_path.glob("m-*.json"))
+    if modality == "CT":
+        assert "brain.nii.gz: skipped: looks like MR, not CT" in stderr
+        assert "skipped: a MR series (--modality CT)" in stderr
+    else:
+        assert "chest.nii.gz: skipped: looks like CT, not MR (values are Hounsfield units" in stderr
+    assert run_cli("manifest", "verify", out)[0] == 0
+
+
+def test_build_leaves_out_what_verify_would_reject(tmp_path, run_cli):
+    """NaN voxels, a label off the image grid and a case without a class among classed cases: build
+    notes each and writes a manifest that verify accepts."""
+    src, labels = tmp_path / "src", tmp_path / "labels"
+    a, b, c = ct(seed=30), ct(seed=31), ct(seed=32)
+    for name, v in (("a", a), ("b", b), ("c", c)):
+        v.save_nifti(src / f"{name}.nii.gz")
+    nan = ct(seed=33).with_array(np.where(np.arange(12 * 10 * 8).reshape(12, 10, 8) == 5, np.nan, -1000.0))
+    nan.save_nifti(src / "nan.nii.gz", dtype=np.float32)
+    label_for(a).save_nifti(labels / "a.nii.gz")
+    shifted = b.affine.copy()
+    shifted[1, 3] += 2.0
+    label_for(b, affine=shifted).save_nifti(labels / "b.nii.gz")
+    label_for(c, shape=(12, 10, 7)).save_nifti(labels / "c.nii.gz")
+    (tmp_path / "classes.csv").write_text("id,class\na,0\nb,1\nnan,1\n")
+    out = tmp_path / "m.json"
+    code, _, stderr = run_cli("manifest", "build", src, "-o", out, "--labels", labels,
+                              "--classes", tmp_path / "classes.csv")
+    assert code == 0, stderr
+    assert "nan.nii.gz: skipped: 1 voxel(s) are NaN or infinite" in stderr
+    assert "b.nii.gz: label not used for case b: affine differs from the image's (by up to 2 mm)" in stderr
+    assert "c.nii.gz: label not used for case c: shape [12, 10, 7] differs" in stderr
+    assert "1 case(s) have no row in" in stderr and "left out" in stderr and "1 row(s) of" in stderr
+    raw = json.loads(out.read_text())
+    assert [(x["id"], x["class_label"], x["label"] is not None) for x in raw["cases"]] == \
+        [("a", 0, True), ("b", 1, False)]
+    code, stdout, _ = run_cli("manifest", "verify", out)
+    assert code == 0, stdout
 
 
 # --------------------------------------------------------------------------------------------
