@@ -308,7 +308,8 @@ def _content_defects(vol) -> list[tuple[str, str]]:
     if np.issubdtype(arr.dtype, np.floating):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:
-            return [(f"{bad} voxel(s) are NaN or infinite", "re-export the image without NaN/Inf voxels or remove the case")]
+            return [(f"{bad} voxel(s) are NaN or infinite",
+                     "re-export the image without NaN/Inf voxels or remove the case")]
     return []
 
 
@@ -345,7 +346,8 @@ def _check_volume(case: Case, field_: str, path: Path, modality: Optional[str], 
 def _label_problems(case: Case, lab, vol, out: list[Problem]) -> None:
     """Problems of a case's label map ``lab`` against its image ``vol`` (None if unreadable)."""
     arr = lab.array
-    if not np.issubdtype(arr.dtype, np.integer) and not (np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))):
+    integer = np.issubdtype(arr.dtype, np.integer) or (np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr)))
+    if not integer:
         out.append(Problem(case.id, "label", f"{case.label}: values are not integers",
                            "store the label map as integer class values (e.g. uint8)"))
     elif arr.size and float(arr.min()) < 0:

@@ -209,10 +209,9 @@ def volume_sha256(path: str | Path) -> str:
     from medsynth.jobs import sha256_file
 
     path = Path(path)
-    fmt = itk_format(path)
-    if fmt is None:
+    if itk_format(path) is None:
         return sha256_file(path)
-    header = read_text_header(path, fmt.header)
+    header = read_text_header(path)
     if not header.data_files:
         return sha256_file(path)
     h = hashlib.sha256(bytes.fromhex(sha256_file(path)))
@@ -245,16 +244,15 @@ def quiet_itk() -> Iterator[None]:
 def read_itk_image(path: str | Path, fmt: Optional[ItkFormat] = None):
     """Read an NRRD or MetaImage file into a SimpleITK image (any dimension, metadata included).
 
-    ``fmt`` forces the reader (for a file whose name does not say its format).  Raises
+    The format comes from the content (an NRRD named ``.mha`` is read as NRRD) unless ``fmt``
+    forces it.  Raises
     :class:`ImageReadError` naming the file (never quoting its header) on any failure.
     """
     import SimpleITK as sitk
 
     path = Path(path)
-    fmt = fmt or itk_format(path)
-    if fmt is None:
-        raise ImageReadError(f"{path}: not an NRRD or MetaImage file name")
-    header = read_text_header(path, fmt.header)
+    header = read_text_header(path, fmt.header if fmt is not None else None)  # by content, not by name
+    fmt = ITK_BY_HEADER[header.kind]
     missing = [f for f in header.data_files if not f.is_file()]
     if missing:
         raise ImageReadError(f"{path}: data file {missing[0].name} not found",
