@@ -53,6 +53,7 @@ from medsynth.privacy.deid_profile import (
     load_safe_private,
     resolve_action,
 )
+from medsynth.privacy.idmatch import NormalisedIds
 from medsynth.privacy.phi_scan import (
     Identifiers,
     element_text,
@@ -129,6 +130,7 @@ class _FileCtx:
     shift_days: int
     ids: Identifiers
     type1: set[int]
+    names: NormalisedIds = field(default_factory=NormalisedIds)
     actions: dict[str, str] = field(default_factory=dict)
 
     def act(self, loc: str, code: str) -> None:
@@ -244,7 +246,7 @@ class Deidentifier:
             if sop.startswith(prefix):
                 type1 |= tags
         ctx = _FileCtx(pseudonym=self.pseudonym(pkey), shift_days=self.date_shift_days(pkey), ids=ids,
-                       type1=type1)
+                       type1=type1, names=normalised_identifiers(ds, ids, self.options))
         self._walk(ds, ctx, "", top=True, strict=False)
         self._residual_sweep(ds, ctx, "")
         self._mark(ds)
@@ -394,9 +396,9 @@ class Deidentifier:
             elem.value = [self.ae_pseudonym(x) for x in v] if _is_multi(v) else self.ae_pseudonym(v)
         elif vr in TEXT_VRS or vr == "CS":
             if _is_multi(v):
-                elem.value = [clean_text(str(x), ctx.ids) for x in v]
+                elem.value = [clean_text(str(x), ctx.ids, ctx.names) for x in v]
             else:
-                elem.value = clean_text(str(v), ctx.ids)
+                elem.value = clean_text(str(v), ctx.ids, ctx.names)
         # TM (times keep their clock value), numbers, AS: clean = keep
 
     # -- private attributes ---------------------------------------------------------------------
@@ -437,10 +439,20 @@ class Deidentifier:
     # -- after the profile ----------------------------------------------------------------------
 
     def _residual_sweep(self, ds, ctx: _FileCtx, prefix: str) -> None:
-        """Remove kept text values that still contain an identifier of this data set."""
-        if not len(ctx.ids):
-            return
+        """Remove kept values that still contain an identifier of this data set.
+
+        Every kept value is compared with the file's identifiers, as the PHI scanner matches them
+        and as normalised text (:mod:`medsynth.privacy.idmatch`: case-folded, accents stripped,
+        each person-name component and group on its own).  A hit is removed; inside a code item
+        (a Type 1 triplet) it is replaced instead: code values and coding scheme designators by
+        keyed pseudonyms (the same in every file), code meanings by their text without the
+        identifier.  Private coding scheme designators (``99...``) name the organisation that
+        made them, so they are pseudonymised always, unless the institution identity is retained.
+        """
+        private_schemes = "retain-institution-id" not in self.options
         for elem in list(ds):
+            if elem.tag not in ds:  # removed with its private coding scheme, below
+                continue
             loc = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
             if elem.VR == "SQ":
                 for i, item in enumerate(elem.value or []):
@@ -449,9 +461,45 @@ class Deidentifier:
             if elem.VR in ("IS", "DS") or elem.tag in (_PATIENT_ID, _PATIENT_NAME):
                 continue
             text = element_text(elem)
-            if text and ctx.ids.find(text):
-                del ds[elem.tag]
-                ctx.act(loc, "X (residual identifier)")
+            if not text:
+                continue
+            if private_schemes and elem.keyword == "CodingSchemeDesignator" and text.strip().startswith("99"):
+                elem.value = self._code_pseudonym(elem.keyword, text)
+                ctx.act(loc, "D (private coding scheme)")
+                for kw in ("CodingSchemeName", "CodingSchemeResponsibleOrganization"):
+                    if kw in ds:  # Type 3 texts that describe the private scheme's owner
+                        del ds[kw]
+                        ctx.act(f"{prefix}({ds_tag(kw)})", "X (private coding scheme)")
+                continue
+            if ctx.ids.find(text) or (elem.VR not in _NOT_NAME_VRS and ctx.names.found_in(text)):
+                self._replace_residual(ds, elem, text, ctx, loc)
+
+    def _replace_residual(self, ds, elem, text: str, ctx: _FileCtx, loc: str) -> None:
+        """Remove one kept value that holds an identifier; in a code item, keep the item valid."""
+        kw = elem.keyword
+        in_code_item = any(k in ds for k in _CODE_VALUE_KEYWORDS)
+        if kw in _CODE_VALUE_KEYWORDS or kw == "CodingSchemeDesignator":
+            elem.value = self._code_pseudonym(kw, text)
+            ctx.act(loc, "D (residual identifier)")
+        elif (kw == "CodeMeaning" and in_code_item) or kw in _TYPE1_TEXT:
+            cleaned = clean_text(text, ctx.ids, ctx.names)
+            if not re.search(r"[^\W\d_]", cleaned) or ctx.ids.find(cleaned) or ctx.names.found_in(cleaned):
+                cleaned = DUMMY_TEXT
+            elem.value = cleaned
+            ctx.act(loc, "C (residual identifier)")
+        else:
+            del ds[elem.tag]
+            ctx.act(loc, "X (residual identifier)")
+
+    def _code_pseudonym(self, keyword: str, value: str) -> str:
+        """A keyed replacement for an identifying code value or coding scheme designator: the same
+        input gives the same output in every file under one key, so codes still compare."""
+        digest = self._mac(f"code/{keyword}", value.strip()).hex().upper()
+        if keyword == "CodingSchemeDesignator":
+            return "99MS" + digest[:8]  # still a private scheme (PS3.16 8.2: private designators begin '99')
+        if keyword == "URNCodeValue":
+            return "urn:x-medsynth:" + digest[:16].lower()
+        return "MS" + digest[:10]
 
     def _mark(self, ds) -> None:
         from pydicom.dataset import Dataset
@@ -561,20 +609,79 @@ _LONG_NUMBER = re.compile(r"(?<![\d.])\d{5,}(?![\d.])")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 
 
-def clean_text(text: str, ids: Identifiers) -> str:
+def clean_text(text: str, ids: Identifiers, names: NormalisedIds | None = None) -> str:
     """Clean a descriptor: drop this data set's identifiers, dates, e-mail addresses and long numbers.
 
-    Used for action C on text (Clean Descriptors, Retain Patient Characteristics).  What remains
+    Used for action C on text (Clean Descriptors, Retain Patient Characteristics) and for code
+    meanings that hold an identifier.  ``names`` adds the normalised-text matching of
+    :mod:`medsynth.privacy.idmatch` (names in any script, accents, case).  What remains
     (e.g. 'T1 AX POST GAD') is what a descriptor is for.
     """
-    out = text
+    out = names.cut(text) if names is not None else text
     for _, value in ids.find(out):
         out = re.sub(re.escape(value), " ", out, flags=re.IGNORECASE)
     out = _EMAIL.sub(" ", out)
     out = _DATE_LIKE.sub(" ", out)
     out = _LONG_NUMBER.sub(" ", out)
-    out = re.sub(r"[\^]+", " ", out)
+    out = re.sub(r"[\^=]+", " ", out)
     return " ".join(out.split()).strip(" ,;:-/")
+
+
+# Where a file's identifiers are, beyond what the PHI scanner collects: code sequences whose items
+# name the institution or a person, and a person's contact details.
+_INSTITUTION_CODE_SEQUENCE = 0x00080082
+_IDENTIFYING_SEQUENCES = {_INSTITUTION_CODE_SEQUENCE, 0x00401101, 0x00100024}  # institution, person, PID issuer
+_CONTACT_KEYWORDS = {"PersonAddress", "PersonTelephoneNumbers", "PersonTelecomInformation",
+                     "PatientTelecomInformation", "ResponsibleOrganization", "ResponsiblePerson",
+                     "PatientMotherBirthName", "PatientBirthName", "OtherPatientNames"}
+_SCHEME_KEYWORDS = {"CodingSchemeDesignator", "CodingSchemeVersion", "ContextIdentifier", "MappingResource"}
+_CODE_VALUE_KEYWORDS = {"CodeValue", "LongCodeValue", "URNCodeValue"}
+# Type 1 free text that a kept object needs (a SEG's segments): cleaned, not removed.
+_TYPE1_TEXT = {"SegmentLabel"}
+# Values that cannot hold a name (UIDs are matched as UIDs, dates as dates, by the scanner's rules).
+_NOT_NAME_VRS = {"UI", "DA", "DT", "TM", "AS", "AT"}
+
+
+def normalised_identifiers(ds, ids: Identifiers, options: Iterable[str] = ()) -> NormalisedIds:
+    """The identifiers of one data set as normalised text: the PHI scanner's (names, IDs,
+    institution, ...), every person name split into its groups and components, and the texts of
+    identifying code sequences (institution, person, patient ID issuer) and contact details."""
+    from pydicom.tag import Tag
+
+    institution = "retain-institution-id" not in options
+    names = NormalisedIds()
+    names.extend(ids.tokens)
+    names.extend(ids.phrases)
+
+    def walk(d, inside: bool) -> None:
+        for elem in d:
+            if elem.tag.is_private or elem.value is None or elem.tag == 0x7FE00010:
+                continue
+            if elem.VR == "SQ":
+                ident = int(elem.tag) in _IDENTIFYING_SEQUENCES and (institution or elem.tag != Tag(
+                    _INSTITUTION_CODE_SEQUENCE))
+                for item in elem.value:
+                    walk(item, inside or ident)
+                continue
+            values = list(elem.value) if _is_multi(elem.value) else [elem.value]
+            if elem.VR == "PN":
+                for v in values:
+                    names.add_person_name(str(v))
+            elif (inside and elem.VR in TEXT_VRS and elem.keyword not in _SCHEME_KEYWORDS) or \
+                    elem.keyword in _CONTACT_KEYWORDS:
+                for v in values:
+                    names.add(str(v))
+
+    walk(ds, False)
+    return names
+
+
+def ds_tag(keyword: str) -> str:
+    """``(gggg,eeee)`` of a keyword, for audit paths."""
+    from pydicom.datadict import tag_for_keyword
+
+    t = tag_for_keyword(keyword) or 0
+    return f"{t >> 16:04X},{t & 0xFFFF:04X}"
 
 
 # --------------------------------------------------------------------------------------------------
