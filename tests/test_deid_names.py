@@ -30,6 +30,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medsynth.privacy.deid import anonymise
+from medsynth.privacy.deid_profile import is_curve_or_overlay, load_profile
 from medsynth.privacy.idmatch import NormalisedIds, normalise
 from medsynth.privacy.phi_scan import iter_files, scan_phi
 
@@ -264,6 +265,9 @@ def test_overlays_go_whole_descriptions_and_labels_included(corpus):
     assert not [e for e in ct if 0x6000 <= e.tag.group <= 0x601E]
     actions = next(r for r in corpus["report"].records if r.get("output") and "(6000,xxxx)" in r["actions"])
     assert actions["actions"]["(6002,xxxx)"] == "X"
+    assert is_curve_or_overlay(0x60000022) and is_curve_or_overlay(0x601E1500) and is_curve_or_overlay(0x50003000)
+    assert not is_curve_or_overlay(0x60010010) and not is_curve_or_overlay(0x60200022)  # private; not a 60xx plane
+    assert load_profile().lookup(0x60024000).basic == "X"  # Overlay Comments: the profile's row behind the rule
 
 
 def test_file_meta_is_rebuilt_without_the_inputs_values(corpus):

@@ -49,6 +49,7 @@ from medsynth.privacy.deid_profile import (
     BASIC_CODE,
     OPTIONS,
     check_options,
+    is_curve_or_overlay,
     load_profile,
     load_safe_private,
     resolve_action,
@@ -268,8 +269,7 @@ class Deidentifier:
                     ctx.act(f"{prefix}(private)", "X")
                 continue
             g = tag.group
-            if g % 2 == 0 and (0x5000 <= g <= 0x501E or 0x6000 <= g <= 0x601E):
-                # curves and overlays go whole: a group without its data would be inconsistent
+            if is_curve_or_overlay(tag):  # the profile's overlay rule: the whole group goes
                 del ds[tag]
                 ctx.act(f"{prefix}({g:04X},xxxx)", "X")
                 continue

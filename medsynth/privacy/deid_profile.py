@@ -163,6 +163,19 @@ def load_safe_private() -> dict[tuple[str, int, int], SafePrivate]:
     return out
 
 
+def is_curve_or_overlay(tag: int) -> bool:
+    """True for an element of a curve (50xx) or overlay (60xx) repeating group.
+
+    The profile's overlay rule: Table E.1-1 removes Overlay Data (60xx,3000) and Overlay Comments
+    (60xx,4000) (X; only Clean Graphics would keep them, and medsynth does not offer it) and
+    curve data with them.  An overlay group without its data is inconsistent, and its other text,
+    Overlay Description (60xx,0022) and Overlay Label (60xx,1500), is free text the table does not
+    list, so medsynth removes the whole group, in the data set and inside every sequence item.
+    """
+    g = int(tag) >> 16
+    return g % 2 == 0 and (0x5000 <= g <= 0x501E or 0x6000 <= g <= 0x601E)
+
+
 def check_options(options: Iterable[str]) -> tuple[str, ...]:
     """Validate option names (did-you-mean on typos) and return them in table order."""
     import difflib
