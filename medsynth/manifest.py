@@ -259,7 +259,7 @@ def _load_decathlon(raw: dict[str, Any], path: Path) -> Manifest:
 
 
 def _strip_nii(name: str) -> str:
-    from medsynth.data.io import volume_stem
+    from medsynth.data.formats import volume_stem
 
     return volume_stem(name)
 
@@ -366,7 +366,7 @@ def _label_problems(case: Case, lab, vol, out: list[Problem]) -> None:
 
 
 def _content_hash(case: Case, vol) -> str:
-    from medsynth.data.io import volume_sha256
+    from medsynth.data.formats import volume_sha256
 
     return vol.meta.get("sha256") if case.image.is_dir() else volume_sha256(case.image)
 
@@ -505,7 +505,7 @@ def _volume_files(src: Path, exclude: Sequence[Path]) -> list[Path]:
     """Volume files (NIfTI, NRRD, MetaImage) under ``src``, sorted, hidden and excluded folders skipped."""
     import os
 
-    from medsynth.data.io import is_volume_file
+    from medsynth.data.formats import is_volume_file
 
     excl = {p.resolve() for p in exclude}
     out = []
@@ -620,7 +620,8 @@ def _without_path(message: str, path: Path) -> str:
 
 def _add_volume_files(b: _Builder, files: Sequence[Path]) -> None:
     """NIfTI, NRRD and MetaImage files: one case each; modality from the intensities."""
-    from medsynth.data.io import is_nifti, read_image, volume_sha256
+    from medsynth.data.formats import is_nifti, volume_sha256
+    from medsynth.data.io import read_image
     from medsynth.progress import progress
 
     for path in progress(files, desc="reading volumes", total=len(files)):
@@ -658,7 +659,7 @@ def _add_volume_files(b: _Builder, files: Sequence[Path]) -> None:
 def _add_dicom_series(b: _Builder, exclude: Sequence[Path]) -> None:
     """DICOM series: counter ids, modality from the Modality tag."""
     from medsynth.data.dicom import read_series, scan_dicom
-    from medsynth.data.io import VOLUME_SUFFIXES
+    from medsynth.data.formats import VOLUME_SUFFIXES
     from medsynth.progress import progress
 
     series, dproblems = scan_dicom(b.src, recursive=True, exclude=exclude)
@@ -807,7 +808,7 @@ def save_build(report: BuildReport, out: str | Path) -> list[Path]:
 def source_counts(manifest: Manifest) -> str:
     """What a manifest's images are, e.g. ``1 NIfTI, 2 NRRD, 3 DICOM series`` (formats with none omitted,
     NIfTI and DICOM always named)."""
-    from medsynth.data.io import fmt_name
+    from medsynth.data.formats import fmt_name
 
     counts: dict[str, int] = {}
     for c in manifest.cases:

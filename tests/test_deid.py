@@ -288,7 +288,7 @@ def test_counts_quarantine_and_failures(data):
     recs = {r["status"]: r for r in rep.records}
     assert "Burned In Annotation" in recs["quarantined"]["reason"]
     reasons = sorted(r["reason"] for r in rep.records if r["status"] == "failed")
-    assert reasons[0].startswith("damaged DICOM file") and reasons[1] == "not a DICOM or NIfTI file"
+    assert reasons[0].startswith("damaged DICOM file") and reasons[1] == "not a DICOM, NIfTI, NRRD or MetaImage file"
 
 
 def test_inputs_are_never_modified(data):
@@ -437,6 +437,97 @@ def test_output_passes_dciodvfy_with_no_new_errors(data):
             assert after - before == set(), sorted(after - before)
             checked += 1
     assert checked == 12
+
+
+# ------------------------------------------------------------------------------------------------
+# NRRD and MetaImage: text headers cleared like NIfTI's, voxels and geometry kept
+# ------------------------------------------------------------------------------------------------
+
+_P1 = PATIENTS["p1"]
+
+
+def _itk_inputs(root: Path) -> dict[str, Path]:
+    """NRRD (hand-written, RAS space), .nhdr, .mha and .mhd files whose headers carry identifiers."""
+    import SimpleITK as sitk
+
+    root.mkdir(parents=True)
+    arr = np.arange(4 * 3 * 2, dtype="<i2").reshape(2, 3, 4) - 500
+    header = ("NRRD0004\n"
+              f"# scanned for {_P1['name']} ({_P1['pid']})\n"
+              "type: short\ndimension: 3\nspace: right-anterior-superior\nsizes: 4 3 2\n"
+              "space directions: (0.6,0.1,0) (-0.1,0.8,0) (0,0.2,2)\nspace origin: (5,-7,11)\n"
+              f"content: {_P1['name'].split('^')[0]} chest {_P1['birth']}\n"
+              f'labels: "{_P1["inst"]}" "y" "z"\n'
+              "endian: little\nencoding: raw\n"
+              f"PatientName:={_P1['name']}\nSegment0_Name:={_P1['pid']} lesion\n\n")
+    (root / "hand.nrrd").write_bytes(header.encode() + arr.tobytes())
+    img = sitk.GetImageFromArray(np.random.default_rng(5).integers(-1000, 1000, (5, 4, 3)).astype(np.int16))
+    img.SetSpacing((0.8, 0.9, 2.0))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    img.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    img.SetMetaData("PatientName", _P1["name"])
+    img.SetMetaData("PatientID", _P1["pid"])
+    out = {"hand.nrrd": root / "hand.nrrd"}
+    for name in ("scan.mha", "detached.mhd", "detached2.nhdr"):
+        sitk.WriteImage(img, str(root / name), name.endswith(".mha"))
+        out[name] = root / name
+    text = (root / "detached.mhd").read_text()
+    (root / "detached.mhd").write_text(text.replace("ElementSpacing", f"Comment = {_P1['referring']}\nElementSpacing"))
+    return out
+
+
+def test_nrrd_and_metaimage_headers_are_cleared_voxels_and_world_kept(tmp_path):
+    from medsynth.data.io import read_image
+
+    files = _itk_inputs(tmp_path / "in")
+    key = tmp_path / "k"
+    key.write_bytes(b"n" * 32)
+    before = {f: f.read_bytes() for f in iter_files(tmp_path / "in")}
+    rep = anonymise(tmp_path / "in", tmp_path / "out", key)
+    names = [f.name for f in iter_files(tmp_path / "in")]
+    by_name = dict(zip(names, rep.records))
+    assert (rep.processed, rep.quarantined, rep.failed) == (len(names), 0, 0)  # .raw data files included
+    assert by_name["detached.raw"]["kind"] == "image data" and by_name["detached.raw"]["output"] == \
+        by_name["detached.mhd"]["output"]
+    actions = by_name["hand.nrrd"]["actions"]["nrrd"]
+    assert actions == ["content: dropped", "labels: dropped", "comments: 1 dropped", "key/value pairs: 2 dropped"]
+    assert by_name["detached.mhd"]["actions"]["metaimage"] == ["Comment: dropped", "other fields: 2 dropped"]
+    for name, path in files.items():
+        rec = by_name[name]
+        assert re.fullmatch(r"(nrrd|metaimage)/[0-9a-f]{20}\.(nrrd|mha)", rec["output"])
+        src, dst = read_image(path), read_image(tmp_path / "out" / rec["output"])
+        np.testing.assert_array_equal(dst.array, src.array)
+        np.testing.assert_allclose(dst.affine, src.affine, atol=1e-9)  # the same world, to the bit nearly
+    leaks = [(f.name, n) for f, raw in _all_bytes(tmp_path / "out") for n in _identifier_strings(_P1)
+             + ["PatientName", "Segment0"] if n.encode() in raw and not f.name.endswith(".jsonl")]
+    assert leaks == []
+    assert {f: f.read_bytes() for f in iter_files(tmp_path / "in")} == before
+    ids = Identifiers()
+    ids.add_name(_P1["name"])
+    ids.add_id(_P1["pid"], "patient ID")
+    assert scan_phi(tmp_path / "out", ids) == []
+    again = anonymise(tmp_path / "in", tmp_path / "again", key)
+    for rec in again.records:
+        assert (tmp_path / "again" / rec["output"]).read_bytes() == (tmp_path / "out" / rec["output"]).read_bytes()
+
+
+def test_nrrd_data_file_outside_the_input_and_damaged_headers_fail_alone(tmp_path):
+    import SimpleITK as sitk
+
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(tmp_path / "outside.nhdr"))
+    text = (tmp_path / "outside.nhdr").read_text().replace("data file: outside.raw", "data file: ../outside.raw")
+    (tmp_path / "in" / "escape.nhdr").write_text(text)
+    (tmp_path / "in" / "cut.nrrd").write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\n"
+                                               b"encoding: raw\n\n\x00\x01")
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5), np.uint8)), str(tmp_path / "in" / "good.mha"))
+    key = tmp_path / "k"
+    key.write_bytes(b"n" * 32)
+    rep = anonymise(tmp_path / "in", tmp_path / "out", key)
+    reasons = {Path(f).name: r.get("reason") for f, r in zip(iter_files(tmp_path / "in"), rep.records)}
+    assert reasons == {"cut.nrrd": "damaged NRRD file (header or voxel data unreadable)",
+                       "escape.nhdr": "detached data file outside the input folder", "good.mha": None}
+    assert rep.processed == 1 and rep.failed == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from medsynth.privacy.deid import anonymise
 from medsynth.privacy.deid_profile import is_curve_or_overlay, load_profile

@@ -54,6 +54,7 @@ from medsynth.privacy.deid_profile import (
     load_safe_private,
     resolve_action,
 )
+from medsynth.data.formats import sniff_itk_format
 from medsynth.privacy.idmatch import NormalisedIds
 from medsynth.privacy.phi_scan import (
     Identifiers,
@@ -738,6 +739,118 @@ def deidentify_nifti_bytes(raw: bytes) -> tuple[bytes, list[str]]:
     return buf.getvalue() + data, actions
 
 
+# NRRD and MetaImage headers are text: besides the geometry they can carry comments, key/value pairs
+# (3D Slicer's segment names, ITK's metadata dictionary) and free-text fields (NRRD 'content',
+# 'labels', 'units'; MetaImage 'Comment', 'Name', any extra key).  The output keeps the voxels and the
+# geometry only: it is rewritten by SimpleITK from the image with its metadata dictionary emptied, and
+# the written header is checked against these allow-lists (fail closed: anything else fails the file).
+_NRRD_GEOMETRY = {"type", "dimension", "space", "space dimension", "sizes", "space directions", "space origin",
+                  "space units", "kinds", "endian", "encoding", "spacings", "centers", "centerings",
+                  "measurement frame", "thicknesses", "axis mins", "axismins", "axis maxs", "axismaxs",
+                  "byte skip", "byteskip", "line skip", "lineskip", "data file", "datafile", "block size",
+                  "blocksize", "old min", "oldmin", "old max", "oldmax"}
+_NRRD_FREE_TEXT = ("content", "labels", "units", "sample units", "sampleunits", "number")
+_NRRD_ITK_COMMENTS = {"# Complete NRRD file format specification at:", "# http://teem.sourceforge.net/nrrd/format.html"}
+_META_GEOMETRY = {"ObjectType", "NDims", "BinaryData", "BinaryDataByteOrderMSB", "ElementByteOrderMSB",
+                  "CompressedData", "CompressedDataSize", "TransformMatrix", "Rotation", "Orientation", "Offset",
+                  "Position", "Origin", "CenterOfRotation", "AnatomicalOrientation", "ElementSpacing", "DimSize",
+                  "HeaderSize", "ElementSize", "ElementNumberOfChannels", "ElementMin", "ElementMax",
+                  "ElementType", "ElementDataFile"}
+_META_FREE_TEXT = ("Comment", "Name", "AcquisitionDate", "Modality")
+
+
+def text_header_findings(kind: str, lines: list[str]) -> list[str]:
+    """What an NRRD/MetaImage header holds besides geometry, as value-free audit lines."""
+    comments = pairs = other = 0
+    named: list[str] = []
+    for line in lines[1:] if kind == "nrrd" else lines:
+        if not line.strip():
+            continue
+        if kind == "nrrd":
+            if line.startswith("#"):
+                comments += line not in _NRRD_ITK_COMMENTS
+                continue
+            if ":=" in line:
+                pairs += 1
+                continue
+            name = line.split(":", 1)[0].strip().lower()
+            geometry, free = _NRRD_GEOMETRY, _NRRD_FREE_TEXT
+        else:
+            name = line.split("=", 1)[0].strip()
+            geometry, free = _META_GEOMETRY, _META_FREE_TEXT
+            if "=" not in line:  # a LIST of data files after ElementDataFile
+                continue
+        if name in geometry:
+            continue
+        if name in free:
+            named.append(name)
+        else:
+            other += 1
+    out = [f"{n}: dropped" for n in dict.fromkeys(named)]
+    out += [f"comments: {comments} dropped"] if comments else []
+    out += [f"key/value pairs: {pairs} dropped"] if pairs else []
+    out += [f"other fields: {other} dropped"] if other else []
+    return out
+
+
+def _detached_data_files(files: list[Path]) -> dict[Path, int]:
+    """The data files named by the detached NRRD/MetaImage headers among ``files`` -> header index."""
+    from medsynth.data.formats import read_text_header, sniff_itk_format
+
+    out: dict[Path, int] = {}
+    for i, f in enumerate(files):
+        if sniff_itk_format(f) is None:
+            continue
+        try:
+            header = read_text_header(f)
+        except Exception:  # reported when the header itself is processed
+            continue
+        for d in header.data_files:
+            out.setdefault(d.resolve(), i)
+    return out
+
+
+def _process_itk(deid: Deidentifier, path: Path, kind: str, out: Path, rec: dict, written: dict[str, int],
+                 root: Path) -> None:
+    """An NRRD or MetaImage file: voxels and geometry rewritten into one attached file, text dropped."""
+    import SimpleITK as sitk
+
+    from medsynth.data.formats import ITK_BY_HEADER, quiet_itk, read_itk_image, read_text_header, volume_sha256
+    from medsynth.errors import ImageReadError
+
+    fmt = ITK_BY_HEADER[kind]
+    rec["kind"] = fmt.name.lower()
+    try:
+        header = read_text_header(path, kind)
+        if any(not _inside(d, root) for d in header.data_files):
+            rec.update(status="failed", reason="detached data file outside the input folder")
+            return
+        img = read_itk_image(path, fmt)
+    except ImageReadError:
+        rec.update(status="failed", reason=f"damaged {fmt.name} file (header or voxel data unreadable)")
+        return
+    findings = text_header_findings(kind, header.lines)
+    for k in img.GetMetaDataKeys():
+        img.EraseMetaData(k)
+    suffix = ".nrrd" if kind == "nrrd" else ".mha"
+    rel = f"{fmt.name.lower()}/{deid._mac(kind, volume_sha256(path)).hex()[:20]}{suffix}"
+    if rel in written:
+        rec.update(status="failed", reason=f"same content as input #{written[rel]}")
+        return
+    with atomic_path(out / rel) as tmp:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO(fmt.image_io)
+        writer.SetFileName(str(tmp))
+        writer.SetUseCompression(True)
+        with quiet_itk():
+            writer.Execute(img)
+        left = text_header_findings(kind, read_text_header(tmp, kind).lines)
+        if left:  # fail closed: the writer must not have put any text back
+            raise PrivacyError(f"internal: the {fmt.name} writer left header text ({', '.join(left)})")
+    written[rel] = rec["index"]
+    rec.update(status="processed", output=rel, actions={fmt.name.lower(): findings})
+
+
 # --------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------
@@ -829,28 +942,41 @@ def anonymise(inp: str | os.PathLike, out: str | os.PathLike, key_file: str | os
     files = iter_files(inp)
     report = AnonymiseReport(audit=audit_path)
     written: dict[str, int] = {}
+    data_of = _detached_data_files(files)  # a detached NRRD/MetaImage header's data file -> header index
+    root = inp if inp.is_dir() else inp.parent
     with quiet_pydicom():
         for index, path in enumerate(progress(files, desc=progress_desc, total=len(files))):
             rec: dict[str, Any] = {"index": index, "sha256": None, "kind": None, "status": None}
             try:
                 rec["sha256"] = sha256_file(path)
-                _process_one(deid, path, out, rec, written)
+                if path.resolve() in data_of:
+                    rec.update(kind="image data", header=data_of[path.resolve()])  # settled with its header
+                else:
+                    _process_one(deid, path, out, rec, written, root)
             except Exception as exc:  # one bad file never sinks the batch
                 rec["status"] = "failed"
                 rec.setdefault("reason", f"could not be processed ({type(exc).__name__})")
                 rec.pop("output", None)
                 log.debug("file #%d failed", index, exc_info=True)
-            if rec["status"] == "processed":
-                report.processed += 1
-                report.outputs.append(rec["output"])
-            elif rec["status"] == "quarantined":
-                report.quarantined += 1
-            else:
-                report.failed += 1
-            if rec["status"] != "processed":
-                log.warning("file #%d (sha256 %s): %s: %s", index, (rec["sha256"] or "?")[:12], rec["status"],
-                            rec.get("reason", ""))
             report.records.append(rec)
+    for rec in report.records:
+        if rec["kind"] == "image data" and rec["status"] is None:
+            head = report.records[rec["header"]]
+            if head["status"] == "processed":
+                rec.update(status="processed", output=head["output"],
+                           actions={"image data": f"written inside the output of input #{rec['header']}"})
+            else:
+                rec.update(status="failed", reason=f"data file of input #{rec['header']}, which was not written")
+        if rec["status"] == "processed":
+            report.processed += 1
+            report.outputs.append(rec["output"])
+        elif rec["status"] == "quarantined":
+            report.quarantined += 1
+        else:
+            report.failed += 1
+        if rec["status"] != "processed":
+            log.warning("file #%d (sha256 %s): %s: %s", rec["index"], (rec["sha256"] or "?")[:12], rec["status"],
+                        rec.get("reason", ""))
 
     header = {"medsynth": __version__, "profile": deid.profile.edition + " Table E.1-1",
               "options": list(deid.options), "allow_burned_in": allow_burned_in, "key_id": deid.key_id,
@@ -865,7 +991,12 @@ def anonymise(inp: str | os.PathLike, out: str | os.PathLike, key_file: str | os
     return report
 
 
-def _process_one(deid: Deidentifier, path: Path, out: Path, rec: dict, written: dict[str, int]) -> None:
+def _process_one(deid: Deidentifier, path: Path, out: Path, rec: dict, written: dict[str, int],
+                 root: Path) -> None:
+    kind = sniff_itk_format(path)
+    if kind is not None:
+        _process_itk(deid, path, kind, out, rec, written, root)
+        return
     if is_nifti(path):
         rec["kind"] = "nifti"
         raw, gz = _read_maybe_gzip(path)
@@ -891,7 +1022,7 @@ def _process_one(deid: Deidentifier, path: Path, out: Path, rec: dict, written: 
         rec.update(kind="dicom", status="failed", reason=f"damaged DICOM file ({type(exc).__name__})")
         return
     if ds is None:
-        rec.update(kind="other", status="failed", reason="not a DICOM or NIfTI file")
+        rec.update(kind="other", status="failed", reason="not a DICOM, NIfTI, NRRD or MetaImage file")
         return
     rec["kind"] = "dicom"
     meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if getattr(ds, "file_meta", None) else ""
