@@ -41,8 +41,10 @@ from medsynth.model.networks import (
     build_scheduler,
     build_unet,
     derive_seed,
+    diffusion_loss,
     downsample_factor,
     generator,
+    latent_channels,
     latent_shape,
     resolve_device,
     seeded_init,
@@ -77,7 +79,7 @@ def build_controlnet(cfg: Config, n_labels: int) -> nn.Module:
                           hint="train the run with model.unet.kind: monai")
     n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
     return ControlNet(
-        spatial_dims=3, in_channels=cfg.model.autoencoder.latent_channels, num_res_blocks=u.num_res_blocks,
+        spatial_dims=3, in_channels=latent_channels(cfg), num_res_blocks=u.num_res_blocks,
         channels=tuple(u.channels), attention_levels=tuple(u.attention_levels), norm_num_groups=u.norm_num_groups,
         num_head_channels=u.num_head_channels, num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
         conditioning_embedding_in_channels=n_labels, conditioning_embedding_num_channels=conditioning_channels(cfg),
@@ -194,13 +196,20 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
         for b in range(n_batches):
             g = generator(rc.training.seed, STAGE, "gain", b)
             idx = batch_indices(rc.training.seed, "gain", b, len(mu), min(4, len(mu)))
+            d = rc.training.diffusion
             x_t, tt, target, cls = _diffusion_batch(rc.training.scheduler, noise_sched, mu, sigma, classes, idx,
-                                                    run.scale_factor, g, 0.0, rc.model.unet.num_class_embeds)
+                                                    run.scale_factor, g, 0.0, rc.model.unet.num_class_embeds,
+                                                    d.timestep_sampling)
             x_t, tt, target = x_t.to(dev), tt.to(dev), target.to(dev)
             cls = None if cls is None else cls.to(dev)
-            plain.append(float(F.mse_loss(unet(x_t, tt, class_labels=cls), target)))
-            controlled.append(float(F.mse_loss(controlled_prediction(
-                unet, cn, x_t, tt, cond[idx].to(dev), cls, float(ck.get("conditioning_scale", 1.0))), target)))
+
+            def loss(out: torch.Tensor) -> float:
+                return float(diffusion_loss(rc.training.scheduler, d.prediction_type, out, x_t, tt, target,
+                                            d.num_train_timesteps))
+
+            plain.append(loss(unet(x_t, tt, class_labels=cls)))
+            controlled.append(loss(controlled_prediction(
+                unet, cn, x_t, tt, cond[idx].to(dev), cls, float(ck.get("conditioning_scale", 1.0)))))
     return {"unet": float(np.mean(plain)), "controlnet": float(np.mean(controlled)), "batches": n_batches}
 
 
@@ -272,11 +281,13 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     for _ in progress(range(step, t.steps), desc=STAGE, total=t.steps - step):
         g = generator(seed, STAGE, "step", step)
         idx = batch_indices(seed, STAGE, step, n, t.batch_size)
+        d = rc.training.diffusion
         x_t, tt, target, cls = _diffusion_batch(kind, noise_sched, mu, sigma, classes, idx, run.scale_factor,
-                                                g, t.cond_drop_prob, null_class)
+                                                g, t.cond_drop_prob, null_class, d.timestep_sampling)
         pred = controlled_prediction(unet, cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
                                      None if cls is None else cls.to(dev), t.conditioning_scale)
-        loss = F.mse_loss(pred.float(), target.to(dev))
+        loss = diffusion_loss(kind, d.prediction_type, pred.float(), x_t.to(dev), tt.to(dev), target.to(dev),
+                              d.num_train_timesteps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -40,15 +40,23 @@ def image_channels(cfg: Config) -> int:
 
 
 def downsample_factor(cfg: Config) -> int:
-    """How much the autoencoder shrinks each axis (2 per level after the first)."""
-    return 2 ** (len(cfg.model.autoencoder.channels) - 1)
+    """How much the autoencoder shrinks each axis (2 per level after the first; 2 per wavelet level)."""
+    return cfg.model.autoencoder.downsample
+
+
+def latent_channels(cfg: Config) -> int:
+    """Channels of a latent: the configured ones, or 8 sub-bands per image channel and wavelet level."""
+    a = cfg.model.autoencoder
+    if a.kind == "wavelet":
+        return image_channels(cfg) * 8 ** a.wavelet_levels
+    return a.latent_channels
 
 
 def latent_shape(cfg: Config) -> tuple[int, int, int, int]:
     """(channels, x, y, z) of a latent for the configured image grid."""
     f = downsample_factor(cfg)
     x, y, z = (s // f for s in cfg.data.shape)
-    return (cfg.model.autoencoder.latent_channels, x, y, z)
+    return (latent_channels(cfg), x, y, z)
 
 
 def num_classes(cfg: Config) -> Optional[int]:
@@ -94,6 +102,10 @@ def build_autoencoder(cfg: Config) -> nn.Module:
     a = cfg.model.autoencoder
     n = image_channels(cfg)
     levels = len(a.channels)
+    if a.kind == "wavelet":
+        from medsynth.model.wavelet import HaarWavelet3d
+
+        return HaarWavelet3d(n, a.wavelet_levels)
     if a.kind == "maisi":
         from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
@@ -119,7 +131,7 @@ def build_autoencoder(cfg: Config) -> nn.Module:
 def build_unet(cfg: Config) -> nn.Module:
     """Stage-2 denoiser of ``cfg.model.unet``; class-conditional models get a null-class row."""
     u = cfg.model.unet
-    c = cfg.model.autoencoder.latent_channels
+    c = latent_channels(cfg)
     n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
     if u.kind == "maisi":
         from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
@@ -184,16 +196,45 @@ def build_scheduler(kind: str, t: DiffusionTrainConfig, latent_numel: int) -> An
     raise ConfigError(f"unknown scheduler {kind!r}; choose ddpm, ddim or rflow")
 
 
-def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator) -> torch.Tensor:
+def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator,
+                           sampling: str = "logit-normal") -> torch.Tensor:
     """Training timesteps for ``n`` samples drawn from generator ``g``.
 
     MONAI's ``RFlowScheduler.sample_timesteps`` draws from the global RNG; this draws the same
     distribution (uniform integers for DDPM/DDIM, logit-normal for rectified flow) from ``g`` so a
-    run can be replayed.
+    run can be replayed.  ``sampling: uniform`` draws rectified-flow times uniformly instead.
     """
     if kind in ("ddpm", "ddim"):
         return torch.randint(0, scheduler.num_train_timesteps, (n,), generator=g)
+    if sampling == "uniform":
+        return torch.rand(n, generator=g) * scheduler.num_train_timesteps
     return torch.sigmoid(torch.randn(n, generator=g)) * scheduler.num_train_timesteps
+
+
+# the smallest rectified-flow time a clean-latent prediction is divided by (Li & He 2025 clip at 0.05)
+RFLOW_T_MIN = 0.05
+
+
+def rflow_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, num_train_timesteps: int,
+                   prediction_type: str) -> torch.Tensor:
+    """The rectified-flow velocity (clean minus noise) from a network output ``out`` at ``x_t``.
+
+    A velocity model's output is the velocity; a clean-latent model (``prediction_type: sample``)
+    gives ``(x0 - x_t) / t``, since ``x_t = (1 - t) x0 + t noise``.  ``t`` is per sample (or a
+    scalar) in training timesteps."""
+    if prediction_type != "sample":
+        return out
+    tt = (torch.as_tensor(t, dtype=out.dtype, device=out.device) / num_train_timesteps).clamp_min(RFLOW_T_MIN)
+    return (out - x_t) / tt.reshape(-1, *([1] * (out.dim() - 1)))
+
+
+def diffusion_loss(kind: str, prediction_type: str, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   target: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """MSE of the stage-2 objective: the rectified flow's velocity (derived from the output when the
+    network predicts the clean latent), or the DDPM/DDIM target of ``prediction_type``."""
+    if kind == "rflow":
+        out = rflow_velocity(out, x_t, t, num_train_timesteps, prediction_type)
+    return torch.nn.functional.mse_loss(out, target)
 
 
 # --------------------------------------------------------------------------------------------

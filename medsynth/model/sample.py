@@ -34,6 +34,7 @@ from medsynth.model.networks import (
     derive_seed,
     latent_shape,
     resolve_device,
+    rflow_velocity,
     seeded_init,
 )
 from medsynth.model.fastpath import (
@@ -203,7 +204,9 @@ class Sampler:
         for i, t in enumerate(progress(ts, desc="denoising", total=len(ts))):
             out = self.predict(x, t, labels, st.guidance)
             if st.scheduler == "rflow":
-                x, _ = sched.step(out, t, x, ts[i + 1] if i + 1 < len(ts) else 0)
+                d = self.cfg.training.diffusion
+                v = rflow_velocity(out, x, t.reshape(1).to(out.device), d.num_train_timesteps, d.prediction_type)
+                x, _ = sched.step(v, t, x, ts[i + 1] if i + 1 < len(ts) else 0)
             elif st.scheduler == "ddim":
                 x = torch.cat([sched.step(out[b:b + 1], t, x[b:b + 1], st.eta, step_gens[b])[0] for b in range(len(x))])
             else:  # ddpm: each sample's added noise from its own generator

@@ -48,6 +48,7 @@ from medsynth.model.distributed import (
     shutdown,
 )
 from medsynth.model.ema import EMA
+from medsynth.model.fastpath import memory_format, resolve_channels_last
 from medsynth.model.labels import label_values
 from medsynth.model.networks import (
     autocast,
@@ -56,6 +57,7 @@ from medsynth.model.networks import (
     build_scheduler,
     build_unet,
     derive_seed,
+    diffusion_loss,
     generator,
     latent_shape,
     lr_lambda,
@@ -436,6 +438,8 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
     """
     from monai.losses import PatchAdversarialLoss
 
+    if cfg.model.autoencoder.kind == "wavelet":
+        return fit_wavelet(cfg, paths, data, device, precision, resume)
     t, seed, stage = cfg.training.autoencoder, cfg.training.seed, "autoencoder"
     with seeded_init(derive_seed(seed, "init", stage)):
         ae, disc = build_autoencoder(cfg), build_discriminator(cfg)
@@ -551,6 +555,38 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
     return {"stage": stage, "steps": step, "val": book.val, "seconds": book.seconds}
 
 
+def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
+                resume: bool) -> dict[str, Any]:
+    """Stage 1 of a wavelet latent: nothing to train; the sub-band scales are fitted on the training
+    set (``wavelet_band_scale``) and stored, with the intensity map, as ``RUN/autoencoder/last.pt``
+    (step 0 of 0, so it counts as complete).  Validation records the reconstruction, which is exact."""
+    from medsynth.model.wavelet import fit_band_scale
+
+    stage = "autoencoder"
+    ck_path = paths.checkpoint(stage)
+    if ck_path.is_file():
+        if not resume:
+            raise CheckpointError(f"{ck_path}: exists; this run already has its wavelet latent",
+                                  hint="pass --resume to continue the run, or choose a new --run folder")
+        ck = load_checkpoint(ck_path, stage)
+        _check_compatible(ck, cfg, ck_path, _AE_KEYS)
+        log.info("autoencoder: wavelet latent already fitted")
+        return {"stage": stage, "steps": 0, "val": ck.get("val_metrics"), "seconds": 0.0}
+    t0 = time.perf_counter()
+    wav = build_autoencoder(cfg)
+    if cfg.model.autoencoder.wavelet_band_scale:
+        fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))))
+    val = _validate_autoencoder(wav, data.val, device, precision, label_values(cfg)) if len(data.val) else None
+    if is_main():
+        save_checkpoint(ck_path, {**_base_payload(cfg, stage, 0, 0), "model": wav.state_dict(),
+                                  "intensity_norm": data.norm, "val_metrics": val, "data_info": data.info})
+        write_text(paths.metrics(stage), json.dumps({"stage": stage, "step": 0, "val": val}) + "\n")
+    log.info("autoencoder: wavelet latent (%d level(s), %d channels), no training%s",
+             cfg.model.autoencoder.wavelet_levels, wav.latent_channels,
+             f"; validation PSNR {val['psnr']:.1f} dB" if val else "")
+    return {"stage": stage, "steps": 0, "val": val, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 2: latent diffusion
 # --------------------------------------------------------------------------------------------
@@ -578,16 +614,18 @@ def scale_factor_of(mu: torch.Tensor, sigma: torch.Tensor, seed: int) -> float:
 
 def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      idx: torch.Tensor, scale: float, g: torch.Generator, drop_prob: float,
-                     null_class: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                     null_class: Optional[int], timestep_sampling: str = "logit-normal") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(noisy latents, timesteps, target, class labels) of one batch, all drawn from ``g``."""
     z0 = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
     noise = torch.randn(z0.shape, generator=g)
-    t = sample_train_timesteps(kind, scheduler, len(idx), g)
+    t = sample_train_timesteps(kind, scheduler, len(idx), g, timestep_sampling)
     x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
     if kind == "rflow":
-        target = z0 - noise  # the flow's velocity
+        target = z0 - noise  # the flow's velocity (a clean-latent model is judged on it too)
     elif scheduler.prediction_type == "v_prediction":
         target = scheduler.get_velocity(z0, noise, t)
+    elif scheduler.prediction_type == "sample":
+        target = z0
     else:
         target = noise
     labels = None
@@ -629,6 +667,8 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
     with seeded_init(derive_seed(seed, "init", stage)):
         unet = build_unet(cfg)
     unet.to(device).train()
+    fmt = memory_format(resolve_channels_last(cfg.training.channels_last, device))
+    unet.to(memory_format=fmt)
     check_batch(t.batch_size, "training.diffusion.batch_size")
     main = is_main()
     net = ddp(unet, device)  # DistributedDataParallel under torchrun, else the plain module
@@ -639,6 +679,9 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
     noise_sched = build_scheduler(kind, t, math.prod(latent_shape(cfg)[1:]))
     k = cfg.model.unet.num_class_embeds
     null_class = k  # None for an unconditional model
+
+    def loss_of(pred: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return diffusion_loss(kind, t.prediction_type, pred, x_t, tt, target, t.num_train_timesteps)
 
     ck_path = paths.checkpoint(stage)
     step, val, scale = 0, None, None
@@ -676,11 +719,12 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         """Loss of the EMA model on fixed validation noise and timesteps (comparable across steps)."""
         g = generator(seed, stage, "validation")
         idx = torch.arange(min(len(vmu), 16))
-        x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, vmu, vsig, vcls, idx, scale, g, 0.0, null_class)
+        x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, vmu, vsig, vcls, idx, scale, g, 0.0, null_class,
+                                                   t.timestep_sampling)
         with autocast(device, precision):
-            pred = ema.model(x_t.to(device), tt.to(device),
+            pred = ema.model(x_t.to(device).contiguous(memory_format=fmt), tt.to(device),
                              class_labels=None if labels is None else labels.to(device))
-        return {"loss": float(F.mse_loss(pred.float(), target.to(device)))}
+        return {"loss": float(loss_of(pred.float(), x_t.to(device), tt.to(device), target.to(device)))}
 
     n = len(mu)
     book = StepBook(stage, cfg, t, paths, step, math.ceil(n / (t.batch_size * t.grad_accum)), val, callback)
@@ -693,14 +737,14 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
             g = generator(seed, stage, "step", step, micro)
             idx = batch_indices(seed, stage, step * t.grad_accum + micro, n, t.batch_size)
             x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, scale, g,
-                                                       t.cond_drop_prob, null_class)
+                                                       t.cond_drop_prob, null_class, t.timestep_sampling)
             # drawn for the global batch, then this rank's part (identical to one process)
             x_t, tt, target = rank_part(x_t), rank_part(tt), rank_part(target)
             labels = None if labels is None else rank_part(labels)
             with autocast(device, precision):
-                pred = net(x_t.to(device), tt.to(device),
-                            class_labels=None if labels is None else labels.to(device))
-            loss = F.mse_loss(pred.float(), target.to(device)) / t.grad_accum
+                pred = net(x_t.to(device).contiguous(memory_format=fmt), tt.to(device),
+                           class_labels=None if labels is None else labels.to(device))
+            loss = loss_of(pred.float(), x_t.to(device), tt.to(device), target.to(device)) / t.grad_accum
             scaler.scale(loss).backward()
             total += loss.item()
         scaler.step(opt)
@@ -778,7 +822,8 @@ def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = F
             fn = train_autoencoder if s == "autoencoder" else train_diffusion
             summaries.append(fn(cfg, paths, data, dev, precision, resume, callback, max_steps))
             barrier()
-            if s == "autoencoder" and summaries[-1]["steps"] < cfg.training.autoencoder.steps:
+            if (s == "autoencoder" and cfg.model.autoencoder.kind != "wavelet"
+                    and summaries[-1]["steps"] < cfg.training.autoencoder.steps):
                 log.info("autoencoder stopped at step %d of %d (--max-steps); continue with --resume",
                          summaries[-1]["steps"], cfg.training.autoencoder.steps)
                 break

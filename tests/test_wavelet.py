@@ -1,0 +1,187 @@
+"""The lossless wavelet latent (``model.autoencoder.kind: wavelet``): transform, config, training,
+sampling, resume, tiled decode, paired labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth.config import ConfigError, config_from_dict
+from medsynth.model.checkpoint import RunPaths, load_checkpoint
+from medsynth.model.networks import build_autoencoder, build_unet, latent_shape
+from medsynth.model.sample import Sampler, generate
+from medsynth.model.train import train
+from medsynth.model.wavelet import HaarWavelet3d, fit_band_scale, haar_filters
+
+from tests.test_model import tiny_config
+
+def wavelet_config(manifest, **sections):
+    raw = tiny_config(manifest, **sections)
+    raw["model"]["autoencoder"] = {"kind": "wavelet", "wavelet_levels": 1,
+                                   **sections.get("model", {}).get("autoencoder", {})}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    from medsynth.data.phantoms import write_phantoms
+
+    return write_phantoms(tmp_path_factory.mktemp("phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+
+
+@pytest.fixture(scope="module")
+def wavelet_run(phantoms, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wrun") / "run"
+    train(config_from_dict(wavelet_config(phantoms)), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the transform
+# --------------------------------------------------------------------------------------------
+
+
+def test_haar_filters_are_orthonormal():
+    f = haar_filters(torch.float64).reshape(8, 8)
+    assert torch.allclose(f @ f.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(f[0], torch.full((8,), 8 ** -0.5, dtype=torch.float64))  # band 0 is the low-pass
+
+
+@pytest.mark.parametrize("levels,channels", [(1, 1), (1, 4), (2, 2)])
+def test_transform_is_exactly_invertible_and_keeps_energy(levels, channels):
+    w = HaarWavelet3d(channels, levels)
+    x = torch.randn(2, channels, 16, 8, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w = w.double()
+    z = w.transform(x)
+    f = 2 ** levels
+    assert tuple(z.shape) == (2, channels * 8 ** levels, 16 // f, 8 // f, 24 // f)
+    assert torch.allclose(w.inverse(z), x, atol=1e-12)
+    assert torch.allclose(z.pow(2).sum(), x.pow(2).sum(), rtol=1e-12)
+
+
+def test_low_pass_band_is_the_scaled_local_mean():
+    x = torch.arange(8.0).reshape(1, 1, 2, 2, 2)
+    z = HaarWavelet3d(1, 1).transform(x)
+    assert torch.allclose(z[0, 0], x.mean() * 8 ** 0.5)
+
+
+def test_band_standardisation_fits_and_decodes_exactly():
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.randn(2, 8, 8, 8, generator=g) * 0.1 + 0.5 for _ in range(6)]
+    w = HaarWavelet3d(2, 1)
+    fit_band_scale(w, imgs)
+    z = torch.cat([w.encode(i[None])[0] for i in imgs])
+    assert torch.allclose(z.mean(dim=(0, 2, 3, 4)), torch.zeros(16), atol=1e-4)
+    assert torch.allclose(z.std(dim=(0, 2, 3, 4), unbiased=False), torch.ones(16), atol=1e-3)
+    assert torch.allclose(w.decode(w.encode(imgs[0][None])[0]), imgs[0][None], atol=1e-5)
+    # the fitted statistics travel in the state dict (the checkpoint), the fixed filters do not
+    assert set(w.state_dict()) == {"band_mean", "band_scale"}
+    w2 = HaarWavelet3d(2, 1)
+    w2.load_state_dict(w.state_dict())
+    assert torch.equal(w2.encode(imgs[0][None])[0], w.encode(imgs[0][None])[0])
+
+
+def test_constant_band_is_not_blown_up():
+    w = HaarWavelet3d(1, 1)
+    scale = fit_band_scale(w, [torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4)], floor=1e-3)
+    assert torch.all(scale == 1e3)
+    assert torch.all(torch.isfinite(w.decode(torch.randn(1, 8, 2, 2, 2))))
+
+
+# --------------------------------------------------------------------------------------------
+# config and networks
+# --------------------------------------------------------------------------------------------
+
+
+def test_latent_shape_is_derived_from_the_image_channels_and_levels():
+    cfg = config_from_dict(wavelet_config(None))
+    assert latent_shape(cfg) == (8, 8, 8, 8)
+    ae, unet = build_autoencoder(cfg), build_unet(cfg)
+    assert isinstance(ae, HaarWavelet3d)
+    z, sigma = ae.encode(torch.zeros(1, 1, 16, 16, 16))
+    assert tuple(z.shape[1:]) == latent_shape(cfg) and float(sigma.abs().max()) == 0.0
+    assert unet(z, torch.tensor([3]), class_labels=torch.tensor([0])).shape == z.shape
+    two = config_from_dict(wavelet_config(None, model={"autoencoder": {"wavelet_levels": 2},
+                                                       "unet": {"channels": [8], "attention_levels": [False]}}))
+    assert latent_shape(two) == (64, 4, 4, 4)
+    paired = config_from_dict(wavelet_config(None, data={"use_labels": True,
+                                                         "labels": {"background": 0, "lung": 1, "lesion": 2}}))
+    assert latent_shape(paired) == (32, 8, 8, 8)
+
+
+def test_grid_must_be_divisible_by_the_wavelet_levels():
+    raw = wavelet_config(None, model={"autoencoder": {"wavelet_levels": 4}})
+    with pytest.raises(ConfigError, match=r"data.shape: the latent grid \[1, 1, 1\] must be divisible"):
+        config_from_dict(raw)
+    raw = wavelet_config(None, data={"shape": [16, 16, 12]}, model={"autoencoder": {"wavelet_levels": 3}})
+    with pytest.raises(ConfigError, match=r"data.shape: every size must be divisible by 8"):
+        config_from_dict(raw)
+    with pytest.raises(ConfigError, match=r"model.autoencoder.wavelet_levels: must be >= 1"):
+        config_from_dict(wavelet_config(None, model={"autoencoder": {"wavelet_levels": 0}}))
+
+
+# --------------------------------------------------------------------------------------------
+# training, sampling, resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_stage_one_fits_the_bands_and_reconstructs_exactly(wavelet_run):
+    ck = load_checkpoint(RunPaths(wavelet_run).checkpoint("autoencoder"), "autoencoder")
+    assert ck["step"] == ck["steps"] == 0
+    assert ck["val_metrics"]["psnr"] > 100 and ck["val_metrics"]["ssim"] > 0.999
+    assert float(ck["model"]["band_scale"][0]) < float(ck["model"]["band_scale"][7])  # edges are small
+    dck = load_checkpoint(RunPaths(wavelet_run).checkpoint("diffusion"), "diffusion")
+    assert dck["step"] == 4 and 0.2 < dck["scale_factor"] < 5.0  # standardised bands: unit-ish variance
+
+
+def test_wavelet_samples_are_deterministic_on_the_grid_and_resume_is_a_no_op(wavelet_run, phantoms, tmp_path):
+    from medsynth.data.transforms import target_affine
+    from medsynth.samples import list_samples
+
+    a = generate(wavelet_run, tmp_path / "a", range(3), seed=5, batch_size=2)
+    b = generate(wavelet_run, tmp_path / "b", [2, 0, 1], seed=5, batch_size=1)
+    assert len(a.written) == len(b.written) == 3
+    va = {s.sidecar["index"]: s.load() for s in list_samples(tmp_path / "a")}
+    vb = {s.sidecar["index"]: s.load() for s in list_samples(tmp_path / "b")}
+    cfg = Sampler.from_run(wavelet_run).cfg
+    for i in range(3):
+        assert np.array_equal(va[i].array, vb[i].array)
+        assert np.allclose(va[i].affine, target_affine(cfg.data))
+    # a finished run resumes without retraining anything
+    before = RunPaths(wavelet_run).checkpoint("autoencoder").read_bytes()
+    train(config_from_dict(wavelet_config(phantoms)), wavelet_run, resume=True)
+    assert RunPaths(wavelet_run).checkpoint("autoencoder").read_bytes() == before
+
+
+def test_existing_wavelet_stage_is_refused_without_resume(wavelet_run, phantoms):
+    from medsynth.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="already has its wavelet latent"):
+        train(config_from_dict(wavelet_config(phantoms)), wavelet_run, stage="autoencoder")
+
+
+def test_tiled_wavelet_decode_equals_the_whole_decode(wavelet_run):
+    s = Sampler.from_run(wavelet_run)
+    z = torch.randn(1, *latent_shape(s.cfg), generator=torch.Generator().manual_seed(0))
+    whole = s.decode(z)
+    tiling = dataclasses.replace(s.cfg.sampling.tiling, enabled=True, latent_roi=(4, 4, 4), overlap=0.5)
+    s.cfg = dataclasses.replace(s.cfg, sampling=dataclasses.replace(s.cfg.sampling, tiling=tiling))
+    tiled = s.decode(z)
+    # the transform is linear and local: gaussian-blended exact tiles give the exact whole
+    assert torch.allclose(tiled, whole, atol=1e-4)
+
+
+def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path):
+    from medsynth.samples import list_samples
+
+    cfg = config_from_dict(wavelet_config(phantoms, data={"use_labels": True}))
+    train(cfg, tmp_path / "run")
+    generate(tmp_path / "run", tmp_path / "s", range(2), seed=0)
+    for s in list_samples(tmp_path / "s"):
+        lab = s.load_label()
+        assert lab is not None and lab.shape == s.load().shape
+        assert set(np.unique(lab.array)) <= {0, 1, 2}
