@@ -261,10 +261,12 @@ def _add_anonymise(sub) -> None:
     from medsynth.privacy.deid_profile import OPTIONS
 
     p = _verb(sub, "anonymise",
-              "de-identify DICOM folders and NIfTI files (DICOM PS3.15 Annex E Basic Profile + options)",
+              "de-identify DICOM folders and NIfTI, NRRD and MetaImage files "
+              "(DICOM PS3.15 Annex E Basic Profile + options)",
               "medsynth anonymise scans/ deid/ --key-file ~/medsynth.key "
               "--options retain-long-modified-dates,clean-descriptors", _run_anonymise)
-    p.add_argument("input", type=Path, help="DICOM folder (files with or without extension), NIfTI file, or both")
+    p.add_argument("input", type=Path,
+                   help="DICOM folder (files with or without extension), NIfTI/NRRD/MetaImage file, or a mix")
     p.add_argument("output", type=Path, help="output folder (outside the input; names come from keyed UIDs)")
     p.add_argument("--key-file", type=Path, required=True,
                    help="secret key file (>= 16 random bytes; make one: head -c 32 /dev/urandom > KEY)")

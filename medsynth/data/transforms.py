@@ -1,6 +1,7 @@
 """MONAI transform chains built from the config, the invertible intensity normalisation, datasets.
 
-The chain for every case: ``LoadImaged`` (NIfTI or DICOM series, via :class:`MedsynthReader`) ->
+The chain for every case: ``LoadImaged`` (NIfTI, NRRD, MetaImage or DICOM series, via
+:class:`~medsynth.data.io.MedsynthReader`, which returns RAS affines) ->
 ``EnsureChannelFirstd`` -> ``Orientationd`` -> ``Spacingd`` (labels nearest-neighbour) ->
 :class:`IntensityNormd` (physical units -> [-1, 1]) -> ``ResizeWithPadOrCropd`` (air pads to -1,
 labels to 0) -> ``EnsureTyped``.

@@ -13,13 +13,23 @@ with that key:
 * Dates (option retain-long-modified-dates): one shift of 1..3650 days per patient.
 
 After the profile, a residual sweep removes any kept value that still holds an identifier of the
-input (its names, IDs, birth date, accession number, institution, original UIDs), the output is
+input (its names, IDs, birth date, accession number, institution, original UIDs), compared as
+normalised text (:mod:`medsynth.privacy.idmatch`: case-folded, accents stripped, every person-name
+component and component group on its own, ideographic and phonetic names included), code meanings
+and coding scheme designators included; inside a code item the value is replaced (keyed code
+values and designators, the meaning without the identifier) so the item stays valid.  Private
+coding scheme designators (``99...``) name their organisation and are pseudonymised always.  The
+output is
 marked (Patient Identity Removed, De-identification Method and its code sequence, Longitudinal
 Temporal Information Modified) and the file meta is rebuilt to match.  Objects that may carry
 identity in their pixels (Burned In Annotation YES, secondary capture, ultrasound, visible light,
 X-ray angiography) are quarantined unless the user allows them; structured reports and
 encapsulated documents always are.  NIfTI files lose descrip, aux_file, intent_name, the legacy
-text fields and all extensions; their voxel bytes are copied unchanged.
+text fields and all extensions; their voxel bytes are copied unchanged.  NRRD and MetaImage files
+(recognised by content; a detached header's data files travel with it) are rewritten by SimpleITK
+as one attached, compressed file holding the voxels and the geometry only: comments, key/value
+pairs and free-text fields (NRRD content, labels, units; MetaImage Comment, Name, any extra field)
+are dropped, and the written header is checked to hold nothing else.
 
 Inputs are only read.  Output names come from the keyed UIDs or the keyed content hash, never from
 input names.  The audit log (JSONL) holds per input file its SHA-256, output name, actions by tag,
