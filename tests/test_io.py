@@ -110,6 +110,24 @@ def test_detached_headers_name_their_data_and_hash_covers_it(tmp_path):
     assert read_text_header(attached).data_offset > 0 and read_text_header(attached).data_files == []
 
 
+@pytest.mark.parametrize("field", ["LIST 2\ns0.raw\ns1.raw", "s%d.raw 0 1 1 2"])
+def test_multi_file_nrrd_names_every_data_file(tmp_path, field):
+    """NRRD 'data file: LIST' and the numbered pattern: read (by SimpleITK) and hashed over all files."""
+    arr = np.arange(2 * 3 * 4, dtype="<i2").reshape(2, 3, 4)
+    for k in range(2):
+        (tmp_path / f"s{k}.raw").write_bytes(arr[k].tobytes())
+    (tmp_path / "m.nhdr").write_text("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+                                     "sizes: 4 3 2\nspace directions: (1,0,0) (0,1,0) (0,0,2)\nendian: little\n"
+                                     f"encoding: raw\nspace origin: (3,4,5)\ndata file: {field}\n")
+    assert [f.name for f in read_text_header(tmp_path / "m.nhdr").data_files] == ["s0.raw", "s1.raw"]
+    vol = read_image(tmp_path / "m.nhdr")
+    np.testing.assert_array_equal(vol.array, arr.transpose(2, 1, 0))
+    _assert_same_world(vol, tmp_path / "m.nhdr")
+    before = volume_sha256(tmp_path / "m.nhdr")
+    (tmp_path / "s1.raw").write_bytes(arr[1].tobytes()[::-1])
+    assert volume_sha256(tmp_path / "m.nhdr") != before
+
+
 def test_trailing_singleton_axis_is_dropped(tmp_path):
     arr = np.random.default_rng(2).integers(0, 100, size=(5, 4, 3)).astype(np.uint8)  # (z, y, x)
     img = sitk.JoinSeries([sitk.GetImageFromArray(arr)])  # 4D, time axis of size 1
