@@ -187,7 +187,7 @@ def _data_files(path: Path, kind: str, field: str, lines: list[str]) -> list[Pat
                 raise ValueError
             names = [words[0] % i for i in range(lo, hi + (1 if step > 0 else -1), step)]
         except (ValueError, TypeError):
-            raise ImageReadError(f"{path}: data file pattern {field!r} is not 'format min max step'",
+            raise ImageReadError(f"{path}: the data file pattern is not 'format min max step'",
                                  hint="list the data files explicitly (LIST) or merge them into one file") from None
     else:
         names = [field]
