@@ -511,6 +511,15 @@ def test_nrrd_and_metaimage_headers_are_cleared_voxels_and_world_kept(tmp_path):
         assert (tmp_path / "again" / rec["output"]).read_bytes() == (tmp_path / "out" / rec["output"]).read_bytes()
 
 
+def test_cli_anonymise_nrrd_and_metaimage(tmp_path, run_cli):
+    _itk_inputs(tmp_path / "in")
+    key = tmp_path / "k"
+    key.write_bytes(b"n" * 32)
+    code, out, err = run_cli("--no-progress", "anonymise", tmp_path / "in", tmp_path / "out", "--key-file", key)
+    assert code == 0 and "6 processed, 0 quarantined, 0 failed (of 6 files)" in out, out + err
+    assert "Traceback" not in err and not [n for n in _identifier_strings(_P1) if n in out + err]
+
+
 def test_nrrd_data_file_outside_the_input_and_damaged_headers_fail_alone(tmp_path):
     import SimpleITK as sitk
 
