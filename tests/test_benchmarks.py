@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from medsynth.model.fastpath import resolve_sampling_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +25,12 @@ def result(tmp_path_factory) -> tuple[dict, str]:
                           capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), md.read_text()
+
+
+# Untrained benchmark networks, medsynth's fast path vs the fp32 baseline.  fp32 on both sides:
+# differences are rounding, far below one HU.  bf16 (precision auto on CPUs with native bf16):
+# measured max 22 HU / 54 dB (DDIM-50) and 46 HU / 49 dB (RF-30) on a Xeon with AMX.
+BENCH_TOLERANCE = {"fp32": (1.0, 60.0), "bf16": (100.0, 40.0)}
 
 
 def _number(x) -> bool:
@@ -59,9 +68,11 @@ def test_outputs_of_the_two_paths_agree_and_the_exact_path_is_monai_bit_for_bit(
     s = r["sampling"]
     assert s["exact_path_bitwise_equal_to_monai"] is True
     assert s["settings"]["baseline"]["precision"] == "fp32"
+    precision = s["settings"]["medsynth"]["precision"]
+    assert precision == resolve_sampling_precision("auto", torch.device("cpu"))  # fp32, or bf16 on AMX CPUs
+    max_hu, min_psnr = BENCH_TOLERANCE[precision]
     for figures in s["numerics"].values():
-        # fp32 on both sides here: differences are rounding, far below one HU
-        assert figures["max_abs_diff_hu"] < 1.0 and figures["psnr_db"] > 60
+        assert figures["max_abs_diff_hu"] < max_hu and figures["psnr_db"] > min_psnr
 
 
 def test_decode_memory_and_training_sections(result):

@@ -252,9 +252,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+CPU_BF16_ENV = "MEDSYNTH_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX).  Without them,
-    bf16 autocast of 3D convolutions is emulated and many times slower than fp32."""
+    bf16 autocast of 3D convolutions is emulated and many times slower than fp32.
+
+    ``MEDSYNTH_CPU_BF16=0`` makes a CPU with native bf16 behave as one without (``auto`` picks
+    fp32), ``=1`` the reverse (bf16 is then emulated: slow, but the same code path and numerics
+    class), so one machine can run the tests of both kinds of CPU."""
+    import os
+
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # noqa: BLE001 - private API; absent means unknown -> not native
