@@ -106,6 +106,30 @@ def plan_slots(manifest_cases: Sequence[Any], classes: Optional[list[int]], *, n
     return out
 
 
+def _read_record(path: Path, what: str) -> dict[str, Any]:
+    """A job record (job.json, a shard's accepted.json) as a dict; JobError naming it if damaged."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise JobError(f"{path}: {what} is not readable JSON ({type(exc).__name__})",
+                       hint="delete it and rerun the same command; finished work is redone from the files") from None
+    if not isinstance(rec, dict):
+        raise JobError(f"{path}: {what} is not a JSON object",
+                       hint="delete it and rerun the same command; finished work is redone from the files")
+    return rec
+
+
+def _accepted(rec: dict[str, Any], path: Path) -> tuple[dict[int, str], list[int]]:
+    """The slot -> sample sidecar map and exhausted slots of a shard's accepted.json."""
+    try:
+        accepted = {int(k): str(v) for k, v in rec["accepted"].items()}
+        exhausted = [int(x) for x in rec.get("exhausted", [])]
+    except (KeyError, AttributeError, TypeError, ValueError):
+        raise JobError(f"{path}: not a shard record (needs 'accepted': {{slot: sidecar}} and 'exhausted')",
+                       hint="delete it and rerun the shard") from None
+    return accepted, exhausted
+
+
 def candidate_index(slot: int, attempt: int, n_slots: int) -> int:
     """Sample index tried for ``slot`` at ``attempt``: ``slot + attempt * n_slots`` (never reused)."""
     return slot + attempt * n_slots
@@ -123,10 +147,11 @@ def _status(rdir: Path, sid: str) -> str:
     side, verdict = rdir / f"{sid}.json", rdir / f"{sid}.qc.json"
     if side.is_file() and verdict.is_file():
         try:
-            ok = bool(json.loads(verdict.read_text()).get("passed"))
-        except (OSError, json.JSONDecodeError):
+            rec = json.loads(verdict.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return "judge"
-        return "accepted" if ok else "judge"
+        # only a verdict that says passed: true accepts; anything else is judged again
+        return "accepted" if isinstance(rec, dict) and rec.get("passed") is True else "judge"
     if side.is_file():
         return "judge"
     return "todo"
@@ -144,9 +169,7 @@ def run_shard(run_dir: Path, manifest: Path, out_dir: Path, slots: list[Optional
     done_path = sdir / "accepted.json"
     res = ShardResult(shard)
     if done_path.is_file():
-        rec = json.loads(done_path.read_text())
-        res.accepted = {int(k): v for k, v in rec["accepted"].items()}
-        res.exhausted = list(rec.get("exhausted", []))
+        res.accepted, res.exhausted = _accepted(_read_record(done_path, "the shard record"), done_path)
         log.info("shard %d/%d already finished (%d slots)", i, n, len(res.accepted))
         return res
     mine = shard_items(list(range(len(slots))), shard)
@@ -214,8 +237,14 @@ def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> Expan
     if not job_path.is_file():
         raise JobError(f"{out_dir}: not an expand job folder (no job.json)",
                        hint="pass the --out folder of 'medsynth expand'")
-    job = json.loads(job_path.read_text())
-    n_shards = int(job["n_shards"])
+    job = _read_record(job_path, "the job record")
+    try:
+        n_shards = int(job["n_shards"])
+        manifest_path = Path(job["manifest"])
+        n_slots = len(job["slots"])
+    except (KeyError, TypeError, ValueError):
+        raise JobError(f"{job_path}: not an expand job record (needs n_shards, manifest, slots)",
+                       hint="rerun 'medsynth expand' with the original arguments into a new --out folder") from None
     accepted: dict[int, Path] = {}
     exhausted: list[int] = []
     missing = []
@@ -225,10 +254,10 @@ def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> Expan
         if not rec_path.is_file():
             missing.append(f"{i}/{n_shards}")
             continue
-        rec = json.loads(rec_path.read_text())
-        for k, v in rec["accepted"].items():
-            accepted[int(k)] = sdir / v
-        exhausted += rec.get("exhausted", [])
+        shard_accepted, shard_exhausted = _accepted(_read_record(rec_path, "the shard record"), rec_path)
+        for k, v in shard_accepted.items():
+            accepted[k] = sdir / v
+        exhausted += shard_exhausted
     if missing:
         raise JobError(f"{out_dir}: shard(s) {', '.join(missing)} have not finished",
                        hint="run the missing shards (same command with --shard i/n), then --merge again")
@@ -240,18 +269,28 @@ def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> Expan
     stage.mkdir(parents=True)
     from medsynth.samples import read_sample
 
+    broken: list[int] = []
     for slot in sorted(accepted):
-        s = read_sample(accepted[slot])
+        try:
+            s = read_sample(accepted[slot])
+        except MedsynthError as exc:  # one broken sample is left out, never the whole merge
+            log.warning("slot %d: accepted sample left out: %s", slot, exc.message)
+            broken.append(slot)
+            continue
         for p in (s.image_path, s.label_path, s.qc_path, s.sidecar_path):
             if p is not None and p.is_file():
                 _link(p, stage / p.name)
+    if accepted and len(broken) == len(accepted):
+        raise JobError(f"{out_dir}: every accepted sample is damaged ({len(broken)}); nothing to export",
+                       hint="delete the shards' accepted.json files and rerun to generate and judge them again")
     dataset = out_dir / "dataset"
     fmts = formats or job["formats"]
     if accepted:
+        # the export runs the PHI scan against the training manifest and publishes only if clean
         export_samples(stage, dataset, formats=fmts, uid_root=job.get("uid_root"),
-                       reference=Path(job["manifest"]), overwrite=True, name=job.get("name"))
+                       reference=manifest_path, overwrite=True, name=job.get("name"))
     # combined manifest: real cases (paths back to the originals) + synthetic cases from the export
-    real = load_manifest(job["manifest"])
+    real = load_manifest(manifest_path)
     cases: list[Case] = []
     for c in real.cases:
         c2 = Case(c.id, c.image, c.label, c.class_label, c.modality, c.shape, c.spacing, c.sha256,
@@ -272,7 +311,7 @@ def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> Expan
     save_manifest(combined, dataset / "combined_manifest.json")
     _write_combined_datalist(combined, dataset / "combined_datalist.json")
     summary = {"format": "medsynth-expand/1", "n_real": len(real.cases), "n_synthetic": n_syn,
-               "n_slots": len(job["slots"]), "exhausted_slots": sorted(exhausted),
+               "n_slots": n_slots, "exhausted_slots": sorted(exhausted), "broken_slots": broken,
                "dataset": "dataset", "shards": n_shards}
     write_json(out_dir / "expand.json", summary)
     return ExpandResult(out_dir, [], True, dataset, n_syn, len(real.cases), summary)

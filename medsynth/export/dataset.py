@@ -167,20 +167,35 @@ def collect_samples(samples_dir: Path) -> tuple[list[Sample], dict[str, str]]:
 
 
 def qc_status(sample: Sample) -> tuple[str, Optional[dict[str, Any]]]:
-    """("passed" | "failed" | "missing" | "unreadable", verdict) for one sample's QC verdict."""
+    """("passed" | "failed" | "missing" | "unreadable" | "stale", verdict) for one sample's QC verdict.
+
+    A passing verdict that records the image's sha256 (``medsynth qc`` does) must match the image
+    as it is now: an image changed after QC judged it is "stale", not "passed".
+    """
     try:
         verdict = sample.qc_verdict()
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return "unreadable", None
     if verdict is None:
         return "missing", None
     if not isinstance(verdict, dict) or not isinstance(verdict.get("passed"), bool):
         return "unreadable", None
-    return ("passed" if verdict["passed"] else "failed"), verdict
+    if not verdict["passed"]:
+        return "failed", verdict
+    recorded = verdict.get("image_sha256")
+    if recorded is not None:
+        try:
+            current = sha256_file(sample.image_path)
+        except OSError:
+            return "unreadable", None
+        if recorded != current:
+            return "stale", verdict
+    return "passed", verdict
 
 
 _REFUSAL = {"missing": "without a QC verdict", "failed": "that failed QC",
-            "unreadable": "with an unreadable QC verdict"}
+            "unreadable": "with an unreadable QC verdict",
+            "stale": "whose image changed after its QC verdict (rerun 'medsynth qc')"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,11 +412,21 @@ def _phi_scan(tmp: Path, reference: Path) -> str:
                           hint="update medsynth, or export without --reference") from None
     hits = list(scan_phi(tmp, reference))
     if hits:
+        # what could not be searched first: it is why the scan failed closed
+        hits.sort(key=lambda h: not h.not_scanned)
+        found = sum(not h.not_scanned for h in hits)
+        unscanned = len(hits) - found
+        what = []
+        if found:
+            what.append(f"found {found} possible identifier(s) of the reference patients in the export")
+        if unscanned:
+            what.append(f"could not search {unscanned} place(s) (not scanned)")
         shown = "; ".join(str(h).replace(str(tmp), "OUT") for h in hits[:5])
         more = f" (and {len(hits) - 5} more)" if len(hits) > 5 else ""
-        raise PrivacyError(f"PHI scan found {len(hits)} possible identifier(s) of the reference patients in "
-                           f"the export, so nothing was published: {shown}{more}",
-                           hint="find how they reached the samples (sample ids, sidecars) and regenerate")
+        hint = ("repair or remove what is listed as not scanned (an unreadable reference file's identifiers "
+                "cannot be searched for), then export again" if unscanned else
+                "find how they reached the samples (sample ids, sidecars) and regenerate")
+        raise PrivacyError(f"PHI scan {' and '.join(what)}, so nothing was published: {shown}{more}", hint=hint)
     return "PHI scan against the reference: clean"
 
 

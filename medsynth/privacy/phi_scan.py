@@ -8,6 +8,12 @@ text fields and extensions, JSON sidecars, other text files, and every file and 
 
 A hit never carries the identifier itself: it names the file, the location and the kind of
 identifier, with a masked form (first character and length), so the report does not leak.
+
+The scan fails closed.  A file that cannot be searched completely — a DICOM, NIfTI or JSON file
+that does not parse, an element whose value cannot be decoded, a compressed archive or PDF, a
+symbolic link, a file over 64 MiB — is reported as a ``not scanned`` hit with the reason, and so
+is a reference file whose identifiers could not be read (they could not be searched for).  The
+scan goes on through every other file, and any such hit makes the verdict "not clean".
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import json
 import logging
 import os
 import re
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +74,17 @@ PLACEHOLDER_NAMES = {"ANONYMOUS", "ANONYMIZED", "ANONYMISED", "ANON", "REMOVED",
                      "DOCTOR", "MRS", "MISS", "PROF", "PHD", "SYNTHETIC", "MEDSYNTH"}
 # Keys of medsynth's own audit log whose values are fixed vocabulary, not data.
 AUDIT_VOCABULARY_KEYS = {"reason", "status", "kind"}
+#: The kind of a hit for something that could not be searched (the verdict fails closed on it).
+NOT_SCANNED = "not scanned"
+MAX_RAW_BYTES = 64 << 20  # larger files of no known type are not searched byte by byte
+# Containers whose bytes do not show their text: searching them raw would pass them unseen.
+_OPAQUE_MAGIC = ((b"\x1f\x8b", "gzip archive"), (b"PK\x03\x04", "zip archive"), (b"BZh", "bzip2 archive"),
+                 (b"\xfd7zXZ\x00", "xz archive"), (b"7z\xbc\xaf\x27\x1c", "7z archive"),
+                 (b"\x28\xb5\x2f\xfd", "zstd archive"), (b"Rar!", "rar archive"), (b"%PDF", "PDF document"))
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+_FIX_OUTPUT = "remove the file or replace it with a readable copy, then scan again"
+_FIX_REFERENCE = ("repair the file (e.g. re-save it with dcmconv or gdcmconv) or remove it from the reference; "
+                  "its identifiers cannot be searched for otherwise")
 
 
 def mask(value: str) -> str:
@@ -86,6 +105,59 @@ class Hit:
     def __str__(self) -> str:
         return f"{self.path}: {self.location}: {self.kind} {self.masked}"
 
+    @property
+    def not_scanned(self) -> bool:
+        """True for a place that could not be searched (not an identifier found)."""
+        return self.kind == NOT_SCANNED
+
+
+class _Unrecognised(ValueError):
+    """A file whose name claims a type its content does not have (the message is the reason)."""
+
+
+def not_scanned_hit(path: str, location: str, reason: str, fix: str = _FIX_OUTPUT) -> Hit:
+    """The hit for a file or element that could not be searched: reason and fix, no value."""
+    return Hit(path, location, NOT_SCANNED, f"({reason}; {fix})")
+
+
+def read_error_reason(exc: BaseException, with_tag: bool = True) -> str:
+    """Why a file could not be parsed, in words that never quote a value (only a tag, if named
+    and ``with_tag``).
+
+    pydicom's messages can quote element values (which may be PHI), so they are not passed on.
+    """
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    text = str(exc)
+    if isinstance(exc, NotImplementedError) and "Value Representation" in text:
+        why = "unknown value representation"
+    elif isinstance(exc, BytesLengthException):
+        why = "value length does not fit its value representation"
+    elif isinstance(exc, (EOFError,)) or "truncat" in text.lower():
+        why = "file ends inside an element (truncated)"
+    elif isinstance(exc, InvalidDicomError):
+        why = "not a valid DICOM file"
+    elif isinstance(exc, struct.error):
+        why = "malformed element header"
+    elif isinstance(exc, zlib.error):
+        why = "deflated data cannot be inflated"
+    elif isinstance(exc, (UnicodeError, LookupError)):
+        why = "text in an unknown or broken character set"
+    elif isinstance(exc, MemoryError):
+        why = "an element length larger than memory"
+    elif isinstance(exc, OSError) and "No tag to read" in text:
+        why = "file ends inside an element or sequence (truncated or a wrong length)"
+    elif isinstance(exc, OSError):
+        why = f"cannot be read ({exc.strerror or type(exc).__name__})"
+    elif isinstance(exc, (json.JSONDecodeError,)):
+        why = f"not valid JSON (line {exc.lineno})"
+    elif isinstance(exc, _Unrecognised):
+        why = str(exc)
+    else:
+        why = f"parse error ({type(exc).__name__})"
+    tag = re.search(r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)", text)
+    return f"{why} in tag ({tag.group(1).upper()},{tag.group(2).upper()})" if tag and with_tag else why
+
 
 @dataclass
 class Identifiers:
@@ -102,6 +174,8 @@ class Identifiers:
     dates: dict[str, str] = field(default_factory=dict)
     sources: int = 0
     vendors: set[str] = field(default_factory=set)
+    #: reference files (display path, reason) whose identifiers could not all be read
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens) + len(self.phrases) + len(self.uids) + len(self.dates)
@@ -110,6 +184,7 @@ class Identifiers:
         for name in ("tokens", "phrases", "uids", "dates", "vendors"):
             getattr(self, name).update(getattr(other, name))
         self.sources += other.sources
+        self.unreadable += other.unreadable
         return self.prune_vendors()
 
     def prune_vendors(self) -> Identifiers:
@@ -263,12 +338,17 @@ def read_dicom(path: Path, *, stop_before_pixels: bool = False, defer_size: int 
 
     Files without the 'DICM' marker are accepted only if they parse into a dataset that has a
     SOP Class UID and a SOP Instance UID: force-reading an arbitrary file yields garbage otherwise.
-    Read errors propagate (a file with the marker that does not parse is corrupt, not 'not DICOM').
+    Read errors propagate for files that claim to be DICOM (the marker, or a preamble-less start
+    with a group 0002/0008 element, :func:`medsynth.data.dicom.is_dicom_file`): such a file that
+    does not parse is corrupt, not 'not DICOM'.
     """
     import pydicom
 
+    from medsynth.data.dicom import is_dicom_file
+
     if looks_like_dicom(path):
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
+    claims = is_dicom_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -279,19 +359,69 @@ def read_dicom(path: Path, *, stop_before_pixels: bool = False, defer_size: int 
         if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
             return ds
     except Exception:
+        if claims:
+            raise
         return None
     return None
 
 
-def walk_dataset(ds, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield (location, element) for every element, depth first, sequences included."""
-    for elem in ds:
-        loc = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
-        name = elem.keyword or ("private" if elem.tag.is_private else "")
+def _loc(prefix: str, tag) -> str:
+    return f"{prefix}({tag.group:04X},{tag.element:04X})"
+
+
+def walk_dataset(ds, prefix: str = "", unread: list[tuple[str, str, bytes]] | None = None,
+                 tolerate=None) -> Iterator[tuple[str, Any]]:
+    """Yield (location, element) for every element, depth first, sequences included.
+
+    With ``unread`` (a list), an element whose value cannot be decoded (unknown VR, a length that
+    does not fit, a broken sequence) is not fatal: ``(location, reason, raw value bytes)`` is
+    appended there and the walk goes on.  Without it the error propagates.  ``tolerate(tag, vr)``
+    True (``vr`` as written in the file) drops such an element without recording it.
+    """
+    try:
+        tags = sorted(ds.keys())
+    except Exception as exc:  # noqa: BLE001 - a data set that cannot even list its tags
+        if unread is None:
+            raise
+        unread.append((prefix.rstrip(">") or "(data set)", read_error_reason(exc), b""))
+        return
+    for tag in tags:
+        loc = _loc(prefix, tag)
+        try:
+            elem = ds[tag]
+            value = elem.value
+            if elem.VR == "SQ" and value is not None:
+                items = list(value)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged values
+            if unread is None:
+                raise
+            if tolerate is not None and tolerate(tag, _raw_vr(ds, tag)):
+                log.debug("%s: undecodable element ignored (%s)", loc, read_error_reason(exc, with_tag=False))
+                continue
+            unread.append((loc, read_error_reason(exc, with_tag=False), _raw_bytes(ds, tag)))
+            continue
+        name = elem.keyword or ("private" if tag.is_private else "")
         yield (f"{loc} {name}".rstrip(), elem)
-        if elem.VR == "SQ" and elem.value is not None:
-            for i, item in enumerate(elem.value):
-                yield from walk_dataset(item, f"{loc}[{i}]>")
+        if elem.VR == "SQ" and value is not None:
+            for i, item in enumerate(items):
+                yield from walk_dataset(item, f"{loc}[{i}]>", unread, tolerate)
+
+
+def _raw_vr(ds, tag) -> str:
+    try:
+        return str(getattr(ds.get_item(tag, keep_deferred=True), "VR", "") or "")
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _raw_bytes(ds, tag) -> bytes:
+    """The undecoded value bytes of an element that failed to convert (empty if unavailable)."""
+    try:
+        raw = ds.get_item(tag, keep_deferred=True)
+        value = getattr(raw, "value", None)
+        return bytes(value) if isinstance(value, (bytes, bytearray)) else b""
+    except Exception:  # noqa: BLE001
+        return b""
 
 
 def _iter_elements(ds) -> Iterator[Any]:
@@ -324,11 +454,35 @@ def printable_runs(data: bytes, min_len: int = 4) -> str:
     return "\n".join(m.group(0).decode("ascii") for m in re.finditer(rb"[\x20-\x7e]{%d,}" % min_len, data))
 
 
+def _holds_no_identifiers(tag, vr: str) -> bool:
+    """True for attributes :func:`identifiers_from_dataset` never reads identifiers from: private
+    ones, pixel data, and public ones that are neither names, UIDs, sequences nor listed keywords
+    (judged by the dictionary and by the VR written in the file; an unknown public tag holds some)."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+
+    if tag.is_private or tag == 0x7FE00010:
+        return True
+    if vr in ("PN", "UI", "SQ"):
+        return False
+    if tag.element == 0x0000:  # group length: a number
+        return True
+    try:
+        dvr, kw = dictionary_VR(tag), keyword_for_tag(tag)
+    except KeyError:
+        return False
+    listed = kw in ID_KEYWORDS or kw in PHRASE_KEYWORDS or kw in DATE_KEYWORDS
+    return not ({"PN", "UI", "SQ"} & set(dvr.split(" or ")) or listed)
+
+
 def identifiers_from_dataset(ds, ids: Identifiers | None = None, *, uids: bool = True,
-                             institution: bool = True, device: bool = True) -> Identifiers:
+                             institution: bool = True, device: bool = True,
+                             unread: list[tuple[str, str, bytes]] | None = None) -> Identifiers:
     """Add the identifiers held by one DICOM data set (recursively) to ``ids``.
 
     ``uids``, ``institution`` and ``device`` switch off categories the user chose to retain.
+    With ``unread`` (a list), attributes that hold identifiers but cannot be decoded are appended
+    there as ``(location, reason, raw bytes)`` instead of raising; damage in private attributes
+    and in public ones that never hold identifiers does not matter and is not recorded.
     """
     ids = ids if ids is not None else Identifiers()
     ids.sources += 1
@@ -336,35 +490,44 @@ def identifiers_from_dataset(ds, ids: Identifiers | None = None, *, uids: bool =
     if getattr(ds, "file_meta", None) is not None:
         datasets.append(ds.file_meta)
     for kw in ("Manufacturer", "ManufacturerModelName"):
-        vendor = " ".join(str(ds.get(kw, "") or "").split()).upper()
+        try:
+            vendor = " ".join(str(ds.get(kw, "") or "").split()).upper()
+        except Exception as exc:  # noqa: BLE001 - an undecodable vendor only prunes less
+            if unread is None:
+                raise
+            vendor = ""
+            log.debug("vendor attribute unreadable (%s)", read_error_reason(exc))
         if vendor:
             ids.vendors.add(vendor)
-    for d in datasets:
-        for elem in _iter_elements(d):
-            if elem.tag.is_private or elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
+    if unread is None:
+        elements: Iterator[Any] = (e for d in datasets for e in _iter_elements(d))
+    else:
+        elements = (e for d in datasets for _, e in walk_dataset(d, unread=unread, tolerate=_holds_no_identifiers))
+    for elem in elements:
+        if elem.tag.is_private or elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
+            continue
+        kw = elem.keyword
+        values = elem.value if type(elem.value).__name__ == "MultiValue" else [elem.value]
+        if elem.VR == "PN":
+            for v in values:
+                ids.add_name(v)
+        if kw in ID_KEYWORDS and (device or kw != "DeviceSerialNumber") and \
+                (institution or ID_KEYWORDS[kw] != "institution"):
+            for v in values:
+                ids.add_id(v, ID_KEYWORDS[kw])
+        if kw in PHRASE_KEYWORDS:
+            if not institution and PHRASE_KEYWORDS[kw] == "institution":
                 continue
-            kw = elem.keyword
-            values = elem.value if type(elem.value).__name__ == "MultiValue" else [elem.value]
-            if elem.VR == "PN":
-                for v in values:
-                    ids.add_name(v)
-            if kw in ID_KEYWORDS and (device or kw != "DeviceSerialNumber") and \
-                    (institution or ID_KEYWORDS[kw] != "institution"):
-                for v in values:
-                    ids.add_id(v, ID_KEYWORDS[kw])
-            if kw in PHRASE_KEYWORDS:
-                if not institution and PHRASE_KEYWORDS[kw] == "institution":
-                    continue
-                if not device and kw == "StationName":
-                    continue
-                for v in values:
-                    ids.add_phrase(v, PHRASE_KEYWORDS[kw])
-            if kw in DATE_KEYWORDS:
-                for v in values:
-                    ids.add_date(v, DATE_KEYWORDS[kw])
-            if elem.VR == "UI" and uids and not is_class_uid_keyword(kw):
-                for v in values:
-                    ids.add_uid(v)
+            if not device and kw == "StationName":
+                continue
+            for v in values:
+                ids.add_phrase(v, PHRASE_KEYWORDS[kw])
+        if kw in DATE_KEYWORDS:
+            for v in values:
+                ids.add_date(v, DATE_KEYWORDS[kw])
+        if elem.VR == "UI" and uids and not is_class_uid_keyword(kw):
+            for v in values:
+                ids.add_uid(v)
     return ids.prune_vendors()
 
 
@@ -409,11 +572,46 @@ def _reference_images(path: Path) -> list[Path]:
     return out
 
 
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _display(f: Path, base: Path) -> str:
+    """A reference file's path as reports show it: relative to the reference folder if inside it."""
+    try:
+        return f.relative_to(base).as_posix() if f != base else f.name
+    except ValueError:
+        return str(f)
+
+
+def _reference_file(f: Path, shown: str, ids: Identifiers) -> None:
+    """Add one reference file's identifiers to ``ids``; record it in ``ids.unreadable`` if they
+    could not all be read (the scan then fails closed)."""
+    try:
+        ds = read_dicom(f, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt DICOM: pydicom raises many types
+        ids.unreadable.append((shown, f"not read: {read_error_reason(exc)}"))
+        return
+    if ds is None:
+        return  # not DICOM: nothing to collect
+    unread: list[tuple[str, str, bytes]] = []
+    try:
+        identifiers_from_dataset(ds, ids, unread=unread)
+    except Exception as exc:  # noqa: BLE001 - e.g. a data set that cannot be iterated at all
+        unread.append(("(data set)", read_error_reason(exc), b""))
+    if unread:
+        loc, reason, _ = unread[0]
+        more = f" (and {len(unread) - 1} more element(s))" if len(unread) > 1 else ""
+        ids.unreadable.append((shown, f"not read: {reason} at {loc}{more}"))
+
+
 def collect_identifiers(reference: str | os.PathLike | Identifiers) -> Identifiers:
     """Identifiers from the DICOM headers of a reference: manifest JSON, DICOM folder or file.
 
-    NIfTI cases in a manifest carry no DICOM header and contribute nothing.  Unreadable files are
-    skipped.  Raises PrivacyError if the reference does not exist or is not a readable manifest.
+    NIfTI (and NRRD/MetaImage) cases in a manifest carry no DICOM header and contribute nothing;
+    files that are not DICOM are ignored.  A DICOM file whose identifying attributes cannot be
+    decoded, or a DICOM case the manifest lists that is missing, is recorded in
+    :attr:`Identifiers.unreadable`: :func:`scan_phi` reports it and the verdict fails closed.
+    Raises PrivacyError if the reference does not exist or is not a readable manifest.
     """
     if isinstance(reference, Identifiers):
         return reference
@@ -421,24 +619,24 @@ def collect_identifiers(reference: str | os.PathLike | Identifiers) -> Identifie
     if not ref.exists():
         raise PrivacyError(f"reference not found: {ref}",
                            hint="pass the manifest.json or DICOM folder the outputs were made from")
-    roots = _reference_images(ref) if ref.is_file() and ref.suffix.lower() == ".json" else [ref]
+    is_manifest = ref.is_file() and ref.suffix.lower() == ".json"
+    roots = _reference_images(ref) if is_manifest else [ref]
+    base = ref.parent if is_manifest or ref.is_file() else ref
     ids = Identifiers()
     with quiet_pydicom():
         for root in roots:
             if not root.exists():
-                log.warning("reference image missing, skipped: %s", root)
+                if root.name.lower().endswith(_VOLUME_SUFFIXES):
+                    log.warning("reference image missing, skipped: %s", _display(root, base))
+                else:
+                    ids.unreadable.append((_display(root, base), "not read: listed in the manifest but missing"))
                 continue
             for f in iter_files(root):
-                if f.name.endswith((".nii", ".nii.gz", ".json")):
+                if f.name.lower().endswith(_VOLUME_SUFFIXES + (".json",)):
                     continue
-                try:
-                    ds = read_dicom(f, stop_before_pixels=True)
-                except Exception:
-                    ds = None
-                if ds is not None:
-                    identifiers_from_dataset(ds, ids)
+                _reference_file(f, _display(f, base), ids)
     ids.prune_vendors()
-    if ids.sources == 0:
+    if ids.sources == 0 and not ids.unreadable:
         log.warning("reference %s holds no DICOM headers: only generic checks are possible", ref)
     return ids
 
@@ -456,19 +654,35 @@ def _hits(ids: Identifiers, rel: str, location: str, text: str | None) -> list[H
     return [Hit(rel, location, kind, mask(value)) for kind, value in ids.find(text)]
 
 
+def _safe_get(ds, keyword: str) -> str:
+    try:
+        return str(ds.get(keyword, "") or "")
+    except Exception:  # noqa: BLE001 - undecodable: already reported as not scanned by the walk
+        return ""
+
+
 def _scan_dicom(ds, rel: str, ids: Identifiers, structural: bool) -> list[Hit]:
     hits: list[Hit] = []
     for d, pre in ((getattr(ds, "file_meta", None), "meta:"), (ds, "")):
         if d is None:
             continue
-        for loc, elem in walk_dataset(d):
-            hits += _hits(ids, rel, pre + loc, element_text(elem))
+        unread: list[tuple[str, str, bytes]] = []
+        for loc, elem in walk_dataset(d, unread=unread):
+            try:
+                text = element_text(elem)
+            except Exception as exc:  # noqa: BLE001 - a value that cannot be shown as text
+                unread.append((loc, read_error_reason(exc, with_tag=False), b""))
+                continue
+            hits += _hits(ids, rel, pre + loc, text)
             if structural and elem.tag.is_private and elem.tag.element >= 0x0100:
                 hits.append(Hit(rel, loc, "private attribute", "(not checked)"))
+        for loc, reason, raw in unread:
+            hits.append(not_scanned_hit(rel, pre + loc, f"undecodable element: {reason}"))
+            hits += _hits(ids, rel, pre + loc, printable_runs(raw))  # what its raw bytes show
     if structural:
-        if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+        if _safe_get(ds, "PatientIdentityRemoved").upper() != "YES":
             hits.append(Hit(rel, "(0012,0062) PatientIdentityRemoved", "not marked de-identified", "(missing)"))
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+        if _safe_get(ds, "BurnedInAnnotation").upper() == "YES":
             hits.append(Hit(rel, "(0028,0301) BurnedInAnnotation", "burned-in annotation", "YES"))
     return hits
 
@@ -507,44 +721,105 @@ def _scan_json(obj: Any, rel: str, ids: Identifiers, loc: str = "$", skip_keys: 
     return hits
 
 
+def _scan_jsonl(path: Path, rel: str, ids: Identifiers) -> list[Hit]:
+    hits: list[Hit] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0]) if lines and lines[0].strip() else None
+    audit = isinstance(first, dict) and isinstance(first.get("run"), dict) and "medsynth" in first["run"]
+    skip = frozenset(AUDIT_VOCABULARY_KEYS) if audit else frozenset()
+    for i, line in enumerate(lines):
+        if line.strip():
+            hits += _scan_json(json.loads(line), rel, ids, f"line {i + 1}", skip)
+    return hits
+
+
+def _opaque_kind(path: Path) -> str | None:
+    """'gzip archive', 'PDF document', ... for containers whose text raw bytes do not show."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((kind for magic, kind in _OPAQUE_MAGIC if head.startswith(magic)), None)
+
+
+def _scan_raw(path: Path, rel: str, ids: Identifiers) -> list[Hit]:
+    """Search the bytes of a file of no parsed type: UTF-8 text, else its printable ASCII runs."""
+    if path.stat().st_size > MAX_RAW_BYTES:
+        return [not_scanned_hit(rel, "content", "file over 64 MiB of no known type",
+                                "split or remove it, then scan again")]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = printable_runs(data)
+    return _hits(ids, rel, "content", text)
+
+
 def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) -> list[Hit]:
-    """Scan one output file (its name, then its content by type) and return the hits."""
+    """Scan one output file (its name, then its content by type) and return the hits.
+
+    A NIfTI, JSON/JSONL or DICOM file that does not parse, and an archive or PDF, give a
+    :data:`NOT_SCANNED` hit (with whatever their raw bytes show): their content was not searched.
+    """
     hits: list[Hit] = []
     found_in_name = ids.find(rel)
     for _, value in found_in_name:  # the report names the file without repeating what it found
         rel = re.sub(re.escape(value), mask(value), rel, flags=re.IGNORECASE)
     hits += [Hit(rel, "file name", kind, mask(value)) for kind, value in found_in_name]
     name = path.name.lower()
+    what = "DICOM file"
     try:
         if name.endswith((".nii", ".nii.gz")):
+            what = "NIfTI file"
             return hits + _scan_nifti(path, rel, ids, structural)
         if name.endswith(".json"):
+            what = "JSON file"
             return hits + _scan_json(json.loads(path.read_text(encoding="utf-8")), rel, ids)
         if name.endswith(".jsonl"):
-            lines = path.read_text(encoding="utf-8").splitlines()
-            first = json.loads(lines[0]) if lines and lines[0].strip() else None
-            audit = isinstance(first, dict) and isinstance(first.get("run"), dict) and "medsynth" in first["run"]
-            skip = frozenset(AUDIT_VOCABULARY_KEYS) if audit else frozenset()
-            for i, line in enumerate(lines):
-                if line.strip():
-                    hits += _scan_json(json.loads(line), rel, ids, f"line {i + 1}", skip)
-            return hits
+            what = "JSON lines file"
+            return hits + _scan_jsonl(path, rel, ids)
         ds = read_dicom(path, defer_size=1 << 20)
         if ds is not None:
             return hits + _scan_dicom(ds, rel, ids, structural)
-    except Exception as exc:  # unreadable as its type: fall back to raw text below
-        log.debug("%s: parsed scan failed (%s); scanning raw bytes", rel, type(exc).__name__)
-    size = path.stat().st_size
-    if size <= (64 << 20):
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = printable_runs(data)
-        hits += _hits(ids, rel, "content", text)
-    else:
-        hits.append(Hit(rel, "content", "not scanned (file over 64 MiB)", "(unknown)"))
+        if name.endswith(_DICOM_SUFFIXES):  # named as DICOM but not recognised as such
+            raise _Unrecognised("named as DICOM but not a DICOM data set")
+        what = "file"
+        opaque = _opaque_kind(path)
+        if opaque:
+            hits.append(not_scanned_hit(rel, "content", f"{opaque}: its contents are not searched",
+                                        "unpack it and scan the unpacked files, or remove it"))
+        return hits + _scan_raw(path, rel, ids)
+    except Exception as exc:  # noqa: BLE001 - unreadable as its type: fail closed
+        log.debug("%s: not scanned (%s)", rel, type(exc).__name__)
+        hits.append(not_scanned_hit(rel, "file", f"unreadable {what}: {read_error_reason(exc)}"))
+    try:  # what the raw bytes show is reported too (the verdict has already failed)
+        hits += _scan_raw(path, rel, ids)
+    except OSError:
+        pass
     return hits
+
+
+def _scan_entries(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """Every entry to scan under ``root``, sorted: (path, None) for regular files, (path, reason)
+    for what cannot be scanned (symbolic links, special files), (folder, 'empty folder') for
+    folders whose names would otherwise not be searched."""
+    if root.is_file() and not root.is_symlink():
+        yield root, None
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames.sort()
+        for dn in dirnames:
+            if (d / dn).is_symlink():
+                yield d / dn, "symbolic link to a folder (not followed)"
+        if not dirnames and not filenames and d != root:
+            yield d, "empty folder"
+        for fn in sorted(filenames):
+            p = d / fn
+            if p.is_symlink():
+                yield p, "symbolic link (not followed)"
+            elif not p.is_file():
+                yield p, "not a regular file"
+            else:
+                yield p, None
 
 
 def scan_phi(directory: str | os.PathLike, reference: str | os.PathLike | Identifiers | None = None
@@ -554,7 +829,8 @@ def scan_phi(directory: str | os.PathLike, reference: str | os.PathLike | Identi
     ``reference`` is a medsynth manifest, a DICOM folder/file, or :class:`Identifiers` collected
     earlier with :func:`collect_identifiers`.  Without a reference only structural checks run (DICOM
     not marked de-identified, private attributes, burned-in flags, NIfTI extensions).  Returns the
-    hits (empty = clean); raises PrivacyError if ``directory`` does not exist.
+    hits (empty = clean), :data:`NOT_SCANNED` hits included for what could not be searched (in the
+    outputs or in the reference); raises PrivacyError if ``directory`` does not exist.
     """
     root = Path(directory)
     if not root.exists():
@@ -562,10 +838,35 @@ def scan_phi(directory: str | os.PathLike, reference: str | os.PathLike | Identi
     structural = reference is None
     ids = Identifiers() if reference is None else collect_identifiers(reference)
     hits: list[Hit] = []
+    for shown, reason in ids.unreadable:
+        for _, value in ids.find(shown):
+            shown = re.sub(re.escape(value), mask(value), shown, flags=re.IGNORECASE)
+        hits.append(not_scanned_hit(f"reference {shown}", "identifiers", reason, _FIX_REFERENCE))
+    n_files = 0
     with quiet_pydicom():
-        for f in iter_files(root):
+        for f, problem in _scan_entries(root):
             rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
-            hits += scan_file(f, rel, ids, structural)
-    log.info("phi-scan: %d files, %d identifiers from %d reference headers, %d hits",
-             len(iter_files(root)), len(ids), ids.sources, len(hits))
+            if problem is None:
+                n_files += 1
+                hits += scan_file(f, rel, ids, structural)
+                continue
+            found = ids.find(rel)
+            for _, value in found:
+                rel = re.sub(re.escape(value), mask(value), rel, flags=re.IGNORECASE)
+            hits += [Hit(rel, "folder name" if problem == "empty folder" else "file name", kind, mask(value))
+                     for kind, value in found]
+            if problem != "empty folder":
+                hits.append(not_scanned_hit(rel, "file", problem, "replace it with the file it stands for, "
+                                                                  "or remove it"))
+    log.info("phi-scan: %d files, %d identifiers from %d reference headers, %d hits (%d not scanned)",
+             n_files, len(ids), ids.sources, len(hits), sum(h.not_scanned for h in hits))
     return hits
+
+
+def summarise_hits(hits: list[Hit]) -> str:
+    """'3 identifier hit(s) and 2 place(s) not scanned': the counts a verdict line states."""
+    n_out = sum(h.not_scanned for h in hits)
+    parts = [f"{len(hits) - n_out} identifier hit(s)"] if len(hits) > n_out or not n_out else []
+    if n_out:
+        parts.append(f"{n_out} place(s) not scanned")
+    return " and ".join(parts)

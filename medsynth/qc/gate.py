@@ -120,7 +120,7 @@ def infer_grid(samples: Sequence[Sample]) -> tuple[Grid, str]:
     for s in samples:
         try:
             shape, aff = _sample_grid(s)
-        except MedsynthError:
+        except (MedsynthError, TypeError, ValueError):  # unreadable image or a malformed sidecar grid
             continue
         key = (shape, tuple(np.round(aff, 4).ravel()))
         keys[key] += 1
@@ -148,14 +148,15 @@ def _grid_data_config(grid: Grid, modality: str, qc: QCConfig) -> DataConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _why(exc: BaseException) -> str:
-    """A one-line reason for a failed case: the MedsynthError in the chain, else the exception type."""
+def _why(exc: BaseException, what: str = "could not be read or resampled") -> str:
+    """A one-line reason for a failed case: the MedsynthError in the chain, else ``what`` and the
+    exception type (its message may quote data, so it is not repeated)."""
     e: Optional[BaseException] = exc
     while e is not None:
         if isinstance(e, MedsynthError):
             return e.message
         e = e.__cause__ or e.__context__
-    return f"could not be read or resampled ({type(exc).__name__})"
+    return f"{what} ({type(exc).__name__})"
 
 
 def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "reference",
@@ -240,6 +241,62 @@ def _planted_copies(arrays: Sequence[np.ndarray], idx: Sequence[int], seed: int,
     return out
 
 
+def too_few_reference_cases(reference: str | Path, n_read: int, n_cases: int) -> str:
+    """Why the gate cannot run on this reference: too few cases, or too few of them readable."""
+    if n_read == n_cases:
+        return (f"{reference}: the reference has {n_cases} case(s); the quality gate needs at least "
+                f"{MIN_REFERENCE_CASES}")
+    return (f"{reference}: only {n_read} of {n_cases} reference cases could be read; the quality gate needs "
+            f"at least {MIN_REFERENCE_CASES}")
+
+
+def _judge(s: Sample, e: dict[str, Any], grid: Grid, modality: str, qc: QCConfig, ranges: Any,
+           window: Optional[tuple[float, float]]) -> Optional[Any]:
+    """Per-volume checks of one sample into its entry ``e``; returns the Volume, or None if the
+    image cannot be read.  Anything unexpected fails the sample (never passes it, never stops QC)."""
+    try:
+        vol = s.load()
+    except Exception as exc:  # noqa: BLE001 - a corrupt sample fails on its own
+        e["reasons"].append(f"unreadable_image ({_why(exc, 'could not be read')})")
+        return None
+    label = None
+    try:
+        label = s.load_label()
+    except Exception as exc:  # noqa: BLE001
+        e["reasons"].append(f"unreadable_label ({_why(exc, 'could not be read')})")
+    if vol.modality != modality:
+        e["reasons"].append(f"modality_mismatch ({vol.modality} sample, {modality} reference grid)")
+    try:
+        res = check_volume(vol, grid, qc, ranges, label, window=window)
+    except Exception as exc:  # noqa: BLE001 - a volume the checks cannot judge is not a pass
+        log.debug("%s: checks failed", s.id, exc_info=True)
+        e["reasons"].append(f"checks_failed ({_why(exc, 'the per-volume checks could not judge it')})")
+        return None
+    e["reasons"].extend(res.reasons)
+    e.update(checks=res.checks, stats=res.stats, artefact=res.artefact)
+    return vol
+
+
+def _featurise_samples(featurise: Any, usable: list[tuple[int, "_Vol"]], entries: list[dict[str, Any]]
+                       ) -> list[tuple[int, "_Vol"]]:
+    """Features for the usable samples, in one batch; if that fails, one by one, and a sample
+    whose features cannot be computed fails (it cannot be screened for memorisation)."""
+    try:
+        featurise([v for _, v in usable])
+        return usable
+    except Exception:  # noqa: BLE001 - find the sample(s) at fault below
+        log.debug("batched features failed; computing them per sample", exc_info=True)
+    kept = []
+    for n, v in usable:
+        try:
+            featurise([v])
+        except Exception as exc:  # noqa: BLE001
+            entries[n]["reasons"].append(f"features_failed ({_why(exc, 'features could not be computed')})")
+            continue
+        kept.append((n, v))
+    return kept
+
+
 def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
            cfg: Optional[Config] = None, holdout: Optional[str | Path] = None,
            quarantine: bool = True, grid_source: str = "") -> QCOutcome:
@@ -261,12 +318,18 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     samples_dir, out_dir = Path(samples_dir), Path(out_dir)
     qc: QCConfig = cfg.qc if cfg is not None else QCConfig()
     pc: PrivacyConfig = cfg.privacy if cfg is not None else PrivacyConfig()
+    broken: list[str] = []  # sidecars that claim to be samples but cannot be judged: no verdict
     try:
-        samples = list_samples(samples_dir)
+        samples = list_samples(samples_dir, errors=broken)
     except QCError:
         raise
     except MedsynthError as exc:
         raise QCError(exc.message, hint=exc.hint) from None
+    for msg in broken:
+        log.warning("sample skipped, no verdict written: %s", msg)
+    if not samples:
+        raise QCError(f"{samples_dir}: none of its {len(broken)} sample sidecar(s) can be read; first: {broken[0]}",
+                      hint="regenerate the samples with 'medsynth generate'")
 
     # -- grid ---------------------------------------------------------------------------------
     if cfg is not None:
@@ -285,9 +348,9 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     ref_labels: list[Optional[np.ndarray]] = []
     ref_ids, ref_raw, skipped = resample_cases(manifest.cases, data_cfg, labels_out=ref_labels)
     if len(ref_ids) < MIN_REFERENCE_CASES:
-        raise QCError(f"{reference}: only {len(ref_ids)} of {len(manifest.cases)} reference cases could be read; "
-                      f"the quality gate needs at least {MIN_REFERENCE_CASES}",
-                      hint="fix the unreadable cases (see the log) or give a larger reference manifest")
+        raise QCError(too_few_reference_cases(reference, len(ref_ids), len(manifest.cases)),
+                      hint="fix the unreadable cases (see the log) or give a larger reference manifest"
+                      if skipped else "give a reference manifest with more cases")
     ref: list[_Vol] = []
     for arr in ref_raw:
         a = np.clip(arr, *window) if window else arr
@@ -369,28 +432,16 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
         e: dict[str, Any] = {"id": s.id, "file": s.image_path.name, "passed": True, "reasons": [],
                              "checks": {}, "stats": {}, "artefact": {}, "memorisation": None}
         entries.append(e)
-        try:
-            vol = s.load()
-        except MedsynthError as exc:
-            e["reasons"].append(f"unreadable_image ({exc.message})")
+        vol = _judge(s, e, grid, modality, qc, ranges, window)
+        if vol is None:
             continue
-        label = None
-        try:
-            label = s.load_label()
-        except MedsynthError as exc:
-            e["reasons"].append(f"unreadable_label ({exc.message})")
-        if vol.modality != modality:
-            e["reasons"].append(f"modality_mismatch ({vol.modality} sample, {modality} reference grid)")
-        res = check_volume(vol, grid, qc, ranges, label, window=window)
-        e["reasons"].extend(res.reasons)
-        e.update(checks=res.checks, stats=res.stats, artefact=res.artefact)
         arr = np.asarray(vol.array, dtype=np.float64)
         montage_src[n] = (arr, vol.affine)
         if vol.shape == grid.shape and np.all(np.isfinite(arr)):
             a = np.clip(arr, *window) if window else arr
             usable.append((n, _Vol(a, body_mask(a, vol.affine, modality, qc.body_threshold_hu))))
 
-    featurise([v for _, v in usable])
+    usable = _featurise_samples(featurise, usable, entries)
     if usable:
         results = screen.screen(np.stack([v.prepared for _, v in usable]),
                                 std(np.stack([v.features for _, v in usable])))
@@ -469,7 +520,9 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
                          "heldout_false_positive_rate": float(np.mean(h_img < screen.calibration.image_threshold)),
                          "self_test": self_test},
         "counts": {"samples": len(entries), "passed": sum(e["passed"] for e in entries),
-                   "failed": sum(not e["passed"] for e in entries), "quarantined": len(quarantined)},
+                   "failed": sum(not e["passed"] for e in entries), "quarantined": len(quarantined),
+                   "unreadable_sidecars": len(broken)},
+        "unreadable_sidecars": broken,
         "samples": [{"id": e["id"], "file": e["file"], "passed": e["passed"], "reasons": e["reasons"],
                      **({"quarantined_to": e["quarantined_to"]} if "quarantined_to" in e else {}),
                      "artefact_score": e["artefact"].get("score"), "stats": e["stats"],
