@@ -6,6 +6,11 @@ import os
 import sys
 from typing import Iterable, Iterator, Optional, TypeVar
 
+# What reaches the terminal besides medsynth's own lines is decided here too: third-party notices
+# that are not the user's to act on go to DEBUG (medsynth.notices).  The CLI imports this module
+# for every verb, before any stage runs.
+import medsynth.notices  # noqa: F401  (installs the filters)
+
 T = TypeVar("T")
 _ENABLED: Optional[bool] = None
 

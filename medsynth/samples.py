@@ -16,6 +16,7 @@ sidecar does.  ``quarantine/`` holds samples that failed QC.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,8 @@ from medsynth.jobs import write_json
 from medsynth.volume import Volume
 
 SAMPLE_FORMAT = "medsynth-sample/1"
+# Sample ids name files (<id>.qc.json is written beside the sidecar): never a path or a dot name.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 @dataclass
@@ -47,8 +50,13 @@ class Sample:
         return json.loads(self.qc_path.read_text())
 
     def load(self) -> Volume:
-        v = Volume.load_nifti(self.image_path, modality=self.sidecar.get("modality", "CT"),
-                              units=self.sidecar.get("units"))
+        """The image as a Volume; raises MedsynthError naming the file if it cannot be read."""
+        modality = self.sidecar.get("modality", "CT")
+        if modality not in ("CT", "MR"):
+            raise MedsynthError(f"{self.sidecar_path}: sidecar modality {str(modality)[:16]!r} is not CT or MR",
+                                hint="regenerate the sample or remove it")
+        units = self.sidecar.get("units")
+        v = Volume.load_nifti(self.image_path, modality=modality, units=units if isinstance(units, str) else None)
         v.meta.update(id=self.id, index=self.sidecar.get("index"), seed=self.sidecar.get("seed"),
                       class_label=self.sidecar.get("class"))
         return v
@@ -84,20 +92,32 @@ def read_sample(sidecar_path: Path) -> Sample:
     sidecar_path = Path(sidecar_path)
     try:
         meta = json.loads(sidecar_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MedsynthError(f"{sidecar_path}: not a readable sample sidecar ({type(exc).__name__})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MedsynthError(f"{sidecar_path}: not a readable sample sidecar ({type(exc).__name__})",
+                            hint="regenerate the sample or remove the broken sidecar") from None
     if not isinstance(meta, dict) or meta.get("format") != SAMPLE_FORMAT:
         raise MedsynthError(f"{sidecar_path}: not a medsynth sample sidecar (no format '{SAMPLE_FORMAT}')")
     sid = meta.get("id")
-    img = sidecar_path.parent / str(meta.get("image", f"{sid}.nii.gz"))
+    if not isinstance(sid, str) or not _SAFE_ID.match(sid):
+        raise MedsynthError(f"{sidecar_path}: 'id' is not a sample id (letters, digits, '.', '_', '-')",
+                            hint="regenerate the sample or remove the broken sidecar")
+    img = _own_file(sidecar_path, meta.get("image", f"{sid}.nii.gz"), "image")
     if not img.is_file():
         raise MedsynthError(f"{sidecar_path}: its image {img.name} is missing",
                             hint="regenerate the sample or remove the stray sidecar")
     lab = meta.get("label")
-    label_path = sidecar_path.parent / lab if lab else None
+    label_path = _own_file(sidecar_path, lab, "label") if lab else None
     if label_path is not None and not label_path.is_file():
         raise MedsynthError(f"{sidecar_path}: its label {lab} is missing")
-    return Sample(str(sid), img, sidecar_path, meta, label_path)
+    return Sample(sid, img, sidecar_path, meta, label_path)
+
+
+def _own_file(sidecar_path: Path, name: Any, key: str) -> Path:
+    """``name`` as a file beside the sidecar; a path elsewhere (or not a string) is refused."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise MedsynthError(f"{sidecar_path}: '{key}' must name a file beside the sidecar",
+                            hint="regenerate the sample or remove the broken sidecar")
+    return sidecar_path.parent / name
 
 
 def list_samples(samples_dir: Path, errors: Optional[list[str]] = None) -> list[Sample]:
@@ -118,7 +138,7 @@ def list_samples(samples_dir: Path, errors: Optional[list[str]] = None) -> list[
             continue
         try:
             meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
         if isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT:
             try:

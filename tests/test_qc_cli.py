@@ -86,7 +86,7 @@ def test_exit_code_and_summary(ran):
     assert code == 0
     assert f"{len(GOOD) + len(BAD)} samples: {len(GOOD)} passed, {len(BAD)} failed" in stdout
     assert "report:" in stdout and (out / "report.html").is_file()
-    assert summary["counts"] == {"samples": 10, "passed": 4, "failed": 6, "quarantined": 6}
+    assert summary["counts"] == {"samples": 10, "passed": 4, "failed": 6, "quarantined": 6, "unreadable_sidecars": 0}
 
 
 def test_every_sample_has_a_verdict_with_reasons(ran, world):

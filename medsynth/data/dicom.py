@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+import medsynth.notices  # noqa: F401  (MONAI's reader notices go to DEBUG, not the terminal)
 from medsynth.errors import ImageReadError
 from medsynth.volume import Volume
 
@@ -373,8 +374,9 @@ def _group_headers(files: Sequence[Path], problems: list[DicomProblem]) -> dict[
         except ImageReadError as exc:
             problems.append(DicomProblem(path, "corrupt", exc.message, exc.hint or ""))
             continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
         try:
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
+            modality = str(ds.get("Modality", "") or "").upper()
             frames = _frames(ds, path)
         except _NotAnImage as exc:
             problems.append(DicomProblem(path, "skipped", str(exc)))
@@ -385,7 +387,7 @@ def _group_headers(files: Sequence[Path], problems: list[DicomProblem]) -> dict[
             g.problem = g.problem or str(exc)
             continue
         except Exception as exc:  # malformed values (a number that is not one, a broken sequence, ...)
-            problems.append(DicomProblem(path, "corrupt", f"malformed DICOM header ({type(exc).__name__})",
+            problems.append(DicomProblem(path, "corrupt", f"malformed DICOM header ({_header_error(exc)})",
                                          "check the file; remove it if it is not needed"))
             continue
         if not uid:
@@ -396,8 +398,17 @@ def _group_headers(files: Sequence[Path], problems: list[DicomProblem]) -> dict[
         g = groups.setdefault(uid, _Group())
         g.files.append(path)
         g.frames.extend(frames)
-        g.modality = g.modality or str(ds.get("Modality", "")).upper()
+        g.modality = g.modality or modality
     return groups
+
+
+def _header_error(exc: BaseException) -> str:
+    """The exception type, plus the tag pydicom names (its messages may quote values: not repeated)."""
+    import re
+
+    tag = re.search(r"\(([0-9A-Fa-f]{4}), ?([0-9A-Fa-f]{4})\)", str(exc))
+    return f"{type(exc).__name__} in tag ({tag.group(1).upper()},{tag.group(2).upper()})" if tag \
+        else type(exc).__name__
 
 
 def _common_folder(files: Sequence[Path]) -> Path:
@@ -516,6 +527,7 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
             continue
         ds = _parse(path, data)
         try:
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
             fr = _frames(ds, path)
         except _NotAnImage:
             if strict:
@@ -525,9 +537,9 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
         except _Rejected as exc:
             raise ImageReadError(f"{folder}: cannot read the series: {path.name}: {exc}", hint=_FIX_IRREGULAR) from None
         except Exception as exc:  # malformed values
-            raise ImageReadError(f"{path}: malformed DICOM header ({type(exc).__name__})",
+            raise ImageReadError(f"{path}: malformed DICOM header ({_header_error(exc)})",
                                  hint="check the file; remove it if it is not needed") from None
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
+        groups.setdefault(uid, []).append(path)
         datasets[path] = ds
         digests[path] = hashlib.sha256(data).digest()
         frames.extend(fr)
@@ -544,13 +556,22 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
         raise ImageReadError(f"{folder}: not one regular 3D grid: {exc}", hint=_FIX_IRREGULAR) from None
 
     first = datasets[geom.frames[0].path]
-    mod = (modality or str(first.get("Modality", "")).upper())
+    try:
+        mod = (modality or str(first.get("Modality", "") or "").upper())
+    except Exception as exc:  # noqa: BLE001 - an undecodable Modality element
+        raise ImageReadError(f"{geom.frames[0].path}: malformed DICOM header ({_header_error(exc)})",
+                             hint="check the file; remove it if it is not needed") from None
     if mod not in IMAGE_MODALITIES:
         raise ImageReadError(f"{folder}: modality {mod or 'missing'} is not supported (CT and MR only)")
     pixel_cache: dict[Path, np.ndarray] = {}
     # Filled slice-major (k, row, column) so each slice is one contiguous write; transposed to
     # (i, j, k) at the end.  float32 holds every int16/uint16 HU exactly; the dtype is chosen below.
-    out = np.empty((len(geom.frames), geom.frames[0].rows, geom.frames[0].cols), dtype=np.float32)
+    try:
+        out = np.empty((len(geom.frames), geom.frames[0].rows, geom.frames[0].cols), dtype=np.float32)
+    except (MemoryError, ValueError):
+        raise ImageReadError(f"{folder}: a {geom.frames[0].cols} x {geom.frames[0].rows} x {len(geom.frames)} "
+                             "volume does not fit in memory", hint="check Rows/Columns/NumberOfFrames "
+                             "in the headers; a damaged file can claim an impossible size") from None
     fits_int16 = True
     for k, fr in enumerate(geom.frames):
         if fr.path not in pixel_cache:
@@ -559,7 +580,11 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
         px = px if fr.frame is None else px[fr.frame]
         if px.shape != (fr.rows, fr.cols):
             raise ImageReadError(f"{fr.path}: pixel data of shape {px.shape} does not match Rows x Columns")
-        phys = _to_physical(px, datasets[fr.path], fr)
+        try:
+            phys = _to_physical(px, datasets[fr.path], fr)
+        except Exception as exc:  # noqa: BLE001 - a broken Modality LUT
+            raise ImageReadError(f"{fr.path}: the Modality LUT cannot be applied ({_header_error(exc)})",
+                                 hint="check the file; remove it if it is not needed") from None
         # Checked per slice, while it is small: finite, and whether int16 can hold it exactly.
         if not np.all(np.isfinite(phys)):
             raise ImageReadError(f"{fr.path}: non-finite values after rescaling", hint="check RescaleSlope/Intercept")
