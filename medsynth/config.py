@@ -110,8 +110,10 @@ class AutoencoderConfig:
     the lossless 3D Haar wavelet packet transform ("wavelet", :mod:`medsynth.model.wavelet`).
 
     ``wavelet`` has no network to train: ``wavelet_levels`` levels each halve every axis and
-    multiply the channels by 8 (the latent channels are derived, ``latent_channels`` is ignored), and
-    ``wavelet_band_scale`` brings every sub-band to unit variance over the training set.  The
+    multiply the channels by 8 (the latent channels are derived, ``latent_channels`` is ignored);
+    every sub-band is centred on its training-set mean, and ``wavelet_band_scale`` also brings it to
+    unit variance; ``wavelet_label_bands: low`` keeps only the low-pass band of each label channel
+    of a paired model (labels decoded by trilinear upsampling; the image stays exact).  The
     network keys (``channels``, ``attention_levels``, ...) apply to "monai" and "maisi" only.
 
     ``with_nonlocal_attn`` adds a full self-attention block at the latent level of encoder and
@@ -132,6 +134,7 @@ class AutoencoderConfig:
     num_splits: int = 1
     wavelet_levels: int = 1
     wavelet_band_scale: bool = True
+    wavelet_label_bands: Literal["all", "low"] = "all"
 
     @property
     def downsample(self) -> int:

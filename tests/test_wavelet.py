@@ -185,3 +185,37 @@ def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path):
         lab = s.load_label()
         assert lab is not None and lab.shape == s.load().shape
         assert set(np.unique(lab.array)) <= {0, 1, 2}
+
+
+def test_low_pass_label_bands_keep_the_image_exact_and_the_label_blocks():
+    from medsynth.model.labels import decode, encode
+
+    lab = torch.zeros(1, 16, 16, 16)
+    lab[0, 2:12, 3:13, 2:14] = 1
+    lab[0, 6:10, 6:10, 6:10] = 2
+    img = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+    x = encode(img, lab, [0, 1, 2])[None]
+    w = HaarWavelet3d(4, 1, label_channels=3, label_bands="low")
+    z, _ = w.encode(x)
+    assert z.shape[1] == 8 + 3 == w.latent_channels
+    y = w.decode(z)
+    assert torch.allclose(y[:, :1], x[:, :1], atol=1e-6)  # the image: exact
+    # labels come back from their 2-voxel block means; trilinear upsampling rounds box corners only
+    got, want = decode(y[0], [0, 1, 2]), lab[0].numpy().astype(np.uint8)
+    for v in (1, 2):
+        dice = 2 * np.sum((got == v) & (want == v)) / (np.sum(got == v) + np.sum(want == v))
+        assert dice > 0.9, (v, dice)
+    cfg = config_from_dict(wavelet_config(None, data={"use_labels": True,
+                                                      "labels": {"background": 0, "lung": 1, "lesion": 2}},
+                                          model={"autoencoder": {"wavelet_label_bands": "low"}}))
+    assert latent_shape(cfg) == (11, 8, 8, 8)
+    assert build_autoencoder(cfg).latent_channels == 11
+
+
+def test_mean_only_fit_centres_the_bands_and_keeps_unit_factors():
+    g = torch.Generator().manual_seed(3)
+    imgs = [torch.randn(1, 8, 8, 8, generator=g) * 0.2 - 0.5 for _ in range(4)]
+    w = HaarWavelet3d(1, 1)
+    assert torch.equal(fit_band_scale(w, imgs, scale=False), torch.ones(8))
+    z = torch.cat([w.encode(i[None])[0] for i in imgs])
+    assert torch.allclose(z.mean(dim=(0, 2, 3, 4)), torch.zeros(8), atol=1e-5)

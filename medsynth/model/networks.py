@@ -48,7 +48,10 @@ def latent_channels(cfg: Config) -> int:
     """Channels of a latent: the configured ones, or 8 sub-bands per image channel and wavelet level."""
     a = cfg.model.autoencoder
     if a.kind == "wavelet":
-        return image_channels(cfg) * 8 ** a.wavelet_levels
+        from medsynth.model.labels import label_values
+
+        n_lab = len(label_values(cfg)) if a.wavelet_label_bands == "low" else 0
+        return (image_channels(cfg) - n_lab) * 8 ** a.wavelet_levels + n_lab
     return a.latent_channels
 
 
@@ -105,7 +108,9 @@ def build_autoencoder(cfg: Config) -> nn.Module:
     if a.kind == "wavelet":
         from medsynth.model.wavelet import HaarWavelet3d
 
-        return HaarWavelet3d(n, a.wavelet_levels)
+        from medsynth.model.labels import label_values
+
+        return HaarWavelet3d(n, a.wavelet_levels, len(label_values(cfg)), a.wavelet_label_bands)
     if a.kind == "maisi":
         from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 

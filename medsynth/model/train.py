@@ -574,8 +574,8 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
         return {"stage": stage, "steps": 0, "val": ck.get("val_metrics"), "seconds": 0.0}
     t0 = time.perf_counter()
     wav = build_autoencoder(cfg)
-    if cfg.model.autoencoder.wavelet_band_scale:
-        fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))))
+    fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))),
+                   scale=cfg.model.autoencoder.wavelet_band_scale)
     val = _validate_autoencoder(wav, data.val, device, precision, label_values(cfg)) if len(data.val) else None
     if is_main():
         save_checkpoint(ck_path, {**_base_payload(cfg, stage, 0, 0), "model": wav.state_dict(),

@@ -42,24 +42,34 @@ def haar_filters(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 class HaarWavelet3d(nn.Module):
     """``levels`` levels of the 3D Haar wavelet packet transform of ``in_channels`` channels.
 
-    ``encode`` returns the (band-scaled) coefficients and a zero sigma, so code written for a KL
+    ``encode`` returns the (standardised) coefficients and a zero sigma, so code written for a KL
     autoencoder's posterior samples the exact coefficients; ``decode`` inverts it.  The only state
-    is ``band_mean`` and ``band_scale`` (``[8**levels * in_channels]`` each; zeros and ones, the
+    is ``band_mean`` and ``band_scale`` (one value per latent channel; zeros and ones, the
     identity, until fitted).
+
+    ``label_channels`` (paired models: the trailing one-hot label channels) with
+    ``label_bands="low"`` keep only the low-pass band of each label channel: a label map is smooth
+    inside, so its high-pass bands only say where a boundary falls within a 2-voxel block, and
+    they would triple the channels the denoiser must model.  Decoding upsamples those bands
+    trilinearly (the argmax of :func:`medsynth.model.labels.decode` then gives sub-block
+    boundaries); the image channels stay exact.
     """
 
-    def __init__(self, in_channels: int, levels: int = 1):
+    def __init__(self, in_channels: int, levels: int = 1, label_channels: int = 0, label_bands: str = "all"):
         super().__init__()
-        if levels < 1 or in_channels < 1:
-            raise ValueError("HaarWavelet3d needs levels >= 1 and in_channels >= 1")
+        if levels < 1 or in_channels < 1 or not 0 <= label_channels < in_channels:
+            raise ValueError("HaarWavelet3d needs levels >= 1, in_channels >= 1 and 0 <= label_channels < in_channels")
+        if label_bands not in ("all", "low"):
+            raise ValueError(f"label_bands must be 'all' or 'low', got {label_bands!r}")
         self.in_channels, self.levels = int(in_channels), int(levels)
+        self.low_labels = int(label_channels) if label_bands == "low" else 0
         self.register_buffer("filters", haar_filters(torch.float64), persistent=False)  # cast at use
         self.register_buffer("band_mean", torch.zeros(self.latent_channels))
         self.register_buffer("band_scale", torch.ones(self.latent_channels))
 
     @property
     def latent_channels(self) -> int:
-        return self.in_channels * 8 ** self.levels
+        return (self.in_channels - self.low_labels) * 8 ** self.levels + self.low_labels
 
     @property
     def factor(self) -> int:
@@ -69,19 +79,31 @@ class HaarWavelet3d(nn.Module):
         return self.filters.to(dtype=like.dtype).repeat(channels, 1, 1, 1, 1)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """Unscaled wavelet packet coefficients of ``x`` ``[B, C, X, Y, Z]``."""
+        """Unscaled wavelet packet coefficients of ``x`` ``[B, C, X, Y, Z]`` (label channels: low-pass
+        band only when ``label_bands="low"``)."""
         if any(s % self.factor for s in x.shape[2:]):
             raise ValueError(f"wavelet latent: every size of {list(x.shape[2:])} must be divisible by {self.factor}")
         for _ in range(self.levels):
             c = x.shape[1]
             x = F.conv3d(x, self._weight(c, x), stride=2, groups=c)
+        if self.low_labels:
+            n_img = (self.in_channels - self.low_labels) * 8 ** self.levels
+            x = torch.cat([x[:, :n_img], x[:, n_img::8 ** self.levels]], dim=1)  # band 0 of each label channel
         return x
 
     def inverse(self, w: torch.Tensor) -> torch.Tensor:
-        """The exact inverse of :meth:`transform` (the orthonormal filters' transpose)."""
+        """The inverse of :meth:`transform`: exact (the orthonormal filters' transpose), except for
+        low-pass-only label channels, which are upsampled trilinearly from their block means."""
+        lab = None
+        if self.low_labels:
+            n_img = w.shape[1] - self.low_labels
+            w, lab = w[:, :n_img], w[:, n_img:] / (2.0 ** 1.5) ** self.levels  # band 0 = mean * 2^(1.5 L)
         for _ in range(self.levels):
             c = w.shape[1] // 8
             w = F.conv_transpose3d(w, self._weight(c, w), stride=2, groups=c)
+        if lab is not None:
+            lab = F.interpolate(lab, scale_factor=self.factor, mode="trilinear", align_corners=False)
+            w = torch.cat([w, lab], dim=1)
         return w
 
     def _band(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,9 +122,10 @@ class HaarWavelet3d(nn.Module):
 
 
 @torch.no_grad()
-def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any, floor: float = 1e-3) -> torch.Tensor:
+def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any, floor: float = 1e-3,
+                   scale: bool = True) -> torch.Tensor:
     """Per-sub-band offsets and factors that give each latent channel zero mean and unit standard
-    deviation over ``images``.
+    deviation over ``images`` (``scale=False``: offsets only, factors stay 1).
 
     ``images`` are ``[C, X, Y, Z]`` volumes in model space.  A band whose standard deviation is
     below ``floor`` (e.g. a label channel's high-pass band on a set without that label) keeps the
@@ -121,7 +144,7 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
         raise ValueError("fit_band_scale needs at least one image")
     mean = sums / n
     std = (sq / n - mean * mean).clamp_min(0).sqrt()
-    scale = 1.0 / std.clamp_min(floor)
+    factors = 1.0 / std.clamp_min(floor) if scale else torch.ones_like(std)
     wavelet.band_mean.copy_(mean.to(wavelet.band_mean.dtype))
-    wavelet.band_scale.copy_(scale.to(wavelet.band_scale.dtype))
+    wavelet.band_scale.copy_(factors.to(wavelet.band_scale.dtype))
     return wavelet.band_scale.clone()
