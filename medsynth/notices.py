@@ -3,12 +3,14 @@
 MONAI builds every optional DICOM reader when a ``LoadImage`` transform is made, and its
 nvImageCodec reader logs "nvImageCodec is not available; skipping pydicom decoder plugin
 registration." on each one (twice per ``medsynth qc``: image and label chains).  Nothing in
-medsynth uses that GPU decoder, so the line is noise on stderr.
+medsynth uses that GPU decoder, so the line is noise on stderr.  nibabel likewise logs the header
+fields it repairs in a damaged NIfTI file, one line each, without saying which file.
 
 :data:`NOTICES` lists such notices as (logger name, message start).  :func:`install` puts a filter
 on each of those loggers that drops the record there and logs it again on ``medsynth.notices`` at
 DEBUG, so ``medsynth -vv`` / ``--debug`` still shows it (prefixed with the library's logger).
-Anything else the library logs is left alone.  Installing twice is harmless.
+The matching Python warning MONAI raises right after is ignored (:data:`WARNINGS`).  Anything
+else the library logs or warns is left alone.  Installing twice is harmless.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ import logging
 #: (logger, message prefix) of notices that are silenced; add a row to silence another one.
 NOTICES: tuple[tuple[str, str], ...] = (
     ("monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available"),
+    # nibabel reports each header field it repairs while reading ("qform_code 129 not valid;
+    # setting to 0"), without naming the file; medsynth's own messages name it where it matters
+    ("nibabel.global", ""),
+)
+
+#: Python warnings with the same cause (message start); ignored, as the CLI always did.
+WARNINGS: tuple[str, ...] = (
+    "NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register",
 )
 
 log = logging.getLogger("medsynth.notices")
@@ -39,7 +49,12 @@ class _Demote(logging.Filter):
 
 
 def install() -> None:
-    """Install the filters for :data:`NOTICES` (idempotent)."""
+    """Install the filters for :data:`NOTICES` and :data:`WARNINGS` (idempotent)."""
+    import re
+    import warnings
+
+    for message in WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), append=True)
     by_logger: dict[str, tuple[str, ...]] = {}
     for name, prefix in NOTICES:
         by_logger[name] = by_logger.get(name, ()) + (prefix,)

@@ -120,6 +120,12 @@ def _own_file(sidecar_path: Path, name: Any, key: str) -> Path:
     return sidecar_path.parent / name
 
 
+def is_damaged_sidecar(side: Path) -> bool:
+    """True for an ``<id>.json`` that sits beside an ``<id>.nii.gz``: a sample's sidecar, whatever
+    its content now is (so a damaged one is reported, not mistaken for some other JSON file)."""
+    return side.name.endswith(".json") and side.with_name(side.name[:-len(".json")] + ".nii.gz").is_file()
+
+
 def list_samples(samples_dir: Path, errors: Optional[list[str]] = None) -> list[Sample]:
     """All samples in a folder (not in ``quarantine/``), sorted by index then id.
 
@@ -138,7 +144,14 @@ def list_samples(samples_dir: Path, errors: Optional[list[str]] = None) -> list[
             continue
         try:
             meta = json.loads(side.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            if not is_damaged_sidecar(side):
+                continue  # some other JSON file
+            msg = (f"{side}: not a readable sample sidecar ({type(exc).__name__}) beside its image; "
+                   "regenerate the sample or remove it")
+            if errors is None:
+                raise MedsynthError(msg) from None
+            errors.append(msg)
             continue
         if isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT:
             try:

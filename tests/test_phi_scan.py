@@ -149,3 +149,105 @@ def test_bad_reference_and_missing_folder(tmp_path):
         collect_identifiers(bad)
     with pytest.raises(PrivacyError, match="folder to scan not found"):
         scan_phi(tmp_path / "missing", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# fail closed: what cannot be searched is reported by name, and the verdict is "not clean"
+# ------------------------------------------------------------------------------------------------
+
+
+def _break_vr(path: Path, tag: tuple[int, int], vr: bytes = b"\x55\x0c") -> Path:
+    """Overwrite the VR of explicit-VR element ``tag`` with ``vr`` (the issue's '0x55 0x0c')."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<HH", *tag), 132)
+    data[at + 4:at + 6] = vr
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_unknown_vr_in_a_reference_file_fails_closed_not_internal_error(tmp_path, ref, run_cli):
+    """The issue: 'internal error: NotImplementedError: Unknown Value Representation '0x55 0x0c' in
+    tag (0020,000D)'.  Now the reference file is named, the scan goes on and exits 6."""
+    _break_vr(ref / "series" / "a", (0x0020, 0x000D))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "clean.txt").write_text("nothing here\n")
+    code, stdout, err = run_cli("phi-scan", out, "--reference", ref)
+    assert code == 6, err
+    assert "internal error" not in err and "Traceback" not in err
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("reference series/a: "))
+    assert "not scanned (not read: unknown value representation at (0020,000D)" in line and "repair" in line
+    assert STUDY_UID not in stdout + err
+    # the rest of that file's identifiers are still searched for
+    (out / "leak.json").write_text(json.dumps({"id": PID}))
+    code, stdout, _ = run_cli("phi-scan", out, "--reference", ref)
+    assert code == 6 and "leak.json: $.id: patient ID H***(len 10)" in stdout
+
+
+def test_damage_where_no_identifier_is_read_does_not_block_the_reference(tmp_path):
+    ds = _ds()
+    blk = ds.private_block(0x0041, "SOME VENDOR", create=True)
+    blk.add_new(0x10, "LO", "vendor data")
+    ds.SliceThickness = "1.5"
+    path = _save(ds, tmp_path / "ref" / "a")
+    _break_vr(path, (0x0041, 0x1010))   # private: never a source of identifiers
+    _break_vr(path, (0x0018, 0x0050))   # Slice Thickness: a number
+    ids = collect_identifiers(tmp_path / "ref")
+    assert ids.unreadable == [] and ids.sources == 1 and "VANDERMEULEN" in ids.tokens
+    (tmp_path / "out").mkdir()
+    assert scan_phi(tmp_path / "out", ids) == []
+
+
+def test_outputs_that_cannot_be_searched_are_not_scanned(tmp_path, ref, run_cli):
+    out = tmp_path / "out"
+    clean = _ds(name="SYNTH^ONE", pid="MS-AAAA", study="2.25.1", sop="2.25.2")
+    clean.AccessionNumber, clean.InstitutionName, clean.PatientBirthDate = "", "", ""
+    good = _save(clean, out / "ok.dcm")
+    bad_vr = _save(_ds(sop="1.2.826.0.1.3680043.9.5555.1.1.1.2"), out / "bad_vr.dcm")
+    _break_vr(bad_vr, (0x0010, 0x0010))  # Patient's Name, undecodable
+    full = good.read_bytes()
+    (out / "truncated.dcm").write_bytes(full[:-5])  # pydicom reads this without a word
+    (out / "empty.dcm").write_bytes(full[:140])
+    (out / "renamed.dcm").write_bytes(b"\x00" * 300)
+    (out / "vol.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI file")
+    (out / "side.json").write_text('{"PatientID": "HX-44')
+    import gzip
+
+    (out / "notes.txt.gz").write_bytes(gzip.compress(PID.encode()))
+    (out / "link.txt").symlink_to(tmp_path / "elsewhere.txt")
+    (out / "Vandermeulen").mkdir()  # an empty folder's name is searched too
+    code, stdout, err = run_cli("phi-scan", out, "--reference", ref)
+    assert code == 6 and "Traceback" not in err and "internal error" not in err
+    lines = stdout.splitlines()
+
+    def shows(prefix: str, text: str) -> bool:
+        return any(ln.startswith(prefix) and text in ln for ln in lines)
+
+    assert shows("bad_vr.dcm: ", "(0010,0010): not scanned (undecodable element: unknown value representation; "
+                                 "remove the file or replace it with a readable copy")
+    assert shows("bad_vr.dcm: ", "(0010,0010): person name V***(len 12)")  # what its raw bytes show
+    assert shows("truncated.dcm: ", "file: not scanned (incompletely parsed DICOM file: file ends inside an element")
+    assert shows("empty.dcm: ", "file: not scanned (incompletely parsed DICOM file: no data elements")
+    assert shows("renamed.dcm: ", "not scanned (unreadable DICOM file: named as DICOM but not a DICOM data set")
+    assert shows("vol.nii.gz: ", "file: not scanned (unreadable NIfTI file")
+    assert shows("side.json: ", "file: not scanned (unreadable JSON file: not valid JSON (line 1)")
+    assert shows("notes.txt.gz: ", "content: not scanned (gzip archive: its contents are not searched")
+    assert shows("link.txt: ", "file: not scanned (symbolic link (not followed)")
+    assert shows("V***(len 12): ", "folder name: person name V***(len 12)")
+    assert not shows("ok.dcm: ", "")
+    for raw in ("Vandermeulen", "Griet", PID):
+        assert raw.upper() not in (stdout + err).upper()
+
+
+def test_missing_dicom_case_of_a_reference_manifest_fails_closed(tmp_path, ref):
+    man = tmp_path / "manifest.json"
+    man.write_text(json.dumps({"cases": [{"id": "c0", "image": "ref/series"}, {"id": "c1", "image": "gone/series"},
+                                         {"id": "c2", "image": "gone/case.nii.gz"}]}))
+    ids = collect_identifiers(man)
+    assert ids.unreadable == [("gone/series", "not read: listed in the manifest but missing")]
+    (tmp_path / "out").mkdir()
+    hits = scan_phi(tmp_path / "out", ids)
+    assert [str(h).split(": ")[0:3] for h in hits] == [["reference gone/series", "identifiers", "not scanned (not read"]]
+    assert hits[0].not_scanned

@@ -33,7 +33,7 @@ from medsynth import __version__
 from medsynth.errors import ExportError, MedsynthError, PrivacyError
 from medsynth.jobs import sha256_file, write_json
 from medsynth.progress import progress
-from medsynth.samples import SAMPLE_FORMAT, Sample, read_sample
+from medsynth.samples import SAMPLE_FORMAT, Sample, is_damaged_sidecar, read_sample
 from medsynth.versions import package_versions
 
 log = logging.getLogger("medsynth.export")
@@ -150,7 +150,9 @@ def collect_samples(samples_dir: Path) -> tuple[list[Sample], dict[str, str]]:
             continue
         try:
             meta = json.loads(side.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            if is_damaged_sidecar(side):  # a sample's sidecar, damaged: reported, never exported
+                broken[side.name[: -len(".json")]] = f"sidecar is not readable JSON ({type(exc).__name__})"
             continue
         if not (isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT):
             continue

@@ -370,13 +370,14 @@ def _loc(prefix: str, tag) -> str:
 
 
 def walk_dataset(ds, prefix: str = "", unread: list[tuple[str, str, bytes]] | None = None,
-                 tolerate=None) -> Iterator[tuple[str, Any]]:
+                 tolerate=None, skip=None) -> Iterator[tuple[str, Any]]:
     """Yield (location, element) for every element, depth first, sequences included.
 
     With ``unread`` (a list), an element whose value cannot be decoded (unknown VR, a length that
     does not fit, a broken sequence) is not fatal: ``(location, reason, raw value bytes)`` is
     appended there and the walk goes on.  Without it the error propagates.  ``tolerate(tag, vr)``
-    True (``vr`` as written in the file) drops such an element without recording it.
+    True (``vr`` as written in the file) drops such an element without recording it; ``skip(tag)``
+    True leaves an element out before its value is read at all.
     """
     try:
         tags = sorted(ds.keys())
@@ -387,6 +388,8 @@ def walk_dataset(ds, prefix: str = "", unread: list[tuple[str, str, bytes]] | No
         return
     for tag in tags:
         loc = _loc(prefix, tag)
+        if skip is not None and skip(tag):
+            continue
         try:
             elem = ds[tag]
             value = elem.value
@@ -404,7 +407,7 @@ def walk_dataset(ds, prefix: str = "", unread: list[tuple[str, str, bytes]] | No
         yield (f"{loc} {name}".rstrip(), elem)
         if elem.VR == "SQ" and value is not None:
             for i, item in enumerate(items):
-                yield from walk_dataset(item, f"{loc}[{i}]>", unread, tolerate)
+                yield from walk_dataset(item, f"{loc}[{i}]>", unread, tolerate, skip)
 
 
 def _raw_vr(ds, tag) -> str:
@@ -502,7 +505,10 @@ def identifiers_from_dataset(ds, ids: Identifiers | None = None, *, uids: bool =
     if unread is None:
         elements: Iterator[Any] = (e for d in datasets for e in _iter_elements(d))
     else:
-        elements = (e for d in datasets for _, e in walk_dataset(d, unread=unread, tolerate=_holds_no_identifiers))
+        # pixel and waveform data are never a source: not even read (they are deferred)
+        skip = lambda tag: tag.group in (0x7FE0, 0x5400)  # noqa: E731
+        elements = (e for d in datasets
+                    for _, e in walk_dataset(d, unread=unread, tolerate=_holds_no_identifiers, skip=skip))
     for elem in elements:
         if elem.tag.is_private or elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
             continue
@@ -586,19 +592,27 @@ def _display(f: Path, base: Path) -> str:
 def _reference_file(f: Path, shown: str, ids: Identifiers) -> None:
     """Add one reference file's identifiers to ``ids``; record it in ``ids.unreadable`` if they
     could not all be read (the scan then fails closed)."""
-    try:
-        ds = read_dicom(f, stop_before_pixels=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt DICOM: pydicom raises many types
-        ids.unreadable.append((shown, f"not read: {read_error_reason(exc)}"))
-        return
-    if ds is None:
-        return  # not DICOM: nothing to collect
     unread: list[tuple[str, str, bytes]] = []
-    try:
-        identifiers_from_dataset(ds, ids, unread=unread)
-    except Exception as exc:  # noqa: BLE001 - e.g. a data set that cannot be iterated at all
-        unread.append(("(data set)", read_error_reason(exc), b""))
-    if unread:
+    with _watch_pydicom() as trouble:
+        try:
+            # large values (pixel data) are deferred, never read: the whole file is still parsed, so
+            # a data set that stops early shows (pydicom stops quietly at some damage)
+            ds = read_dicom(f, defer_size=1 << 16)
+            tail = _unparsed_tail(ds, f) if ds is not None else None
+        except Exception as exc:  # noqa: BLE001 - corrupt DICOM: pydicom raises many types
+            ids.unreadable.append((shown, f"not read: {read_error_reason(exc)}"))
+            return
+        if ds is None:
+            return  # not DICOM: nothing to collect
+        try:
+            identifiers_from_dataset(ds, ids, unread=unread)
+        except Exception as exc:  # noqa: BLE001 - e.g. a data set that cannot be iterated at all
+            unread.append(("(data set)", read_error_reason(exc), b""))
+    if tail is None and trouble.errors:
+        tail = "pydicom skipped damaged elements while reading"
+    if tail is not None:
+        ids.unreadable.append((shown, f"not read completely: {tail}"))
+    elif unread:
         loc, reason, _ = unread[0]
         more = f" (and {len(unread) - 1} more element(s))" if len(unread) > 1 else ""
         ids.unreadable.append((shown, f"not read: {reason} at {loc}{more}"))
@@ -659,6 +673,69 @@ def _safe_get(ds, keyword: str) -> str:
         return str(ds.get(keyword, "") or "")
     except Exception:  # noqa: BLE001 - undecodable: already reported as not scanned by the walk
         return ""
+
+
+class _ParseTrouble(logging.Handler):
+    """Counts what pydicom reports while it reads past damage instead of raising (its messages may
+    quote values, so only the fact is kept): errors it logs and swallows, files ending before a
+    sequence delimiter."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.errors += 1
+
+
+@contextlib.contextmanager
+def _watch_pydicom() -> Iterator[_ParseTrouble]:
+    """Inside :func:`quiet_pydicom`: note (never print) the errors pydicom swallows while reading."""
+    lg = logging.getLogger("pydicom")
+    trouble = _ParseTrouble()
+    old = lg.disabled, lg.propagate
+    lg.disabled, lg.propagate = False, False
+    lg.addHandler(trouble)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield trouble
+        trouble.errors += sum("End of file" in str(w.message) for w in caught)
+    finally:
+        lg.removeHandler(trouble)
+        lg.disabled, lg.propagate = old
+
+
+def _unparsed_tail(ds, path: Path) -> str | None:
+    """Why pydicom's data set does not cover the whole file, or None: it stops quietly at damage
+    (a value cut short, an element it cannot read), leaving the rest of the bytes unparsed."""
+    from pydicom.dataelem import RawDataElement
+
+    tags = sorted(ds.keys())
+    if not tags:
+        return "no data elements"
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) if "TransferSyntaxUID" in \
+        getattr(ds, "file_meta", {}) else None
+    if ts is not None and getattr(ts, "is_deflated", False):
+        return None  # offsets are in the inflated stream; inflation errors raise instead
+    last = ds.get_item(tags[-1], keep_deferred=True)
+    if not isinstance(last, RawDataElement) or last.value_tell is None:
+        return None
+    value = last.value
+    if last.length == 0xFFFFFFFF:
+        if value is None:  # deferred: pydicom found its delimiter (or warned, which is watched)
+            return None
+        end = last.value_tell + len(value) + 8  # + the sequence delimiter
+    else:
+        if isinstance(value, (bytes, bytearray)) and len(value) < last.length:
+            return f"file ends inside an element ({len(value)} of {last.length} bytes)"
+        end = last.value_tell + last.length
+    size = path.stat().st_size
+    if end > size:
+        return "file ends inside an element (truncated)"
+    if end < size:
+        return f"{size - end} byte(s) after the last element were not parsed"
+    return None
 
 
 def _scan_dicom(ds, rel: str, ids: Identifiers, structural: bool) -> list[Hit]:
@@ -776,9 +853,18 @@ def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) 
         if name.endswith(".jsonl"):
             what = "JSON lines file"
             return hits + _scan_jsonl(path, rel, ids)
-        ds = read_dicom(path, defer_size=1 << 20)
+        with _watch_pydicom() as trouble:
+            ds = read_dicom(path, defer_size=1 << 20)
+            if ds is not None:
+                tail = _unparsed_tail(ds, path)
+                found = _scan_dicom(ds, rel, ids, structural)
         if ds is not None:
-            return hits + _scan_dicom(ds, rel, ids, structural)
+            if tail is None and trouble.errors:
+                tail = "pydicom skipped damaged elements while reading"
+            if tail is not None:
+                found.append(not_scanned_hit(rel, "file", f"incompletely parsed DICOM file: {tail}"))
+                found += _hits(ids, rel, "content", printable_runs(path.read_bytes()))  # the raw bytes
+            return hits + found
         if name.endswith(_DICOM_SUFFIXES):  # named as DICOM but not recognised as such
             raise _Unrecognised("named as DICOM but not a DICOM data set")
         what = "file"
