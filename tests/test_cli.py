@@ -79,3 +79,30 @@ def test_error_is_one_line_without_traceback_unless_debug(run_cli, tmp_path):
         run_cli("--debug", "config", "check", missing)
     with pytest.raises(ConfigError):
         run_cli("config", "check", missing, "--debug")
+
+
+def test_third_party_notices_are_silenced_and_shown_with_vv(run_cli, tmp_path, capsys, caplog):
+    """MONAI logs 'nvImageCodec is not available; ...' each time a LoadImage is built (twice per qc
+    run); nibabel logs each header field it repairs.  Not on stderr by default; with -vv, at DEBUG."""
+    import logging
+
+    from monai.transforms import LoadImage
+
+    def emit() -> str:
+        caplog.clear()
+        LoadImage(image_only=True)  # where MONAI itself says it (when the codec is missing)
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").warning(
+            "nvImageCodec is not available; skipping pydicom decoder plugin registration.")
+        logging.getLogger("nibabel.global").warning("qform_code 129 not valid; setting to 0")
+        logging.getLogger("monai.other").warning("a MONAI warning that is not a known notice")
+        return capsys.readouterr().err
+
+    run_cli("manifest", "verify", tmp_path / "none.json")
+    err = emit()
+    shown = err + caplog.text  # stderr, and what reaches the root logger (pytest holds it there)
+    assert "nvImageCodec" not in shown and "qform_code" not in shown
+    assert "a MONAI warning that is not a known notice" in shown  # only the listed notices are silenced
+    run_cli("-vv", "manifest", "verify", tmp_path / "none.json")
+    err = emit()
+    assert "DEBUG medsynth.notices: monai.data.nvimgcodec_pydicom_plugin: nvImageCodec is not available" in err
+    assert "DEBUG medsynth.notices: nibabel.global: qform_code 129 not valid" in err

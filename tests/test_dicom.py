@@ -487,3 +487,48 @@ def test_unsupported_modality_is_rejected_with_reason(tmp_path):
     assert "modality PT is not supported (CT and MR only)" in problems[0].message
     with pytest.raises(ImageReadError, match="modality PT is not supported"):
         read_series(tmp_path / "pet")
+
+
+def _break_vr(path: Path, tag: tuple[int, int], vr: bytes = b"\x55\xce") -> None:
+    import struct
+
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<HH", *tag), 132)
+    data[at + 4:at + 6] = vr
+    path.write_bytes(bytes(data))
+
+
+def test_undecodable_series_uid_is_a_corrupt_file_not_a_crash(tmp_path, run_cli):
+    """Found by fuzzing: 'internal error: NotImplementedError: Unknown Value Representation '0x55 0xce'
+    in tag (0020,000E)' from manifest build.  The file is now reported as corrupt by name and tag,
+    the other series is still built, and read_series names the file."""
+    good = write_series(tmp_path / "src" / "a", hu_volume((8, 8, 4), seed=1))
+    bad = write_series(tmp_path / "src" / "b", hu_volume((8, 8, 4), seed=2))
+    _break_vr(bad[1], (0x0020, 0x000E))  # Series Instance UID
+    series, problems = scan_dicom(tmp_path / "src")
+    corrupt = [p for p in problems if p.kind == "corrupt"]
+    assert [p.path for p in corrupt] == [bad[1]]
+    assert "malformed DICOM header (NotImplementedError in tag (0020,000E))" in corrupt[0].message
+    assert [s.folder.name for s in series] == ["a"]
+    with pytest.raises(ImageReadError, match=rf"{bad[1].name}: malformed DICOM header \(NotImplementedError in tag "
+                                             r"\(0020,000E\)\)"):
+        read_series(bad)
+    code, out, err = run_cli("--no-progress", "manifest", "build", tmp_path / "src", "-o", tmp_path / "m.json")
+    assert code == 0 and "Traceback" not in err and "internal error" not in err, err
+    assert len(json.loads((tmp_path / "m.json").read_text())["cases"]) == 1
+    _phi_free(out + err, [])
+    assert read_series(good).shape == (8, 8, 4)
+
+
+def test_impossible_size_is_a_named_error(tmp_path):
+    files = write_series(tmp_path / "s", hu_volume((8, 8, 3), seed=3))
+    import pydicom
+
+    for f in files:  # every slice claims 65535 x 65535 pixels (a damaged header), pixel data unchanged
+        ds = pydicom.dcmread(f)
+        ds.Rows = ds.Columns = 65535
+        ds.save_as(f)
+    with pytest.raises(ImageReadError) as ei:
+        read_series(tmp_path / "s")
+    assert "Traceback" not in str(ei.value) and ("does not fit in memory" in str(ei.value)
+                                                 or "pixel data" in str(ei.value))

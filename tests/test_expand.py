@@ -182,3 +182,79 @@ def test_cli_errors_without_traceback(tiny, run_cli, tmp_path):
     code, out, err = run_cli("expand", tmp_path / "norun", "--manifest", tiny["manifest"], "--out", tmp_path / "j3",
                              "--n", "2")
     assert code != 0 and "Traceback" not in err
+
+
+def _hand_made_job(root: Path, manifest: Path) -> Path:
+    """A finished one-shard job folder with one accepted sample, built without a model."""
+    from tests.fuzz.campaign import write_samples
+
+    job = root / "job"
+    rdir = job / "shards" / "0-of-1" / "round-0"
+    sid = write_samples(rdir, [0])[0]
+    (job / "shards" / "0-of-1" / "accepted.json").write_text(
+        json.dumps({"shard": [0, 1], "accepted": {"0": f"round-0/{sid}.json"}, "exhausted": []}))
+    (job / "job.json").write_text(json.dumps({"n_shards": 1, "manifest": str(manifest), "slots": [None],
+                                              "formats": ["nifti"], "name": "hand"}))
+    return job
+
+
+def _dicom_reference(root: Path, break_vr: bool) -> Path:
+    """A 'real patient' CT series and its manifest; optionally with the issue's unknown VR."""
+    import struct
+
+    import pydicom
+
+    from medsynth.export import dicom as dcm
+    from medsynth.volume import Volume, affine_from_spacing
+
+    hu = np.full((8, 8, 3), -1000.0)
+    hu[2:6, 2:6] = 40.0
+    info, _ = dcm.write_series(Volume(hu, affine_from_spacing((1.0, 1.0, 2.0), hu.shape)), dcm.encode_ct(hu),
+                               root / "ref" / "series", case_id="x", uid_key="ref")
+    for f in info.files:
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.StudyID = "Oakenshield^Thorina", "PAT83731", "ST7781"
+        ds.save_as(f)
+    if break_vr:
+        data = bytearray(info.files[0].read_bytes())
+        at = data.index(struct.pack("<HH", 0x0010, 0x0010), 132)
+        data[at + 4:at + 6] = b"\x55\x0c"
+        info.files[0].write_bytes(bytes(data))
+    man = root / "ref" / "manifest.json"
+    man.write_text(json.dumps({"format": "medsynth-manifest/1", "name": "ref", "modality": "CT", "cases": [
+        {"id": "case-000", "image": "series", "modality": "CT"}]}))
+    return man
+
+
+def test_merge_runs_the_phi_scan_and_fails_closed(tmp_path, run_cli):
+    clean = _hand_made_job(tmp_path / "a", _dicom_reference(tmp_path / "a", break_vr=False))
+    code, out, err = run_cli("expand", "--merge", clean)
+    assert code == 0, err
+    assert (clean / "dataset" / "imagesTr").is_dir() and (clean / "expand.json").is_file()
+    job = _hand_made_job(tmp_path / "b", _dicom_reference(tmp_path / "b", break_vr=True))
+    code, out, err = run_cli("expand", "--merge", job)
+    assert code == 6 and "nothing was published" in err and "not scanned (not read: unknown value representation" in err
+    assert "Traceback" not in err and "PAT83731" not in err and "Oakenshield" not in err
+    assert not (job / "dataset").exists() and not (job / "expand.json").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("job.json", "the job record is not readable JSON (JSONDecodeError)"),
+    ("accepted.json", "the shard record is not readable JSON (JSONDecodeError)"),
+    ("accepted-shape", "not a shard record"),
+    ("sidecar", "every accepted sample is damaged"),
+])
+def test_merge_names_damaged_job_files(tmp_path, run_cli, damage, message):
+    job = _hand_made_job(tmp_path, _dicom_reference(tmp_path, break_vr=False))
+    shard = job / "shards" / "0-of-1"
+    if damage == "job.json":
+        (job / "job.json").write_text('{"n_shards": 1, "man')
+    elif damage == "accepted.json":
+        (shard / "accepted.json").write_text('{"accepted": {"0": ')
+    elif damage == "accepted-shape":
+        (shard / "accepted.json").write_text(json.dumps({"accepted": ["round-0/x.json"]}))
+    else:
+        side = next(p for p in (shard / "round-0").glob("*.json") if not p.name.endswith(".qc.json"))
+        side.write_text("{")
+    code, out, err = run_cli("expand", "--merge", job)
+    assert code == 8 and message in err and "Traceback" not in err, err

@@ -623,3 +623,54 @@ def test_cli_config_export_section_gives_defaults(tmp_path, run_cli):
     # command-line flags win over the config
     code, _out, err = run_cli("export", samples, "--out", tmp_path / "out2", "--config", cfg, "--format", "nifti")
     assert code == 0 and (tmp_path / "out2" / "imagesTr").is_dir() and not (tmp_path / "out2" / "dicom").exists()
+
+
+def test_image_changed_after_qc_is_refused(tmp_path, run_cli):
+    """A verdict that records the image's sha256 binds to those bytes: a changed image is not exported."""
+    from medsynth.jobs import sha256_file
+
+    samples = tmp_path / "samples"
+    ok, changed = make_sample(samples, 0, "RAS"), make_sample(samples, 1, "RAS")
+    for sid in (ok, changed):
+        verdict = {"passed": True, "reasons": [], "image_sha256": sha256_file(samples / f"{sid}.nii.gz")}
+        (samples / f"{sid}.qc.json").write_text(json.dumps(verdict))
+    hu, _ = ct_phantom(7)
+    Volume(hu, affine_for("RAS")).save_nifti(samples / f"{changed}.nii.gz")  # replaced after QC
+    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti")
+    assert code == 0, err
+    assert "1 whose image changed after its QC verdict (rerun 'medsynth qc')" in out
+    report = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert report["exported"] == [ok] and set(report["refused"]) == {changed}
+
+
+def test_damaged_sidecar_is_reported_not_hidden(tmp_path, run_cli):
+    samples = tmp_path / "samples"
+    good, bad = make_sample(samples, 0, "RAS"), make_sample(samples, 1, "RAS")
+    (samples / f"{bad}.json").write_bytes((samples / f"{bad}.json").read_bytes()[:40])
+    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti")
+    assert code == 5 and f"{bad}: sidecar is not readable JSON (JSONDecodeError)" in out
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["exported"] == [good]
+
+
+def test_unreadable_reference_file_stops_publishing(tmp_path, run_cli):
+    """The embedded PHI scan fails closed: a reference file whose identifiers cannot be read means
+    the export cannot be shown clean, so it is not published (exit 6), and the message says why."""
+    import struct
+
+    ref = make_reference(tmp_path)
+    victim = sorted((ref.parent / "series").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    at = data.index(struct.pack("<HH", 0x0020, 0x000D), 132)  # Study Instance UID
+    data[at + 4:at + 6] = b"\x55\x0c"  # the unknown VR of the issue
+    victim.write_bytes(bytes(data))
+    samples = tmp_path / "samples"
+    make_sample(samples, 0, "RAS")
+    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti,dicom",
+                             "--reference", ref)
+    assert code == 6, out + err
+    assert "PHI scan could not search 1 place(s) (not scanned), so nothing was published" in err
+    assert f"reference series/{victim.name}: identifiers: not scanned (not read: unknown value representation " \
+           "at (0020,000D)" in err
+    assert "repair or remove what is listed as not scanned" in err
+    assert "internal error" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

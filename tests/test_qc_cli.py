@@ -285,7 +285,8 @@ def test_bad_inputs_fail_cleanly(case, world, run_cli, tmp_path):
         m = load_manifest(ref)
         m.cases = m.cases[:2]
         args[3] = save_manifest(m, tmp_path / "two.json")
-        expect, msg = 7, "needs at least 3"
+        # both cases were read: the message says the reference is too small, not that reading failed
+        expect, msg = 7, "two.json: the reference has 2 case(s); the quality gate needs at least 3"
     elif case == "no_samples":
         (tmp_path / "empty").mkdir()
         args[1] = tmp_path / "empty"
@@ -303,3 +304,41 @@ def test_bad_inputs_fail_cleanly(case, world, run_cli, tmp_path):
     code, _out, err = run_cli(*args)
     assert code == expect and msg in err, (code, err)
     assert "Traceback" not in err
+
+
+def test_too_few_readable_reference_cases_says_how_many_were_read(world, run_cli, tmp_path):
+    ref = load_manifest(world["ref"])
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"garbage")
+    ref.cases = ref.cases[:2] + [ref.cases[2].__class__(id="bad-case", image=broken)]
+    man = save_manifest(ref, tmp_path / "ref.json")
+    code, _out, err = run_cli("--no-progress", "qc", world["samples"], "--reference", man, "--out", tmp_path / "qc")
+    assert code == 7 and "only 2 of 3 reference cases could be read; the quality gate needs at least 3" in err
+    assert "fix the unreadable cases" in err and "Traceback" not in err
+
+
+def test_damaged_samples_fail_or_are_reported_and_the_others_are_judged(world, run_cli, tmp_path):
+    """One bad sample never sinks QC: a damaged sidecar is reported (no verdict, so export refuses
+    it), a sidecar naming another folder's file or an unknown modality fails that sample only."""
+    sd = tmp_path / "samples"
+    shutil.copytree(world["samples"], sd, ignore=shutil.ignore_patterns("quarantine", "*.qc.json"))
+    (sd / f"{GOOD[1]}.json").write_text('{"format": "medsynth-sample/1", "id": "syn')  # cut short
+    side = json.loads((sd / f"{GOOD[2]}.json").read_text())
+    (sd / f"{GOOD[2]}.json").write_text(json.dumps({**side, "image": "../../elsewhere.nii.gz"}))
+    side = json.loads((sd / f"{GOOD[3]}.json").read_text())
+    (sd / f"{GOOD[3]}.json").write_text(json.dumps({**side, "modality": "PET"}))
+    code, out, err = run_cli("--no-progress", "qc", sd, "--reference", world["ref"], "--out", tmp_path / "qc",
+                             "--no-quarantine")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "qc" / "qc.json").read_text())
+    assert summary["counts"]["unreadable_sidecars"] == 2
+    assert any(f"{GOOD[1]}.json: not a readable sample sidecar" in m for m in summary["unreadable_sidecars"])
+    assert any(f"{GOOD[2]}.json: 'image' must name a file beside the sidecar" in m
+               for m in summary["unreadable_sidecars"])
+    assert f"{GOOD[1]}.json" in err and "Traceback" not in err
+    by_id = {e["id"]: e for e in summary["samples"]}
+    assert GOOD[1] not in by_id and GOOD[2] not in by_id
+    assert not (sd / f"{GOOD[1]}.qc.json").exists() and not (sd / f"{GOOD[2]}.qc.json").exists()
+    pet = by_id[GOOD[3]]
+    assert pet["passed"] is False and pet["reasons"][0].startswith("unreadable_image (") and "'PET'" in pet["reasons"][0]
+    assert by_id[GOOD[0]]["passed"] is True
