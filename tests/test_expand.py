@@ -228,11 +228,11 @@ def _dicom_reference(root: Path, break_vr: bool) -> Path:
 
 def test_merge_runs_the_phi_scan_and_fails_closed(tmp_path, run_cli):
     clean = _hand_made_job(tmp_path / "a", _dicom_reference(tmp_path / "a", break_vr=False))
-    code, out, err = run_cli("expand", "--merge", clean)
+    code, _out, err = run_cli("expand", "--merge", clean)
     assert code == 0, err
     assert (clean / "dataset" / "imagesTr").is_dir() and (clean / "expand.json").is_file()
     job = _hand_made_job(tmp_path / "b", _dicom_reference(tmp_path / "b", break_vr=True))
-    code, out, err = run_cli("expand", "--merge", job)
+    code, _out, err = run_cli("expand", "--merge", job)
     assert code == 6 and "nothing was published" in err and "not scanned (not read: unknown value representation" in err
     assert "Traceback" not in err and "PAT83731" not in err and "Oakenshield" not in err
     assert not (job / "dataset").exists() and not (job / "expand.json").exists()
@@ -256,5 +256,5 @@ def test_merge_names_damaged_job_files(tmp_path, run_cli, damage, message):
     else:
         side = next(p for p in (shard / "round-0").glob("*.json") if not p.name.endswith(".qc.json"))
         side.write_text("{")
-    code, out, err = run_cli("expand", "--merge", job)
+    code, _out, err = run_cli("expand", "--merge", job)
     assert code == 8 and message in err and "Traceback" not in err, err

@@ -647,7 +647,7 @@ def test_damaged_sidecar_is_reported_not_hidden(tmp_path, run_cli):
     samples = tmp_path / "samples"
     good, bad = make_sample(samples, 0, "RAS"), make_sample(samples, 1, "RAS")
     (samples / f"{bad}.json").write_bytes((samples / f"{bad}.json").read_bytes()[:40])
-    code, out, err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti")
+    code, out, _err = run_cli("export", samples, "--out", tmp_path / "out", "--format", "nifti")
     assert code == 5 and f"{bad}: sidecar is not readable JSON (JSONDecodeError)" in out
     assert json.loads((tmp_path / "out" / "export.json").read_text())["exported"] == [good]
 
@@ -658,7 +658,7 @@ def test_unreadable_reference_file_stops_publishing(tmp_path, run_cli):
     import struct
 
     ref = make_reference(tmp_path)
-    victim = sorted((ref.parent / "series").iterdir())[0]
+    victim = min((ref.parent / "series").iterdir())
     data = bytearray(victim.read_bytes())
     at = data.index(struct.pack("<HH", 0x0020, 0x000D), 132)  # Study Instance UID
     data[at + 4:at + 6] = b"\x55\x0c"  # the unknown VR of the issue

@@ -15,7 +15,13 @@ import random
 import pytest
 
 from tests.fuzz.campaign import DOCUMENTED_EXIT_CODES, run_campaign
-from tests.fuzz.corpus import OPS, element_offsets, mutate, pydicom_seed_files, write_corpus
+from tests.fuzz.corpus import (
+    OPS,
+    element_offsets,
+    mutate,
+    pydicom_seed_files,
+    write_corpus,
+)
 
 
 def test_mutations_are_seeded_and_hit_structure(tmp_path):

@@ -327,8 +327,8 @@ def test_damaged_samples_fail_or_are_reported_and_the_others_are_judged(world, r
     (sd / f"{GOOD[2]}.json").write_text(json.dumps({**side, "image": "../../elsewhere.nii.gz"}))
     side = json.loads((sd / f"{GOOD[3]}.json").read_text())
     (sd / f"{GOOD[3]}.json").write_text(json.dumps({**side, "modality": "PET"}))
-    code, out, err = run_cli("--no-progress", "qc", sd, "--reference", world["ref"], "--out", tmp_path / "qc",
-                             "--no-quarantine")
+    code, _out, err = run_cli("--no-progress", "qc", sd, "--reference", world["ref"], "--out", tmp_path / "qc",
+                              "--no-quarantine")
     assert code == 0, err
     summary = json.loads((tmp_path / "qc" / "qc.json").read_text())
     assert summary["counts"]["unreadable_sidecars"] == 2

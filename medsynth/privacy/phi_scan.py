@@ -381,7 +381,7 @@ def walk_dataset(ds, prefix: str = "", unread: list[tuple[str, str, bytes]] | No
     """
     try:
         tags = sorted(ds.keys())
-    except Exception as exc:  # noqa: BLE001 - a data set that cannot even list its tags
+    except Exception as exc:  # a data set that cannot even list its tags (re-raised without 'unread')
         if unread is None:
             raise
         unread.append((prefix.rstrip(">") or "(data set)", read_error_reason(exc), b""))
@@ -395,7 +395,7 @@ def walk_dataset(ds, prefix: str = "", unread: list[tuple[str, str, bytes]] | No
             value = elem.value
             if elem.VR == "SQ" and value is not None:
                 items = list(value)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged values
+        except Exception as exc:  # pydicom raises many types for damaged values
             if unread is None:
                 raise
             if tolerate is not None and tolerate(tag, _raw_vr(ds, tag)):
@@ -457,6 +457,11 @@ def printable_runs(data: bytes, min_len: int = 4) -> str:
     return "\n".join(m.group(0).decode("ascii") for m in re.finditer(rb"[\x20-\x7e]{%d,}" % min_len, data))
 
 
+def _bulk_data(tag) -> bool:
+    """Pixel and waveform data: never a source of identifiers, so not even read (they are deferred)."""
+    return tag.group in (0x7FE0, 0x5400)
+
+
 def _holds_no_identifiers(tag, vr: str) -> bool:
     """True for attributes :func:`identifiers_from_dataset` never reads identifiers from: private
     ones, pixel data, and public ones that are neither names, UIDs, sequences nor listed keywords
@@ -495,7 +500,7 @@ def identifiers_from_dataset(ds, ids: Identifiers | None = None, *, uids: bool =
     for kw in ("Manufacturer", "ManufacturerModelName"):
         try:
             vendor = " ".join(str(ds.get(kw, "") or "").split()).upper()
-        except Exception as exc:  # noqa: BLE001 - an undecodable vendor only prunes less
+        except Exception as exc:  # an undecodable vendor only prunes less
             if unread is None:
                 raise
             vendor = ""
@@ -505,10 +510,8 @@ def identifiers_from_dataset(ds, ids: Identifiers | None = None, *, uids: bool =
     if unread is None:
         elements: Iterator[Any] = (e for d in datasets for e in _iter_elements(d))
     else:
-        # pixel and waveform data are never a source: not even read (they are deferred)
-        skip = lambda tag: tag.group in (0x7FE0, 0x5400)  # noqa: E731
         elements = (e for d in datasets
-                    for _, e in walk_dataset(d, unread=unread, tolerate=_holds_no_identifiers, skip=skip))
+                    for _, e in walk_dataset(d, unread=unread, tolerate=_holds_no_identifiers, skip=_bulk_data))
     for elem in elements:
         if elem.tag.is_private or elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
             continue
@@ -830,6 +833,24 @@ def _scan_raw(path: Path, rel: str, ids: Identifiers) -> list[Hit]:
     return _hits(ids, rel, "content", text)
 
 
+def _scan_dicom_file(path: Path, rel: str, ids: Identifiers, structural: bool) -> list[Hit] | None:
+    """Hits of a DICOM file (None if it is not one), plus a not-scanned hit if pydicom read it only
+    in part; parse errors propagate."""
+    with _watch_pydicom() as trouble:
+        ds = read_dicom(path, defer_size=1 << 20)
+        if ds is None:
+            return None
+        tail = _unparsed_tail(ds, path)
+        found = _scan_dicom(ds, rel, ids, structural)
+    if tail is None and trouble.errors:
+        tail = "pydicom skipped damaged elements while reading"
+    if tail is not None:
+        found.append(not_scanned_hit(rel, "file", f"incompletely parsed DICOM file: {tail}"))
+        if path.stat().st_size <= MAX_RAW_BYTES:  # what the raw bytes show is reported too
+            found += _hits(ids, rel, "content", printable_runs(path.read_bytes()))
+    return found
+
+
 def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) -> list[Hit]:
     """Scan one output file (its name, then its content by type) and return the hits.
 
@@ -853,17 +874,8 @@ def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) 
         if name.endswith(".jsonl"):
             what = "JSON lines file"
             return hits + _scan_jsonl(path, rel, ids)
-        with _watch_pydicom() as trouble:
-            ds = read_dicom(path, defer_size=1 << 20)
-            if ds is not None:
-                tail = _unparsed_tail(ds, path)
-                found = _scan_dicom(ds, rel, ids, structural)
-        if ds is not None:
-            if tail is None and trouble.errors:
-                tail = "pydicom skipped damaged elements while reading"
-            if tail is not None:
-                found.append(not_scanned_hit(rel, "file", f"incompletely parsed DICOM file: {tail}"))
-                found += _hits(ids, rel, "content", printable_runs(path.read_bytes()))  # the raw bytes
+        found = _scan_dicom_file(path, rel, ids, structural)
+        if found is not None:
             return hits + found
         if name.endswith(_DICOM_SUFFIXES):  # named as DICOM but not recognised as such
             raise _Unrecognised("named as DICOM but not a DICOM data set")

@@ -268,7 +268,7 @@ def _judge(s: Sample, e: dict[str, Any], grid: Grid, modality: str, qc: QCConfig
         e["reasons"].append(f"modality_mismatch ({vol.modality} sample, {modality} reference grid)")
     try:
         res = check_volume(vol, grid, qc, ranges, label, window=window)
-    except Exception as exc:  # noqa: BLE001 - a volume the checks cannot judge is not a pass
+    except Exception as exc:  # a volume the checks cannot judge is not a pass
         log.debug("%s: checks failed", s.id, exc_info=True)
         e["reasons"].append(f"checks_failed ({_why(exc, 'the per-volume checks could not judge it')})")
         return None
@@ -284,7 +284,7 @@ def _featurise_samples(featurise: Any, usable: list[tuple[int, "_Vol"]], entries
     try:
         featurise([v for _, v in usable])
         return usable
-    except Exception:  # noqa: BLE001 - find the sample(s) at fault below
+    except Exception:  # find the sample(s) at fault below
         log.debug("batched features failed; computing them per sample", exc_info=True)
     kept = []
     for n, v in usable:

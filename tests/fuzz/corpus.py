@@ -22,9 +22,9 @@ from __future__ import annotations
 import gzip
 import random
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 #: pydicom's bundled test files used as seeds: small, and between them explicit and implicit VR,
 #: big endian, no preamble, RLE and deflate transfer syntaxes, private and nested sequences,
@@ -58,7 +58,7 @@ class Element:
     header: int
     length_at: int
     length_size: int
-    vr_at: Optional[int]
+    vr_at: int | None
 
 
 def element_offsets(data: bytes) -> list[Element]:
@@ -72,12 +72,11 @@ def element_offsets(data: bytes) -> list[Element]:
     out: list[Element] = []
     pos = start
     while pos + 8 <= len(data) and len(out) < 4096:
-        group, _elem = struct.unpack_from("<HH", data, pos)
+        group, _ = struct.unpack_from("<HH", data, pos)
         vr = data[pos + 4:pos + 6]
         if group == 0xFFFE:  # item / delimiter: 4-byte tag + 4-byte length
             out.append(Element(pos, 8, pos + 4, 4, None))
-            length = struct.unpack_from("<I", data, pos + 4)[0]
-            pos += 8 + (0 if length == 0xFFFFFFFF or _elem != 0xE000 else 0)
+            pos += 8  # into the item: its elements follow
             continue
         if vr in _EXPLICIT_VRS:
             if vr in _LONG_VRS:
@@ -105,7 +104,7 @@ def _spans(data: bytearray, rng: random.Random, k: int) -> list[tuple[int, int]]
     return [(p, p + rng.randint(1, 64)) for p in sorted(rng.randrange(len(data)) for _ in range(k))]
 
 
-def mutate(data: bytes, rng: random.Random, op: Optional[str] = None) -> tuple[bytes, str]:
+def mutate(data: bytes, rng: random.Random, op: str | None = None) -> tuple[bytes, str]:
     """One mutation of ``data`` (``op`` drawn from :data:`OPS` if not given); returns (bytes, op)."""
     op = op or rng.choice(OPS)
     b = bytearray(data)
@@ -164,7 +163,7 @@ def mutate_gzip_member(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 def write_corpus(seeds: Sequence[Path], out_dir: Path, n: int, seed: int,
                  mutator: Callable[[bytes, random.Random], tuple[bytes, str]] = mutate,
-                 suffix: Optional[str] = None) -> list[tuple[Path, Path, str]]:
+                 suffix: str | None = None) -> list[tuple[Path, Path, str]]:
     """Write ``n`` mutants of ``seeds`` into ``out_dir``; returns (mutant, seed file, op) per file.
 
     Names are ``f<index>_<op>_<seed stem>`` plus the seed's suffix (or ``suffix``).

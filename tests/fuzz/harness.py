@@ -33,8 +33,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 WORK = Path(tempfile.mkdtemp(prefix="medsynth-harness-"))
 
@@ -181,13 +181,13 @@ def main(argv: list[str]) -> int:
     # instrument before anything imports these, so coverage reaches into pydicom and nibabel
     with atheris.instrument_imports(include=["medsynth", "pydicom", "nibabel"]):
         import nibabel  # noqa: F401  (medsynth imports these lazily: load them here to instrument them)
-        import pydicom  # noqa: F401
-        import pydicom.filereader  # noqa: F401
+        import pydicom
+        import pydicom.filereader
         import pydicom.values  # noqa: F401
 
-        import medsynth.data.dicom  # noqa: F401
-        import medsynth.privacy.deid  # noqa: F401
-        import medsynth.privacy.phi_scan  # noqa: F401
+        import medsynth.data.dicom
+        import medsynth.privacy.deid
+        import medsynth.privacy.phi_scan
         import medsynth.volume  # noqa: F401
     seed_corpus(corpus, args.target)
     target = TARGETS[args.target]
