@@ -596,7 +596,8 @@ class Config:
                         f"({self.training.diffusion.num_train_timesteps}); use 'ddim' for fewer steps")
         errs.extend(_attention_memory_checks(self, latent))
         ta = self.training.autoencoder
-        if ta.adv_weight > 0 and min(self.data.shape) < 4 * 2 ** ta.disc_layers:
+        if (ta.adv_weight > 0 and self.model.autoencoder.kind != "wavelet"  # no discriminator without training
+                and min(self.data.shape) < 4 * 2 ** ta.disc_layers):
             errs.append(f"training.autoencoder.disc_layers: {ta.disc_layers} stride-2 layers need every image size "
                         f">= {4 * 2 ** ta.disc_layers}, data.shape is {list(self.data.shape)}; use fewer layers")
         if self.sampling.steps > self.training.diffusion.num_train_timesteps:

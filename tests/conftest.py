@@ -29,3 +29,11 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def phantoms16(tmp_path_factory) -> Path:
+    """8 built-in phantoms on a 16³ grid at 20 mm (balanced classes, labels), with their manifest."""
+    from medsynth.data.phantoms import write_phantoms
+
+    return write_phantoms(tmp_path_factory.mktemp("phantoms16"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))

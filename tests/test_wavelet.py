@@ -27,10 +27,8 @@ def wavelet_config(manifest, **sections):
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from medsynth.data.phantoms import write_phantoms
-
-    return write_phantoms(tmp_path_factory.mktemp("phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+def phantoms(phantoms16) -> Path:
+    return phantoms16
 
 
 @pytest.fixture(scope="module")

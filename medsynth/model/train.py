@@ -284,6 +284,20 @@ def _check_compatible(ck: dict[str, Any], cfg: Config, path: Path, sections: tup
                               hint="use the run's own config (RUN/config.yaml) or start a new --run folder")
 
 
+def _existing_checkpoint(ck_path: Path, stage: str, cfg: Config, resume: bool, keys: tuple[str, ...],
+                         done: str) -> Optional[dict[str, Any]]:
+    """The stage's checkpoint to resume from (None when there is none); refused without ``resume``
+    or when it was made with another config."""
+    if not ck_path.is_file():
+        return None
+    if not resume:
+        raise CheckpointError(f"{ck_path}: exists; this run already {done}",
+                              hint="pass --resume to continue it, or choose a new --run folder")
+    ck = load_checkpoint(ck_path, stage)
+    _check_compatible(ck, cfg, ck_path, keys)
+    return ck
+
+
 def _base_payload(cfg: Config, stage: str, step: int, steps: int) -> dict[str, Any]:
     return {"format": CHECKPOINT_FORMAT, "stage": stage, "config": config_to_dict(cfg),
             "config_hash": config_hash(cfg), "step": step, "steps": steps, "versions": versions(),
@@ -462,12 +476,8 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
 
     ck_path = paths.checkpoint(stage)
     step, val = 0, None
-    if ck_path.is_file():
-        if not resume:
-            raise CheckpointError(f"{ck_path}: exists; this run already trained its autoencoder",
-                                  hint="pass --resume to continue it, or choose a new --run folder")
-        ck = load_checkpoint(ck_path, stage)
-        _check_compatible(ck, cfg, ck_path, _AE_KEYS)
+    ck = _existing_checkpoint(ck_path, stage, cfg, resume, _AE_KEYS, "trained its autoencoder")
+    if ck is not None:
         ae.load_state_dict(ck["model"])
         disc.load_state_dict(ck["discriminator"])
         opt_g.load_state_dict(ck["opt_g"])
@@ -564,12 +574,8 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
 
     stage = "autoencoder"
     ck_path = paths.checkpoint(stage)
-    if ck_path.is_file():
-        if not resume:
-            raise CheckpointError(f"{ck_path}: exists; this run already has its wavelet latent",
-                                  hint="pass --resume to continue the run, or choose a new --run folder")
-        ck = load_checkpoint(ck_path, stage)
-        _check_compatible(ck, cfg, ck_path, _AE_KEYS)
+    ck = _existing_checkpoint(ck_path, stage, cfg, resume, _AE_KEYS, "has its wavelet latent")
+    if ck is not None:
         log.info("autoencoder: wavelet latent already fitted")
         return {"stage": stage, "steps": 0, "val": ck.get("val_metrics"), "seconds": 0.0}
     t0 = time.perf_counter()
@@ -685,12 +691,8 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
 
     ck_path = paths.checkpoint(stage)
     step, val, scale = 0, None, None
-    if ck_path.is_file():
-        if not resume:
-            raise CheckpointError(f"{ck_path}: exists; this run already trained its diffusion model",
-                                  hint="pass --resume to continue it, or choose a new --run folder")
-        ck = load_checkpoint(ck_path, stage)
-        _check_compatible(ck, cfg, ck_path, _DIFFUSION_KEYS)
+    ck = _existing_checkpoint(ck_path, stage, cfg, resume, _DIFFUSION_KEYS, "trained its diffusion model")
+    if ck is not None:
         if ck.get("autoencoder_sha256") != ae_sha:
             raise CheckpointError(f"{ck_path}: was trained on a different autoencoder than {ae_path}",
                                   hint="start stage 2 afresh in a new --run folder")
