@@ -342,3 +342,52 @@ def test_damaged_samples_fail_or_are_reported_and_the_others_are_judged(world, r
     pet = by_id[GOOD[3]]
     assert pet["passed"] is False and pet["reasons"][0].startswith("unreadable_image (") and "'PET'" in pet["reasons"][0]
     assert by_id[GOOD[0]]["passed"] is True
+
+
+def _claims_17_gb(path) -> None:
+    """The fuzzer's out-of-memory input, rebuilt: a .nii.gz of a few hundred bytes whose header says
+    2060 x 516 x 16385 uint8 voxels (17 GB).  nibabel allocated all of it before failing (71 s, 17 GB)."""
+    import gzip
+
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2060, 516, 16385))
+    hdr.set_data_dtype(np.uint8)
+    hdr["vox_offset"] = 352
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * 1024))
+
+
+def test_header_claiming_more_voxels_than_the_file_holds_is_refused_at_once(tmp_path):
+    import time
+
+    from medsynth.data.nifti_check import check_voxel_bytes
+    from medsynth.errors import ImageReadError
+
+    bomb = tmp_path / "bomb.nii.gz"
+    _claims_17_gb(bomb)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageReadError, match=r"bomb.nii.gz: the header claims 2060 x 516 x 16385 voxels of uint8 "
+                                             r"\(17,416,599,952 bytes\), more than this [0-9,]+-byte file can hold"):
+        check_voxel_bytes(bomb)
+    assert time.perf_counter() - t0 < 5
+    # an uncompressed file cut short is refused exactly; whole files, gzipped or not, pass
+    good = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4)).save_nifti(tmp_path / "good.nii")
+    check_voxel_bytes(good)
+    check_voxel_bytes(Volume(np.zeros((8, 8, 8), np.float32), np.eye(4)).save_nifti(tmp_path / "good.nii.gz"))
+    (tmp_path / "cut.nii").write_bytes(good.read_bytes()[:-1])
+    with pytest.raises(ImageReadError,
+                       match=r"claims 8 x 8 x 8 voxels of float32 \(2,400 bytes\), more than this 2,399-byte file"):
+        check_voxel_bytes(tmp_path / "cut.nii")
+
+
+def test_qc_judges_a_sample_with_a_bomb_header_unreadable(world, run_cli, tmp_path):
+    sd = tmp_path / "samples"
+    shutil.copytree(world["samples"], sd, ignore=shutil.ignore_patterns("quarantine", "*.qc.json"))
+    _claims_17_gb(sd / f"{GOOD[2]}.nii.gz")
+    code, _out, err = run_cli("--no-progress", "qc", sd, "--reference", world["ref"], "--out", tmp_path / "qc",
+                              "--no-quarantine")
+    assert code == 0, err
+    verdict = json.loads((sd / f"{GOOD[2]}.qc.json").read_text())
+    assert verdict["passed"] is False and verdict["reasons"][0].startswith("unreadable_image (")
+    assert "more than this" in verdict["reasons"][0]

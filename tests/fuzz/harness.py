@@ -8,7 +8,8 @@ Each target takes one input file's bytes and checks what must hold for any bytes
                  it cannot read is listed in ``unreadable`` (so the scan fails closed);
 * ``dicom``      :func:`medsynth.data.dicom.scan_dicom` never raises, and :func:`read_series` raises
                  only :class:`~medsynth.errors.ImageReadError` (a named, one-line error);
-* ``nifti``      :meth:`Volume.load_nifti` on ``x.nii.gz`` raises only medsynth errors;
+* ``nifti``      :func:`check_voxel_bytes` then :meth:`Volume.load_nifti` on ``x.nii.gz`` (what a
+                 sample load does) raise only medsynth errors, in bounded memory and time;
 * ``anonymise``  :func:`anonymise` on a folder holding the file never raises and accounts for it.
 
 Run::
@@ -89,11 +90,13 @@ def target_dicom(data: bytes) -> None:
 
 
 def target_nifti(data: bytes) -> None:
+    from medsynth.data.nifti_check import check_voxel_bytes
     from medsynth.errors import MedsynthError
     from medsynth.volume import Volume
 
     path = _write(data, "x.nii.gz")
     try:
+        check_voxel_bytes(path)  # what Sample.load does first (a damaged header claimed 17 GB)
         Volume.load_nifti(path)
     except MedsynthError:
         pass
@@ -188,6 +191,7 @@ def main(argv: list[str]) -> int:
         import medsynth.data.dicom
         import medsynth.privacy.deid
         import medsynth.privacy.phi_scan
+        import medsynth.data.nifti_check
         import medsynth.volume  # noqa: F401
     seed_corpus(corpus, args.target)
     target = TARGETS[args.target]
