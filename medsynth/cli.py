@@ -298,15 +298,15 @@ def _add_phi_scan(sub) -> None:
 
 def _run_phi_scan(args: argparse.Namespace) -> int:
     from medsynth.errors import PrivacyError
-    from medsynth.privacy.phi_scan import collect_identifiers, scan_phi
+    from medsynth.privacy.phi_scan import collect_identifiers, scan_phi, summarise_hits
 
     ref = collect_identifiers(args.reference) if args.reference is not None else None
     hits = scan_phi(args.directory, ref)
     for h in hits:
         print(h)
     if hits:
-        raise PrivacyError(f"phi-scan: {len(hits)} identifier hit(s) in {args.directory}",
-                           hint="do not share this folder; re-run anonymise or remove the files listed")
+        raise PrivacyError(f"phi-scan: {summarise_hits(hits)} in {args.directory}",
+                           hint="do not share this folder; re-run anonymise, or repair or remove the files listed")
     what = f"{len(ref)} identifiers from {ref.sources} reference headers" if ref is not None else "structural checks"
     print(f"phi-scan: no identifiers found in {args.directory} ({what})")
     return 0
@@ -699,6 +699,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # third-party notices (medsynth.notices, logged at DEBUG) are shown from -v on
+    logging.getLogger("medsynth.notices").setLevel(
+        logging.DEBUG if getattr(args, "verbose", 0) >= 1 or getattr(args, "debug", False) else logging.NOTSET)
     if getattr(args, "no_progress", False):
         set_progress(False)
 

@@ -143,7 +143,11 @@ class Volume:
         """Read a 3D NIfTI file (a trailing singleton 4th axis is dropped)."""
         import nibabel as nib
 
+        from medsynth.data.nifti_check import check_voxel_bytes
+
         path = Path(path)
+        if path.is_file():
+            check_voxel_bytes(path)  # a tiny damaged header must not make nibabel allocate gigabytes
         try:
             img = nib.load(str(path))
             arr = np.asanyarray(img.dataobj)

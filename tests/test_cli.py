@@ -81,9 +81,9 @@ def test_error_is_one_line_without_traceback_unless_debug(run_cli, tmp_path):
         run_cli("config", "check", missing, "--debug")
 
 
-def test_third_party_notices_are_silenced_and_shown_with_vv(run_cli, tmp_path, capsys, caplog):
+def test_third_party_notices_are_silenced_and_shown_with_v(run_cli, tmp_path, capsys, caplog):
     """MONAI logs 'nvImageCodec is not available; ...' each time a LoadImage is built (twice per qc
-    run); nibabel logs each header field it repairs.  Not on stderr by default; with -vv, at DEBUG."""
+    run); nibabel logs each header field it repairs.  Not on stderr by default; with -v, at DEBUG."""
     import logging
 
     from monai.transforms import LoadImage
@@ -106,3 +106,8 @@ def test_third_party_notices_are_silenced_and_shown_with_vv(run_cli, tmp_path, c
     err = emit()
     assert "DEBUG medsynth.notices: monai.data.nvimgcodec_pydicom_plugin: nvImageCodec is not available" in err
     assert "DEBUG medsynth.notices: nibabel.global: qform_code 129 not valid" in err
+    run_cli("-v", "manifest", "verify", tmp_path / "none.json")
+    err = emit()
+    assert "nvImageCodec is not available" in err and "qform_code 129 not valid" in err
+    run_cli("manifest", "verify", tmp_path / "none.json")  # and hidden again without -v
+    assert "nvImageCodec" not in emit()

@@ -371,6 +371,8 @@ def test_header_claiming_more_voxels_than_the_file_holds_is_refused_at_once(tmp_
                                              r"\(17,416,599,952 bytes\), more than this [0-9,]+-byte file can hold"):
         check_voxel_bytes(bomb)
     assert time.perf_counter() - t0 < 5
+    with pytest.raises(ImageReadError, match=r"bomb.nii.gz: the header claims"):  # every NIfTI read checks first
+        Volume.load_nifti(bomb)
     # an uncompressed file cut short is refused exactly; whole files, gzipped or not, pass
     good = Volume(np.zeros((8, 8, 8), np.float32), np.eye(4)).save_nifti(tmp_path / "good.nii")
     check_voxel_bytes(good)
