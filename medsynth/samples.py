@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from medsynth.data.nifti_check import check_voxel_bytes
 from medsynth.errors import MedsynthError
 from medsynth.jobs import write_json
 from medsynth.volume import Volume
@@ -57,7 +56,6 @@ class Sample:
             raise MedsynthError(f"{self.sidecar_path}: sidecar modality {str(modality)[:16]!r} is not CT or MR",
                                 hint="regenerate the sample or remove it")
         units = self.sidecar.get("units")
-        check_voxel_bytes(self.image_path)  # a damaged header must not make the reader allocate gigabytes
         v = Volume.load_nifti(self.image_path, modality=modality, units=units if isinstance(units, str) else None)
         v.meta.update(id=self.id, index=self.sidecar.get("index"), seed=self.sidecar.get("seed"),
                       class_label=self.sidecar.get("class"))
@@ -66,7 +64,6 @@ class Sample:
     def load_label(self) -> Optional[Volume]:
         if self.label_path is None:
             return None
-        check_voxel_bytes(self.label_path)
         return Volume.load_nifti(self.label_path, modality="SEG", units="label")
 
 

@@ -8,9 +8,8 @@ The bound is exact for uncompressed files (the data must fit after ``vox_offset`
 gzip: deflate never expands more than 1032:1, so a ``.nii.gz`` of ``n`` bytes holds at most about
 ``1032 n`` bytes.  A real file is never refused; a damaged header is, in microseconds.
 
-:meth:`medsynth.samples.Sample.load` calls it before reading.  Other readers of NIfTI files
-(``Volume.load_nifti`` as used by ``manifest build``/``verify`` and the QC reference chain) do not
-yet, and should call it first.
+:meth:`medsynth.volume.Volume.load_nifti`, through which every NIfTI read of medsynth goes (samples,
+``manifest build``/``verify``, the MONAI loaders and the QC reference chain), calls it first.
 """
 
 from __future__ import annotations

@@ -49,9 +49,10 @@ def latent_channels(cfg: Config) -> int:
     a = cfg.model.autoencoder
     if a.kind == "wavelet":
         from medsynth.model.labels import label_values
+        from medsynth.model.wavelet import HaarWavelet3d
 
-        n_lab = len(label_values(cfg)) if a.wavelet_label_bands == "low" else 0
-        return (image_channels(cfg) - n_lab) * 8 ** a.wavelet_levels + n_lab
+        return HaarWavelet3d.channels_for(image_channels(cfg), a.wavelet_levels, len(label_values(cfg)),
+                                          a.wavelet_label_bands)
     return a.latent_channels
 
 
@@ -106,9 +107,8 @@ def build_autoencoder(cfg: Config) -> nn.Module:
     n = image_channels(cfg)
     levels = len(a.channels)
     if a.kind == "wavelet":
-        from medsynth.model.wavelet import HaarWavelet3d
-
         from medsynth.model.labels import label_values
+        from medsynth.model.wavelet import HaarWavelet3d
 
         return HaarWavelet3d(n, a.wavelet_levels, len(label_values(cfg)), a.wavelet_label_bands)
     if a.kind == "maisi":

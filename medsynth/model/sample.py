@@ -201,10 +201,10 @@ class Sampler:
         sched.set_timesteps(st.steps)
         ts = list(sched.timesteps)
         x = noise.to(self.device)
+        d = self.cfg.training.diffusion
         for i, t in enumerate(progress(ts, desc="denoising", total=len(ts))):
             out = self.predict(x, t, labels, st.guidance)
             if st.scheduler == "rflow":
-                d = self.cfg.training.diffusion
                 v = rflow_velocity(out, x, t.reshape(1).to(out.device), d.num_train_timesteps, d.prediction_type)
                 x, _ = sched.step(v, t, x, ts[i + 1] if i + 1 < len(ts) else 0)
             elif st.scheduler == "ddim":

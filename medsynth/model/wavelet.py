@@ -67,9 +67,16 @@ class HaarWavelet3d(nn.Module):
         self.register_buffer("band_mean", torch.zeros(self.latent_channels))
         self.register_buffer("band_scale", torch.ones(self.latent_channels))
 
+    @staticmethod
+    def channels_for(in_channels: int, levels: int, label_channels: int = 0, label_bands: str = "all") -> int:
+        """Latent channels of a transform with these settings (8 sub-bands per channel and level;
+        one per label channel with ``label_bands="low"``)."""
+        low = label_channels if label_bands == "low" else 0
+        return (in_channels - low) * 8 ** levels + low
+
     @property
     def latent_channels(self) -> int:
-        return (self.in_channels - self.low_labels) * 8 ** self.levels + self.low_labels
+        return self.channels_for(self.in_channels, self.levels, self.low_labels, "low")
 
     @property
     def factor(self) -> int:

@@ -12,7 +12,7 @@ samples), then runs ``manifest build``, ``manifest verify``, ``anonymise``, ``ph
 
 Used by ``tests/test_fuzz.py`` (a few seconds) and by hand for longer runs::
 
-    python -m tests.fuzz.campaign --n 400 --seed 1 --out /tmp/medsynth-fuzz
+    python -m tests.fuzz.campaign --n 400 --seed 1 --out fuzz-work
 """
 
 from __future__ import annotations
