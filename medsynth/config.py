@@ -121,6 +121,17 @@ class AutoencoderConfig:
     voxel count (a 64³ latent asks for ~275 GB), so large grids must keep it off, as MAISI does,
     or set ``use_flash_attention`` (memory-efficient ``scaled_dot_product_attention``).
     ``num_splits`` (MAISI only) splits each convolution's input into that many slabs to bound memory.
+
+    ``init`` starts from local weights (never downloaded; :mod:`medsynth.model.init_weights`): a
+    plain ``state_dict`` file (NV-Generate-CTMR's ``autoencoder_v1.pt``, a MONAI bundle's
+    ``models/model.pt``), a dict holding one (``state_dict``, ``model``, ...), a MONAI bundle
+    folder or a medsynth run folder; keys and shapes must match the configured network exactly.
+    With ``training.autoencoder.steps: 0`` it is used as is (frozen), else fine-tuned.
+    ``init_license`` is required with ``init`` and travels to the model card and exports (NVIDIA's
+    CT weights: NVIDIA Open Model License; its MR weights: non-commercial).  ``input_range`` is the
+    intensity range the weights were trained on: medsynth's model space is [-1, 1]; MAISI's
+    autoencoder saw CT mapped to [0, 1] (-1000..1000 HU), so a MAISI file needs ``[0, 1]`` (an
+    exact affine map around encode and decode, the weights unchanged).
     """
 
     kind: Literal["monai", "maisi", "wavelet"] = "monai"
@@ -135,7 +146,9 @@ class AutoencoderConfig:
     wavelet_levels: int = 1
     wavelet_band_scale: bool = True
     wavelet_label_bands: Literal["all", "low"] = "all"
-
+    init: Optional[str] = None
+    init_license: Optional[str] = None
+    input_range: tuple[float, float] = (-1.0, 1.0)
     @property
     def downsample(self) -> int:
         """How much the latent is smaller than the image along each axis."""
@@ -149,10 +162,16 @@ class AutoencoderConfig:
 
     def check(self, path: str) -> list[str]:
         errs = []
+        errs.extend(_init_checks(self, path))
         if self.kind == "wavelet":
             if self.wavelet_levels < 1:
                 errs.append(f"{path}.wavelet_levels: must be >= 1")
+            if self.init is not None:
+                errs.append(f"{path}.init: the wavelet latent has no weights to load; remove init or use "
+                            "kind: monai / maisi")
             return errs
+        if not self.input_range[0] < self.input_range[1]:
+            errs.append(f"{path}.input_range: lower bound must be below upper bound, got {list(self.input_range)}")
         if len(self.attention_levels) != len(self.channels):
             errs.append(
                 f"{path}.attention_levels: needs one entry per level of 'channels' "
@@ -180,6 +199,15 @@ class UNetConfig:
 
     ``num_class_embeds`` makes the model class-conditional with classes 0..n-1; the embedding table
     gets one more row, index n, the "null" class used for classifier-free guidance.
+
+    ``init`` / ``init_license`` start from local weights as for the autoencoder: a plain
+    ``state_dict``, NV-Generate-CTMR's ``{"unet_state_dict": ..., "scale_factor": ...}`` (its
+    scale factor is then used), a MONAI bundle, or a medsynth run (its EMA weights).  With
+    ``training.diffusion.steps: 0`` the UNet is used as is; otherwise it is fine-tuned (give it a
+    lower ``lr`` and ``warmup_steps``).  ``resblock_updown`` (residual blocks for down/upsampling)
+    and ``spacing_input`` (kind maisi: the UNet is conditioned on ``data.spacing`` in mm x 100, as
+    MAISI's) are what NV-Generate's rectified-flow CT UNet was built with; its 128-row modality
+    embedding loads with ``num_class_embeds: 127`` (medsynth's null class is the last row).
     """
 
     kind: Literal["monai", "maisi"] = "monai"
@@ -190,9 +218,16 @@ class UNetConfig:
     norm_num_groups: int = 32
     num_class_embeds: Optional[int] = None
     use_flash_attention: bool = False
+    resblock_updown: bool = False
+    spacing_input: bool = False
+    init: Optional[str] = None
+    init_license: Optional[str] = None
 
     def check(self, path: str) -> list[str]:
-        errs = []
+        errs = _init_checks(self, path)
+        if self.spacing_input and self.kind != "maisi":
+            errs.append(f"{path}.spacing_input: only MAISI's UNet (kind: maisi) takes the voxel spacing; "
+                        "set kind: maisi or spacing_input: false")
         if len(self.attention_levels) != len(self.channels):
             errs.append(
                 f"{path}.attention_levels: needs one entry per level of 'channels' "
@@ -213,6 +248,20 @@ class UNetConfig:
         return errs
 
 
+def _init_checks(obj: Any, path: str) -> list[str]:
+    """Rules shared by every section with initial weights (``init`` + ``init_license``)."""
+    errs = []
+    if obj.init is not None and not str(obj.init).strip():
+        errs.append(f"{path}.init: empty path; give the weights file (or folder) or remove the key")
+    if obj.init is not None and not (obj.init_license or "").strip():
+        errs.append(f"{path}.init_license: initial weights need their licence, which travels to the model card "
+                    "and every export (e.g. 'NVIDIA Open Model License' for NVIDIA's CT weights, "
+                    "'NVIDIA non-commercial' for its MR weights; 'unknown' if you do not know it)")
+    if obj.init is None and obj.init_license is not None:
+        errs.append(f"{path}.init_license: given without {path}.init; set init or remove init_license")
+    return errs
+
+
 @dataclass
 class ModelConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -221,7 +270,9 @@ class ModelConfig:
 
 def _steps_checks(obj: Any, path: str) -> list[str]:
     errs = []
-    for name in ("steps", "batch_size", "val_every", "log_every"):
+    if obj.steps < 0:  # 0: use the initial weights as they are (Config.check asks for an init)
+        errs.append(f"{path}.steps: must be >= 0, got {obj.steps}")
+    for name in ("batch_size", "val_every", "log_every"):
         if getattr(obj, name) < 1:
             errs.append(f"{path}.{name}: must be >= 1, got {getattr(obj, name)}")
     if obj.lr <= 0:
@@ -332,7 +383,11 @@ class DiffusionTrainConfig:
 @dataclass
 class ControlNetTrainConfig:
     """Mask-conditioned generation (``medsynth train --stage controlnet``): a MONAI ``ControlNet``
-    copied from the trained UNet learns to steer the frozen model towards a given label map."""
+    copied from the trained UNet learns to steer the frozen model towards a given label map.
+
+    ``init`` / ``init_license`` start the ControlNet from local weights instead of the UNet's
+    (``{"controlnet_state_dict": ...}`` as NV-Generate saves it, a plain ``state_dict`` or a
+    medsynth run); they must match the ControlNet medsynth builds for the run exactly."""
 
     steps: int = 500
     batch_size: int = 4
@@ -340,9 +395,11 @@ class ControlNetTrainConfig:
     cond_drop_prob: float = 0.0  # class-label dropout (the mask is always given)
     conditioning_scale: float = 1.0
     log_every: int = 10
+    init: Optional[str] = None
+    init_license: Optional[str] = None
 
     def check(self, path: str) -> list[str]:
-        errs = []
+        errs = _init_checks(self, path)
         if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
             errs.append(f"{path}: steps, batch_size and log_every must be >= 1")
         if self.lr <= 0 or not 0.0 <= self.cond_drop_prob < 1.0 or self.conditioning_scale < 0:
@@ -595,6 +652,13 @@ class Config:
             errs.append("sampling.steps: DDPM samples with all training timesteps "
                         f"({self.training.diffusion.num_train_timesteps}); use 'ddim' for fewer steps")
         errs.extend(_attention_memory_checks(self, latent))
+        if self.training.autoencoder.steps == 0 and self.model.autoencoder.kind != "wavelet" \
+                and self.model.autoencoder.init is None:
+            errs.append("training.autoencoder.steps: 0 uses initial weights as they are and needs "
+                        "model.autoencoder.init; set the weights file or steps >= 1")
+        if self.training.diffusion.steps == 0 and self.model.unet.init is None:
+            errs.append("training.diffusion.steps: 0 uses initial weights as they are and needs model.unet.init; "
+                        "set the weights file or steps >= 1")
         ta = self.training.autoencoder
         if (ta.adv_weight > 0 and self.model.autoencoder.kind != "wavelet"  # no discriminator without training
                 and min(self.data.shape) < 4 * 2 ** ta.disc_layers):
@@ -641,8 +705,8 @@ def _attention_memory_checks(cfg: "Config", latent: list[int]) -> list[str]:
 def load_config(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Config:
     """Load, validate and return a :class:`Config` from a YAML file.
 
-    Relative paths in ``data.manifest`` / ``data.cache_dir`` / perceptual weights are resolved
-    against the YAML file's folder.  Raises :class:`ConfigError` listing every problem.
+    Relative paths in ``data.manifest`` / ``data.cache_dir`` / perceptual weights / initial
+    weights (``init``) are resolved against the YAML file's folder.  Raises :class:`ConfigError` listing every problem.
     """
     import yaml
 
@@ -720,6 +784,9 @@ def _resolve_paths(cfg: Config, root: Path) -> None:
     cfg.data.cache_dir = res(cfg.data.cache_dir)
     cfg.training.autoencoder.perceptual_weights = res(cfg.training.autoencoder.perceptual_weights)
     cfg.qc.feature_checkpoint = res(cfg.qc.feature_checkpoint)
+    cfg.model.autoencoder.init = res(cfg.model.autoencoder.init)
+    cfg.model.unet.init = res(cfg.model.unet.init)
+    cfg.training.controlnet.init = res(cfg.training.controlnet.init)
 
 
 def _key(path: str, name: str) -> str:

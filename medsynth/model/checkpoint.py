@@ -173,7 +173,40 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
         },
         "config_hash": config_hash(cfg),
         "versions": diff_ck.get("versions"),
+        "initial_weights": initial_weights(ae_ck, diff_ck),
     }
+
+
+def initial_weights(ae_ck: dict[str, Any], diff_ck: dict[str, Any]) -> dict[str, Any]:
+    """Per network started from local weights: the file (name, sha256, layout), its licence, and
+    whether it was used as is (frozen) or fine-tuned for how many steps.  Empty when none was."""
+    out: dict[str, Any] = {}
+    for name, ck in (("autoencoder", ae_ck), ("unet", diff_ck)):
+        init = ck.get("init")
+        if init:
+            steps = int(ck.get("steps", 0))
+            out[name] = {**init, "frozen": steps == 0, "fine_tuned_steps": steps}
+    return out
+
+
+def weights_licenses(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The licences a run's weights carry from their initial weights (model card ``initial_weights``,
+    ControlNet included), one entry per network: component, licence, file and sha256."""
+    out = []
+    for name, init in (card.get("initial_weights") or {}).items():
+        if isinstance(init, dict) and init.get("license"):
+            out.append({"component": name, "license": init["license"], "file": init.get("file"),
+                        "sha256": init.get("sha256")})
+    return out
+
+
+def license_text(licenses: list[dict[str, Any]]) -> str:
+    """One line for a dataset's ``licence`` field: what the synthetic data inherits from the weights."""
+    if not licenses:
+        return "see the licence of the medsynth model that generated these samples"
+    parts = "; ".join(f"{x['component']}: {x['license']}" for x in licenses)
+    return (f"synthetic data from a model started from third-party weights, whose licences apply "
+            f"({parts}); see the model card")
 
 
 def write_model_card(paths: RunPaths, card: dict[str, Any]) -> Path:

@@ -35,6 +35,7 @@ from medsynth.config import Config, config_hash
 from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
 from medsynth.jobs import sha256_file, write_json
 from medsynth.model.checkpoint import CHECKPOINT_FORMAT, RunPaths, load_checkpoint, save_checkpoint, versions
+from medsynth.model.init_weights import load_into, read_init
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
@@ -70,19 +71,29 @@ def conditioning_channels(cfg: Config) -> tuple[int, ...]:
 
 
 def build_controlnet(cfg: Config, n_labels: int) -> nn.Module:
-    """A MONAI ``ControlNet`` matching ``cfg.model.unet`` (so the UNet's weights can be copied in)."""
+    """A MONAI ``ControlNet`` (MAISI's ``ControlNetMaisi`` for a MAISI UNet) matching ``cfg.model.unet``,
+    so the UNet's weights can be copied in."""
+    u = cfg.model.unet
+    n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
+    if u.kind == "maisi":
+        from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+
+        return ControlNetMaisi(
+            spatial_dims=3, in_channels=latent_channels(cfg), num_res_blocks=u.num_res_blocks,
+            num_channels=list(u.channels), attention_levels=list(u.attention_levels),
+            norm_num_groups=u.norm_num_groups, resblock_updown=u.resblock_updown,
+            num_head_channels=u.num_head_channels, num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
+            conditioning_embedding_in_channels=n_labels,
+            conditioning_embedding_num_channels=conditioning_channels(cfg), use_checkpointing=False, include_fc=True,
+        )
     from monai.networks.nets import ControlNet
 
-    u = cfg.model.unet
-    if u.kind != "monai":
-        raise ConfigError("model.unet.kind: ControlNet training supports the MONAI DiffusionModelUNet only",
-                          hint="train the run with model.unet.kind: monai")
-    n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
     return ControlNet(
         spatial_dims=3, in_channels=latent_channels(cfg), num_res_blocks=u.num_res_blocks,
         channels=tuple(u.channels), attention_levels=tuple(u.attention_levels), norm_num_groups=u.norm_num_groups,
         num_head_channels=u.num_head_channels, num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
         conditioning_embedding_in_channels=n_labels, conditioning_embedding_num_channels=conditioning_channels(cfg),
+        resblock_updown=u.resblock_updown,
     )
 
 
@@ -243,15 +254,21 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     unet.to(dev).eval().requires_grad_(False)
     with seeded_init(derive_seed(seed, "init", STAGE)):
         cn = build_controlnet(rc, len(values))
-    missing = cn.load_state_dict(unet.state_dict(), strict=False)  # copy the trained UNet (MONAI tutorial)
-    log.debug("controlnet: %d keys not copied from the UNet", len(missing.missing_keys))
+    ck_path = RunPaths(run.root).checkpoint(STAGE)
+    cn_init = None if (resume and ck_path.is_file()) else _controlnet_init(cfg)
+    if cn_init is not None:  # local ControlNet weights (training.controlnet.init), matched strictly
+        load_into(cn, cn_init)
+    else:  # copy the trained UNet where names and shapes agree (MONAI tutorial, MAISI's copy_model_state)
+        from monai.networks.utils import copy_model_state
+
+        _, copied, kept = copy_model_state(cn, unet.state_dict())
+        log.debug("controlnet: %d tensors copied from the UNet, %d kept", len(copied), len(kept))
     cn.to(dev).train()
     opt = torch.optim.Adam(cn.parameters(), lr=t.lr)
     noise_sched = build_scheduler(kind, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
     null_class = rc.model.unet.num_class_embeds
 
-    ck_path = paths.checkpoint(STAGE)
-    step = 0
+    step, ck = 0, None
     if ck_path.is_file():
         if not resume:
             raise CheckpointError(f"{ck_path}: exists; this run already trained its ControlNet",
@@ -274,6 +291,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
             "conditioning_scale": t.conditioning_scale, "diffusion_sha256": run.diffusion_sha256,
             "use_ema": bool(ema), "train": dataclasses.asdict(t), "versions": versions(),
             "n_train": len(mu),
+            "init": cn_init.provenance() if cn_init is not None else (ck or {}).get("init"),
         })
 
     metrics = MetricsLog(paths.metrics(STAGE), step)
@@ -301,9 +319,21 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
             callback(STAGE, step)
     if not ck_path.is_file():
         save()
+    if cn_init is not None:  # the model card names every network's initial weights and licence
+        from medsynth.model.checkpoint import write_model_card
+
+        inits = {**(run.card.get("initial_weights") or {}),
+                 "controlnet": {**cn_init.provenance(), "frozen": False, "fine_tuned_steps": t.steps}}
+        write_model_card(paths, {**run.card, "initial_weights": inits})
     log.info("controlnet: %d steps, last loss %s", step, last)
     return {"stage": STAGE, "steps": step, "val": {"loss": last} if last is not None else None,
             "seconds": round(time.perf_counter() - t0, 1), "labels": labels}
+
+
+def _controlnet_init(cfg: Config) -> Any:
+    """The ControlNet's initial weights of ``training.controlnet.init`` (None when not given)."""
+    t = cfg.training.controlnet
+    return read_init(t.init, "controlnet", t.init_license) if t.init else None
 
 
 def _plain(cfg: Config) -> dict[str, Any]:

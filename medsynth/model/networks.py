@@ -114,23 +114,79 @@ def build_autoencoder(cfg: Config) -> nn.Module:
     if a.kind == "maisi":
         from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-        return AutoencoderKlMaisi(
+        return _with_input_range(AutoencoderKlMaisi(
             spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=[a.num_res_blocks] * levels,
             num_channels=list(a.channels), attention_levels=list(a.attention_levels),
             latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
             with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
             use_flash_attention=a.use_flash_attention, num_splits=a.num_splits, dim_split=1,
             norm_float16=False, print_info=False, save_mem=False,
-        )
+        ), a.input_range)
     from monai.networks.nets import AutoencoderKL
 
-    return AutoencoderKL(
+    return _with_input_range(AutoencoderKL(
         spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=a.num_res_blocks,
         channels=tuple(a.channels), attention_levels=tuple(a.attention_levels),
         latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
         with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
         use_flash_attention=a.use_flash_attention,
-    )
+    ), a.input_range)
+
+
+class _InputRange:
+    """Mixin for an autoencoder whose weights were trained on intensities in ``input_range`` rather
+    than medsynth's [-1, 1] (MAISI's: [0, 1]): images are mapped into that range before encoding
+    and decoded images back, so the rest of medsynth keeps its model space.  The state dict is
+    the network's own."""
+
+    input_range: tuple[float, float] = (-1.0, 1.0)
+
+    def encode(self, x: torch.Tensor) -> Any:
+        lo, hi = self.input_range
+        return super().encode((x + 1.0) * (0.5 * (hi - lo)) + lo)  # type: ignore[misc]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.input_range
+        return (super().decode(z) - lo) * (2.0 / (hi - lo)) - 1.0  # type: ignore[misc]
+
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def _mix_in(net: nn.Module, mixin: type, suffix: str) -> nn.Module:
+    """Give ``net`` the behaviour of ``mixin`` in place (a subclass of its own class, one per pair),
+    keeping its modules, parameters and state-dict keys."""
+    base = type(net)
+    net.__class__ = _MIXED.setdefault((mixin, base), type(f"{base.__name__}{suffix}", (mixin, base), {}))
+    return net
+
+
+def _with_input_range(net: nn.Module, input_range: tuple[float, float]) -> nn.Module:
+    """``net`` itself for medsynth's own range [-1, 1] (bit-identical), else the same module with
+    encode/decode mapping into ``input_range`` (:class:`_InputRange`)."""
+    if tuple(float(v) for v in input_range) == (-1.0, 1.0):
+        return net
+    _mix_in(net, _InputRange, "InputRange")
+    net.input_range = (float(input_range[0]), float(input_range[1]))
+    return net
+
+
+class _FixedSpacing:
+    """Mixin for MAISI's UNet built with ``include_spacing_input``: every call gets the run's voxel
+    spacing (mm x 100, MAISI's convention) unless one is passed, so medsynth calls it like any UNet.
+    The spacing is a non-persistent buffer: the state dict is MAISI's own."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
+                class_labels: Optional[torch.Tensor] = None, down_block_additional_residuals: Any = None,
+                mid_block_additional_residual: Optional[torch.Tensor] = None,
+                top_region_index_tensor: Optional[torch.Tensor] = None,
+                bottom_region_index_tensor: Optional[torch.Tensor] = None,
+                spacing_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if spacing_tensor is None:
+            spacing_tensor = self.medsynth_spacing.to(x.device).expand(x.shape[0], 3)
+        return super().forward(x, timesteps, context, class_labels,  # type: ignore[misc]
+                               down_block_additional_residuals, mid_block_additional_residual,
+                               top_region_index_tensor, bottom_region_index_tensor, spacing_tensor)
 
 
 def build_unet(cfg: Config) -> nn.Module:
@@ -141,19 +197,25 @@ def build_unet(cfg: Config) -> nn.Module:
     if u.kind == "maisi":
         from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
-        return DiffusionModelUNetMaisi(
+        net = DiffusionModelUNetMaisi(
             spatial_dims=3, in_channels=c, out_channels=c, num_res_blocks=u.num_res_blocks,
             num_channels=list(u.channels), attention_levels=list(u.attention_levels),
             norm_num_groups=u.norm_num_groups, num_head_channels=u.num_head_channels,
             num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention, include_fc=True,
+            resblock_updown=u.resblock_updown, include_spacing_input=u.spacing_input,
         )
+        if u.spacing_input:
+            net.register_buffer("medsynth_spacing", torch.tensor([list(cfg.data.spacing)], dtype=torch.float32) * 100.0,
+                                persistent=False)
+            _mix_in(net, _FixedSpacing, "FixedSpacing")
+        return net
     from monai.networks.nets import DiffusionModelUNet
 
     return DiffusionModelUNet(
         spatial_dims=3, in_channels=c, out_channels=c, num_res_blocks=u.num_res_blocks,
         channels=tuple(u.channels), attention_levels=tuple(u.attention_levels),
         norm_num_groups=u.norm_num_groups, num_head_channels=u.num_head_channels,
-        num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
+        num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention, resblock_updown=u.resblock_updown,
     )
 
 

@@ -49,6 +49,7 @@ from medsynth.model.distributed import (
 )
 from medsynth.model.ema import EMA
 from medsynth.model.fastpath import memory_format, resolve_channels_last
+from medsynth.model.init_weights import InitWeights, config_init, load_into
 from medsynth.model.labels import label_values
 from medsynth.model.networks import (
     autocast,
@@ -249,7 +250,9 @@ class MetricsLog:
 _RESUMABLE = {"name", "data.manifest", "data.cache", "data.cache_dir", "data.num_workers", "training.device",
               "training.checkpoint_every", "training.autoencoder.steps", "training.autoencoder.val_every",
               "training.autoencoder.log_every", "training.diffusion.steps", "training.diffusion.val_every",
-              "training.diffusion.log_every"}
+              "training.diffusion.log_every",
+              # initial weights only seed a fresh stage (their sha256 is in the checkpoint): they may move
+              "model.autoencoder.init", "model.unet.init", "training.controlnet.init"}
 
 
 # What each stage's weights depend on: a resumed stage (or stage 2 on top of stage 1) must agree.
@@ -454,9 +457,14 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
 
     if cfg.model.autoencoder.kind == "wavelet":
         return fit_wavelet(cfg, paths, data, device, precision, resume)
+    if cfg.training.autoencoder.steps == 0:  # initial weights used as they are (the config asks for an init)
+        return use_initial_autoencoder(cfg, paths, data, device, precision, resume)
     t, seed, stage = cfg.training.autoencoder, cfg.training.seed, "autoencoder"
     with seeded_init(derive_seed(seed, "init", stage)):
         ae, disc = build_autoencoder(cfg), build_discriminator(cfg)
+    init = _initial_weights(cfg, "autoencoder", paths.checkpoint(stage), resume)
+    if init is not None:  # fine-tune from local weights
+        load_into(ae, init)
     ae.to(device).train()
     disc.to(device).train()
     check_batch(t.batch_size, "training.autoencoder.batch_size")
@@ -497,6 +505,7 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
             "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
             "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
             "intensity_norm": data.norm, "val_metrics": book.val, "data_info": data.info,
+            "init": init.provenance() if init is not None else (ck or {}).get("init"),
         })
 
     n = len(data.train)
@@ -565,6 +574,41 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
     return {"stage": stage, "steps": step, "val": book.val, "seconds": book.seconds}
 
 
+def _initial_weights(cfg: Config, role: str, ck_path: Path, resume: bool) -> Optional[InitWeights]:
+    """The config's initial weights for ``role``, read only when the stage starts afresh (a resumed
+    stage continues from its checkpoint, which records the file's sha256)."""
+    if resume and ck_path.is_file():
+        return None
+    return config_init(cfg, role)
+
+
+def use_initial_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device,
+                            precision: str, resume: bool) -> dict[str, Any]:
+    """Stage 1 with ``training.autoencoder.steps: 0``: the weights of ``model.autoencoder.init`` used
+    as they are (frozen), validated on the local data and stored, with the intensity map and the
+    file's sha256 and licence, as ``RUN/autoencoder/last.pt`` (step 0 of 0, so it counts as complete)."""
+    stage = "autoencoder"
+    ck_path = paths.checkpoint(stage)
+    ck = _existing_checkpoint(ck_path, stage, cfg, resume, _AE_KEYS, "has its autoencoder")
+    if ck is not None:
+        log.info("autoencoder: initial weights already in place")
+        return {"stage": stage, "steps": 0, "val": ck.get("val_metrics"), "seconds": 0.0}
+    t0 = time.perf_counter()
+    init = config_init(cfg, stage)
+    ae = build_autoencoder(cfg)
+    load_into(ae, init)
+    ae.to(device)
+    val = _validate_autoencoder(ae, data.val, device, precision, label_values(cfg)) if len(data.val) else None
+    if is_main():
+        save_checkpoint(ck_path, {**_base_payload(cfg, stage, 0, 0), "model": ae.state_dict(),
+                                  "intensity_norm": data.norm, "val_metrics": val, "data_info": data.info,
+                                  "init": {**init.provenance(), "frozen": True}})
+        write_text(paths.metrics(stage), json.dumps({"stage": stage, "step": 0, "val": val}) + "\n")
+    log.info("autoencoder: %s used as it is (frozen, %s)%s", init.path.name, init.layout,
+             f"; validation PSNR {val['psnr']:.1f} dB" if val else "")
+    return {"stage": stage, "steps": 0, "val": val, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device, precision: str,
                 resume: bool) -> dict[str, Any]:
     """Stage 1 of a wavelet latent: nothing to train; the sub-band scales are fitted on the training
@@ -616,6 +660,19 @@ def scale_factor_of(mu: torch.Tensor, sigma: torch.Tensor, seed: int) -> float:
     """1 / std of the sampled training latents, so the diffusion model sees unit-variance inputs."""
     z = mu + sigma * torch.randn(mu.shape, generator=generator(seed, "scale_factor"))
     return float(1.0 / z.std().clamp_min(1e-8))
+
+
+def initial_scale(unet_init: Optional[InitWeights], ae_ck: dict[str, Any], mu: torch.Tensor, sigma: torch.Tensor,
+                  seed: int) -> tuple[float, str]:
+    """The latent scale factor and where it came from: the one the initial UNet was trained with
+    (NV-Generate stores it beside ``unet_state_dict``), else one the initial autoencoder's file
+    carried, else 1 / std of the training latents (:func:`scale_factor_of`)."""
+    if unet_init is not None and unet_init.scale_factor:
+        return float(unet_init.scale_factor), "model.unet.init"
+    ae_init = ae_ck.get("init") or {}
+    if ae_init.get("scale_factor"):
+        return float(ae_init["scale_factor"]), "model.autoencoder.init"
+    return scale_factor_of(mu, sigma, seed), "data"
 
 
 def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
@@ -672,6 +729,9 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
 
     with seeded_init(derive_seed(seed, "init", stage)):
         unet = build_unet(cfg)
+    unet_init = _initial_weights(cfg, "unet", paths.checkpoint(stage), resume)
+    if unet_init is not None:  # fine-tune (or, with steps: 0, use) local weights; EMA starts from them
+        load_into(unet, unet_init)
     unet.to(device).train()
     fmt = memory_format(resolve_channels_last(cfg.training.channels_last, device))
     unet.to(memory_format=fmt)
@@ -703,9 +763,11 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         scaler.load_state_dict(ck["scaler"])
         step, val, scale = int(ck["step"]), ck.get("val_metrics"), float(ck["scale_factor"])
         log.info("diffusion: resuming at step %d of %d", step, t.steps)
+    scale_source = (ck or {}).get("scale_factor_source", "data")
     if scale is None:
-        scale = scale_factor_of(mu, sigma, seed)
-    log.info("diffusion: latent %s, scale factor %.4f, objective %s", list(latent_shape(cfg)), scale, kind)
+        scale, scale_source = initial_scale(unet_init, ae_ck, mu, sigma, seed)
+    log.info("diffusion: latent %s, scale factor %.4f (%s), objective %s", list(latent_shape(cfg)), scale,
+             scale_source, kind)
 
     def save() -> None:
         save_checkpoint(ck_path, {
@@ -713,7 +775,8 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
             "model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "scale_factor": scale,
             "autoencoder_sha256": ae_sha, "intensity_norm": norm, "val_metrics": book.val,
-            "data_info": data.info, "null_class": null_class,
+            "data_info": data.info, "null_class": null_class, "scale_factor_source": scale_source,
+            "init": unet_init.provenance() if unet_init is not None else (ck or {}).get("init"),
         })
 
     @torch.no_grad()
@@ -755,7 +818,12 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         ema.update(unet)
         step += 1
         book.after_step(step, end, {"loss": total}, sched.get_last_lr()[0], validate, save)
-    if start == t.steps:
+    if t.steps == 0 and ck is None and main:  # the initial UNet used as it is: validated and stored
+        book.val = validate()
+        save()
+        log.info("diffusion: %s used as it is (%s), validation loss %.4g", unet_init.path.name, unet_init.layout,
+                 book.val["loss"])
+    elif start == t.steps:
         log.info("diffusion: already trained (%d steps)", step)
     barrier()
     if main and step == t.steps:
