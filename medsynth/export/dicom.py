@@ -403,14 +403,17 @@ def write_seg(
     """Write ``label`` as a DICOM Segmentation (highdicom, BINARY) that references the image series.
 
     Each non-zero label value present becomes one segment (numbered 1..n in value order, named from
-    ``label_names`` when given).  Frames are the label's k-slices in the same (rows=j, columns=i)
-    layout as :func:`write_series`, one per source image; empty frames are omitted.
+    ``label_names`` when given and coded in SNOMED CT from its name, :mod:`medsynth.export.seg_codes`).
+    Frames are the label's k-slices in the same (rows=j, columns=i) layout as :func:`write_series`,
+    one per source image; empty frames are omitted.
 
     Returns:
         (SEG SeriesInstanceUID, number of segments).  Raises ExportError when the label is empty.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    from medsynth.export.seg_codes import segment_code
 
     values = [int(v) for v in np.unique(label.array) if v != 0]
     if not values:
@@ -423,19 +426,21 @@ def write_seg(
     algo = hd.AlgorithmIdentificationSequence(
         name="medsynth", family=codes.cid7162.ArtificialIntelligence, version=__version__)
     names = label_names or {}
-    descriptions = [
-        hd.seg.SegmentDescription(
+    descriptions = []
+    for n, v in enumerate(values, start=1):
+        seg_label = str(names.get(v, f"label {v}"))[:64]
+        # SNOMED CT category and type from the label-name table (medsynth/resources/seg_codes.csv)
+        category, prop_type = segment_code(seg_label).coded()
+        descriptions.append(hd.seg.SegmentDescription(
             segment_number=n,
-            segment_label=str(names.get(v, f"label {v}"))[:64],
-            segmented_property_category=codes.cid7150.Tissue,
-            segmented_property_type=codes.cid7150.Tissue,
+            segment_label=seg_label,
+            segmented_property_category=category,
+            segmented_property_type=prop_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo,
             tracking_uid=make_uid(uid_root, f"{uid_key}|segment|{v}"),
             tracking_id=f"synthetic label {v}",
-        )
-        for n, v in enumerate(values, start=1)
-    ]
+        ))
     series_uid = make_uid(uid_root, f"{uid_key}|series|{series_number}")
     seg = hd.seg.Segmentation(
         source_images=source_datasets,
