@@ -167,6 +167,9 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--name", default=None, help="dataset name in dataset.json/manifest (default: --out folder name)")
     p.add_argument("--config", type=Path, default=None, help="YAML config whose 'export' section gives defaults")
+    p.add_argument("--run", type=Path, default=None, metavar="RUN",
+                   help="run folder the samples came from: dataset.json and the manifest carry the licences "
+                        "of its initial weights (model card)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -182,9 +185,29 @@ def _run_export(args: argparse.Namespace) -> int:
         uid_root = uid_root if uid_root is not None else cfg.export.uid_root
     result = export_samples(args.samples, args.out, formats=formats if formats is not None else DEFAULT_FORMATS,
                             uid_root=uid_root, force=args.force, reference=args.reference,
-                            overwrite=args.overwrite, name=args.name)
+                            overwrite=args.overwrite, name=args.name, run=args.run)
     print(result.summary())
     return 0 if result.ok else ExportError.exit_code
+
+
+def _add_export_bundle(sub) -> None:
+    p = _verb(sub, "export-bundle",
+              "write a trained run as a MONAI bundle (configs/, models/, docs/) that "
+              "'python -m monai.bundle run' samples from",
+              "medsynth export-bundle runs/ct --out bundles/ct && cd bundles/ct && python -m monai.bundle run "
+              "--config_file configs/inference.json --meta_file configs/metadata.json", _run_export_bundle)
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder of 'medsynth train'")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to create (built beside it, then renamed)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--no-ema", action="store_true", help="export the raw UNet weights instead of the EMA weights")
+
+
+def _run_export_bundle(args: argparse.Namespace) -> int:
+    from medsynth.export.bundle import export_bundle
+
+    res = export_bundle(args.run, args.out, overwrite=args.overwrite, use_ema=False if args.no_ema else None)
+    print(res.summary())
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,7 +683,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 # Each stage adds its verb registrar to this list.
-REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_manifest,
+REGISTRARS: list[Callable] = [_add_env, _add_config, _add_data, _add_export, _add_export_bundle, _add_manifest,
                              _add_anonymise, _add_phi_scan, _add_evaluate, _add_qc, _add_expand,
                              _add_train, _add_generate, _add_demo]
 
