@@ -206,8 +206,10 @@ class UNetConfig:
     ``training.diffusion.steps: 0`` the UNet is used as is; otherwise it is fine-tuned (give it a
     lower ``lr`` and ``warmup_steps``).  ``resblock_updown`` (residual blocks for down/upsampling)
     and ``spacing_input`` (kind maisi: the UNet is conditioned on ``data.spacing`` in mm x 100, as
-    MAISI's) are what NV-Generate's rectified-flow CT UNet was built with; its 128-row modality
-    embedding loads with ``num_class_embeds: 127`` (medsynth's null class is the last row).
+    MAISI's) are what NV-Generate's rectified-flow CT UNet was built with.  Its 128-row modality
+    embedding is not a medsynth class table (MAISI's "no modality" is row 0, medsynth's null class
+    the last row): ``fixed_class_embeds: 128`` with ``fixed_class: 1`` (MAISI's code for CT) builds
+    that table and feeds every call class 1, so the model is unconditional for medsynth.
     """
 
     kind: Literal["monai", "maisi"] = "monai"
@@ -220,11 +222,22 @@ class UNetConfig:
     use_flash_attention: bool = False
     resblock_updown: bool = False
     spacing_input: bool = False
+    fixed_class_embeds: Optional[int] = None
+    fixed_class: Optional[int] = None
     init: Optional[str] = None
     init_license: Optional[str] = None
 
     def check(self, path: str) -> list[str]:
         errs = _init_checks(self, path)
+        if (self.fixed_class is None) != (self.fixed_class_embeds is None):
+            errs.append(f"{path}.fixed_class: set fixed_class and fixed_class_embeds together (or neither)")
+        elif self.fixed_class is not None:
+            if self.num_class_embeds is not None:
+                errs.append(f"{path}.fixed_class: a fixed class makes the model unconditional; set "
+                            "num_class_embeds: null")
+            if not 0 <= self.fixed_class < self.fixed_class_embeds:
+                errs.append(f"{path}.fixed_class: need 0 <= fixed_class < fixed_class_embeds "
+                            f"({self.fixed_class_embeds}), got {self.fixed_class}")
         if self.spacing_input and self.kind != "maisi":
             errs.append(f"{path}.spacing_input: only MAISI's UNet (kind: maisi) takes the voxel spacing; "
                         "set kind: maisi or spacing_input: false")

@@ -26,16 +26,18 @@ CT_LICENSE = "NVIDIA Open Model License"
 
 
 def maisi_config(manifest, ae_init=None, unet_init=None, **sections) -> dict:
-    """Tiny MAISI-architecture networks (AutoencoderKlMaisi in [0, 1], DiffusionModelUNetMaisi with
-    spacing input and residual up/down blocks, as NV-Generate's rectified-flow CT UNet)."""
+    """Tiny MAISI-architecture networks as NV-Generate's rectified-flow CT models are built:
+    AutoencoderKlMaisi on [0, 1], DiffusionModelUNetMaisi with spacing input, residual up/down blocks
+    and a modality table fed one fixed code (4 rows here, 128 in NV-Generate; code 1 = CT)."""
     model = {"autoencoder": {"kind": "maisi", "input_range": [0.0, 1.0]},
-             "unet": {"kind": "maisi", "spacing_input": True, "resblock_updown": True}}
+             "unet": {"kind": "maisi", "spacing_input": True, "resblock_updown": True, "num_class_embeds": None,
+                      "fixed_class_embeds": 4, "fixed_class": 1}}
     if ae_init:
         model["autoencoder"].update(init=str(ae_init), init_license=CT_LICENSE)
     if unet_init:
         model["unet"].update(init=str(unet_init), init_license=CT_LICENSE)
     raw = tiny_config(manifest, model=model, training={"scheduler": "rflow", "autoencoder": {"steps": 0}},
-                      sampling={"scheduler": "rflow", "steps": 2})
+                      sampling={"scheduler": "rflow", "steps": 2, "guidance_scale": 1.0})
     return _merge(raw, sections)
 
 
@@ -284,6 +286,8 @@ def test_config_rules_for_initial_weights():
         config_from_dict(tiny_config(None, training={"autoencoder": {"steps": 0}}))
     with pytest.raises(ConfigError, match=r"training\.diffusion\.steps: 0 .* needs model\.unet\.init"):
         config_from_dict(tiny_config(None, training={"diffusion": {"steps": 0}}))
+    with pytest.raises(ConfigError, match=r"model\.unet\.fixed_class: a fixed class makes the model unconditional"):
+        config_from_dict(tiny_config(None, model={"unet": {"fixed_class": 1, "fixed_class_embeds": 128}}))
     with pytest.raises(ConfigError, match=r"model\.unet\.spacing_input: only MAISI's UNet"):
         config_from_dict(tiny_config(None, model={"unet": {"spacing_input": True}}))
     with pytest.raises(ConfigError, match=r"model\.autoencoder\.init_lisence: unknown key; did you mean 'init_license'"):
@@ -305,3 +309,26 @@ def test_input_range_maps_maisi_space_exactly():
         mu0, _ = plain.encode((x + 1) / 2)
         assert torch.allclose(mu, mu0, atol=1e-6)
         assert torch.allclose(ranged.decode(mu), plain.decode(mu0) * 2 - 1, atol=1e-5)
+
+
+def test_fixed_class_and_spacing_feed_maisi_unet_inputs():
+    """An unconditional medsynth model on a MAISI UNet: each call gets class 1 and the run's spacing x 100,
+    exactly as calling MAISI's network with those inputs."""
+    cfg = config_from_dict(maisi_config(None, training={"autoencoder": {"steps": 4}}))
+    with seeded_init(4):
+        unet = build_unet(cfg)
+        with torch.no_grad():  # MONAI zero-initialises the output convolution: give every weight a value
+            for p in unet.parameters():
+                p.normal_(0.0, 0.05)
+    x, t = torch.randn(2, 2, 8, 8, 8), torch.tensor([3, 9])
+    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi as base
+
+    assert isinstance(unet, base) and type(unet) is not base
+    with torch.no_grad():
+        ours = unet(x, t)
+        theirs = base.forward(unet, x, t, class_labels=torch.tensor([1, 1]),
+                              spacing_tensor=torch.tensor([[2000.0, 2000.0, 2000.0]] * 2))
+        other = base.forward(unet, x, t, class_labels=torch.tensor([2, 2]),
+                             spacing_tensor=torch.tensor([[2000.0, 2000.0, 2000.0]] * 2))
+    assert torch.equal(ours, theirs) and not torch.equal(ours, other)
+    assert unet.class_embedding.num_embeddings == 4 and "medsynth_spacing" not in unet.state_dict()

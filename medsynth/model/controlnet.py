@@ -73,28 +73,30 @@ def conditioning_channels(cfg: Config) -> tuple[int, ...]:
 def build_controlnet(cfg: Config, n_labels: int) -> nn.Module:
     """A MONAI ``ControlNet`` (MAISI's ``ControlNetMaisi`` for a MAISI UNet) matching ``cfg.model.unet``,
     so the UNet's weights can be copied in."""
+    from medsynth.model.networks import class_rows, with_fixed_class
+
     u = cfg.model.unet
-    n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
+    n_emb = class_rows(cfg)
     if u.kind == "maisi":
         from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 
-        return ControlNetMaisi(
+        return with_fixed_class(ControlNetMaisi(
             spatial_dims=3, in_channels=latent_channels(cfg), num_res_blocks=u.num_res_blocks,
             num_channels=list(u.channels), attention_levels=list(u.attention_levels),
             norm_num_groups=u.norm_num_groups, resblock_updown=u.resblock_updown,
             num_head_channels=u.num_head_channels, num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
             conditioning_embedding_in_channels=n_labels,
             conditioning_embedding_num_channels=conditioning_channels(cfg), use_checkpointing=False, include_fc=True,
-        )
+        ), cfg)
     from monai.networks.nets import ControlNet
 
-    return ControlNet(
+    return with_fixed_class(ControlNet(
         spatial_dims=3, in_channels=latent_channels(cfg), num_res_blocks=u.num_res_blocks,
         channels=tuple(u.channels), attention_levels=tuple(u.attention_levels), norm_num_groups=u.norm_num_groups,
         num_head_channels=u.num_head_channels, num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention,
         conditioning_embedding_in_channels=n_labels, conditioning_embedding_num_channels=conditioning_channels(cfg),
         resblock_updown=u.resblock_updown,
-    )
+    ), cfg)
 
 
 def mask_condition(label: torch.Tensor, values: Sequence[int]) -> torch.Tensor:

@@ -171,6 +171,37 @@ def _with_input_range(net: nn.Module, input_range: tuple[float, float]) -> nn.Mo
     return net
 
 
+class _FixedClass:
+    """Mixin for a denoiser (UNet or ControlNet) whose weights carry a class table medsynth does not
+    use as classes (MAISI's modality codes): every call without ``class_labels`` gets ``fixed_class``."""
+
+    fixed_class: int = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("class_labels") is None:
+            x = args[0] if args else kwargs["x"]
+            kwargs["class_labels"] = torch.full((x.shape[0],), self.fixed_class, dtype=torch.long, device=x.device)
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+def class_rows(cfg: Config) -> Optional[int]:
+    """Rows of the denoiser's class table: n + 1 for n classes (the last is the null class), the
+    weights' own rows for a fixed class (``model.unet.fixed_class_embeds``), None when unconditional."""
+    u = cfg.model.unet
+    if u.fixed_class_embeds is not None:
+        return u.fixed_class_embeds
+    return None if u.num_class_embeds is None else u.num_class_embeds + 1
+
+
+def with_fixed_class(net: nn.Module, cfg: Config) -> nn.Module:
+    """``net`` fed ``model.unet.fixed_class`` on every call (unchanged when none is configured)."""
+    if cfg.model.unet.fixed_class is None:
+        return net
+    _mix_in(net, _FixedClass, "FixedClass")
+    net.fixed_class = int(cfg.model.unet.fixed_class)
+    return net
+
+
 class _FixedSpacing:
     """Mixin for MAISI's UNet built with ``include_spacing_input``: every call gets the run's voxel
     spacing (mm x 100, MAISI's convention) unless one is passed, so medsynth calls it like any UNet.
@@ -193,7 +224,7 @@ def build_unet(cfg: Config) -> nn.Module:
     """Stage-2 denoiser of ``cfg.model.unet``; class-conditional models get a null-class row."""
     u = cfg.model.unet
     c = latent_channels(cfg)
-    n_emb = None if u.num_class_embeds is None else u.num_class_embeds + 1
+    n_emb = class_rows(cfg)
     if u.kind == "maisi":
         from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
@@ -208,15 +239,15 @@ def build_unet(cfg: Config) -> nn.Module:
             net.register_buffer("medsynth_spacing", torch.tensor([list(cfg.data.spacing)], dtype=torch.float32) * 100.0,
                                 persistent=False)
             _mix_in(net, _FixedSpacing, "FixedSpacing")
-        return net
+        return with_fixed_class(net, cfg)
     from monai.networks.nets import DiffusionModelUNet
 
-    return DiffusionModelUNet(
+    return with_fixed_class(DiffusionModelUNet(
         spatial_dims=3, in_channels=c, out_channels=c, num_res_blocks=u.num_res_blocks,
         channels=tuple(u.channels), attention_levels=tuple(u.attention_levels),
         norm_num_groups=u.norm_num_groups, num_head_channels=u.num_head_channels,
         num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention, resblock_updown=u.resblock_updown,
-    )
+    ), cfg)
 
 
 def build_discriminator(cfg: Config) -> nn.Module:
