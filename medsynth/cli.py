@@ -621,6 +621,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's training.device")
     p.add_argument("--masks", type=Path, help="data manifest (its cases' labels) or folder of NIfTI masks: one image "
                    "per mask, following it (needs 'medsynth train ... --stage controlnet'); the mask is the label")
+    p.add_argument("--memory-gb", type=float, metavar="G",
+                   help="GPU memory of the card in GB (e.g. 16, 24, 40, 80): decode tiles chosen by medsynth's memory "
+                        "model (medsynth/model/memory.py) instead of sampling.tiling, batch size 1")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -630,6 +633,10 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.masks is not None:
         from medsynth.model.controlnet import generate_from_masks
+
+        if args.memory_gb is not None:
+            raise ConfigError("--memory-gb does not apply to --masks sampling yet",
+                              hint="drop --memory-gb; mask-conditioned sampling decodes with the run's sampling.tiling")
 
         if (args.n is not None and args.n < 1) or args.start < 0:
             raise ConfigError("-n must be >= 1 and --start >= 0")
@@ -643,10 +650,21 @@ def _run_generate(args: argparse.Namespace) -> int:
         return 1 if r.failed else 0
     if args.n is None or args.n < 1 or args.start < 0:
         raise ConfigError("-n must be >= 1 and --start >= 0")
+    sampler = None
+    if args.memory_gb is not None:
+        from medsynth.model.memory import apply_memory_budget
+        from medsynth.model.sample import Sampler
+
+        if args.memory_gb <= 0:
+            raise ConfigError(f"--memory-gb must be > 0, got {args.memory_gb}")
+        sampler = Sampler.from_run(args.run, device=args.device, use_ema=False if args.no_ema else None)
+        est = apply_memory_budget(sampler, args.memory_gb)
+        log.info("--memory-gb %g: decode tiles of %s latent voxels, estimated peak %.1f GiB", args.memory_gb,
+                 " x ".join(map(str, est.latent_tile)), est.peak)
     res = generate(args.run, args.out, range(args.start, args.start + args.n), seed=args.seed,
                    class_label=args.class_label, steps=args.steps, guidance=args.guidance,
                    batch_size=args.batch_size, scheduler=args.scheduler,
-                   use_ema=False if args.no_ema else None, device=args.device)
+                   use_ema=False if args.no_ema else None, device=args.device, sampler=sampler)
     print(f"wrote {len(res.written)} samples to {res.out_dir}"
           + (f" ({len(res.skipped)} already there, kept)" if res.skipped else ""))
     return 0
