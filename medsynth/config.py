@@ -113,7 +113,10 @@ class AutoencoderConfig:
     multiply the channels by 8 (the latent channels are derived, ``latent_channels`` is ignored);
     every sub-band is centred on its training-set mean, and ``wavelet_band_scale`` also brings it to
     unit variance; ``wavelet_label_bands: low`` keeps only the low-pass band of each label channel
-    of a paired model (labels decoded by trilinear upsampling; the image stays exact).  The
+    of a paired model (labels decoded by trilinear upsampling; the image stays exact), and
+    ``wavelet_label_scale: unit`` leaves the label channels' bands at their natural scale (one-hot
+    in [-1, 1], centred only) instead of standardising each: a label's high-pass bands are zero
+    except at boundaries, and unit variance would blow those sparse bands up.  The
     network keys (``channels``, ``attention_levels``, ...) apply to "monai" and "maisi" only.
 
     ``with_nonlocal_attn`` adds a full self-attention block at the latent level of encoder and
@@ -146,9 +149,11 @@ class AutoencoderConfig:
     wavelet_levels: int = 1
     wavelet_band_scale: bool = True
     wavelet_label_bands: Literal["all", "low"] = "all"
+    wavelet_label_scale: Literal["bands", "unit"] = "bands"
     init: Optional[str] = None
     init_license: Optional[str] = None
     input_range: tuple[float, float] = (-1.0, 1.0)
+
     @property
     def downsample(self) -> int:
         """How much the latent is smaller than the image along each axis."""
@@ -358,7 +363,9 @@ class DiffusionTrainConfig:
     easier to predict than noise when the latent is as large as the image.  On the wavelet demo,
     500 steps with uniform times gave smooth blobs without anatomy (README); the paper pairs it
     with noise-heavy times.  Any other value keeps the plain velocity for rflow.  ``timestep_sampling`` draws rflow training times
-    logit-normally (MAISI, SD3; few near t = 0) or uniformly (more weight on the last, fine steps).
+    logit-normally (MAISI, SD3; few near t = 0) or uniformly (more weight on the last, fine steps);
+    ``logit_mean`` / ``logit_std`` shape the logit-normal (t / T = sigmoid(mean + std n), t = T is
+    pure noise: a positive mean trains more on noisy times, a negative one on the fine last steps).
     """
 
     steps: int = 10000
@@ -373,13 +380,22 @@ class DiffusionTrainConfig:
     schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     timestep_sampling: Literal["logit-normal", "uniform"] = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     val_every: int = 500
     log_every: int = 100
 
+    @property
+    def timestep_dist(self) -> tuple[str, float, float]:
+        """How rflow training times are drawn: (``timestep_sampling``, logit mean, logit std)."""
+        return (self.timestep_sampling, float(self.logit_mean), float(self.logit_std))
+
     def check(self, path: str) -> list[str]:
         errs = _steps_checks(self, path)
+        if self.logit_std <= 0:
+            errs.append(f"{path}.logit_std: must be > 0, got {self.logit_std}")
         if not 0.0 <= self.ema_decay < 1.0:
             errs.append(f"{path}.ema_decay: need 0 <= value < 1, got {self.ema_decay}")
         if not 0.0 <= self.cond_drop_prob < 1.0:

@@ -173,11 +173,15 @@ def test_tiled_wavelet_decode_equals_the_whole_decode(wavelet_run):
     assert torch.allclose(tiled, whole, atol=1e-4)
 
 
-def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path):
+@pytest.mark.parametrize("label_scale", ["bands", "unit"])
+def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path, label_scale):
     from medsynth.samples import list_samples
 
-    cfg = config_from_dict(wavelet_config(phantoms, data={"use_labels": True}))
+    cfg = config_from_dict(wavelet_config(phantoms, data={"use_labels": True},
+                                          model={"autoencoder": {"wavelet_label_scale": label_scale}}))
     train(cfg, tmp_path / "run")
+    factors = load_checkpoint(RunPaths(tmp_path / "run").checkpoint("autoencoder"), "autoencoder")["model"]["band_scale"]
+    assert (bool(torch.all(factors[8:] == 1.0)) and factors.numel() == 32) == (label_scale == "unit")
     generate(tmp_path / "run", tmp_path / "s", range(2), seed=0)
     for s in list_samples(tmp_path / "s"):
         lab = s.load_label()
@@ -217,3 +221,35 @@ def test_mean_only_fit_centres_the_bands_and_keeps_unit_factors():
     assert torch.equal(fit_band_scale(w, imgs, scale=False), torch.ones(8))
     z = torch.cat([w.encode(i[None])[0] for i in imgs])
     assert torch.allclose(z.mean(dim=(0, 2, 3, 4)), torch.zeros(8), atol=1e-5)
+
+
+def test_unit_label_scale_standardises_the_image_bands_only():
+    from medsynth.model.labels import encode
+
+    g = torch.Generator().manual_seed(4)
+    lab = torch.zeros(1, 8, 8, 8)
+    lab[0, 2:6, 2:6, 2:7] = 1
+    imgs = [encode(torch.randn(1, 8, 8, 8, generator=g) * 0.3, lab, [0, 1]) for _ in range(3)]
+    w = HaarWavelet3d(3, 1)
+    f = fit_band_scale(w, imgs, unit_channels=16)
+    assert torch.equal(f[8:], torch.ones(16))        # both label channels' 8 bands: natural scale
+    z = torch.cat([w.encode(i[None])[0] for i in imgs])
+    assert torch.allclose(z[:, :8].std(dim=(0, 2, 3, 4), unbiased=False), torch.ones(8), atol=1e-4)
+    assert torch.allclose(z.mean(dim=(0, 2, 3, 4)), torch.zeros(24), atol=1e-5)  # every band centred
+    assert torch.allclose(w.decode(z[:1]), imgs[0][None], atol=1e-5)
+
+
+def test_logit_normal_mean_shifts_the_training_times():
+    from types import SimpleNamespace
+
+    from medsynth.model.networks import sample_train_timesteps
+
+    sched = SimpleNamespace(num_train_timesteps=1000)
+    draw = lambda m: sample_train_timesteps("rflow", sched, 4000, torch.Generator().manual_seed(0), "logit-normal", m, 1.0)
+    t0, lo, hi = draw(0.0), draw(-1.0), draw(1.0)
+    assert abs(float(t0.median()) - 500) < 25
+    assert float(lo.median()) < 300 < 700 < float(hi.median())  # sigmoid(+-1) = 0.27 / 0.73
+    cfg = config_from_dict(wavelet_config(None, training={"diffusion": {"logit_mean": -0.5}}))
+    assert cfg.training.diffusion.timestep_dist == ("logit-normal", -0.5, 1.0)
+    with pytest.raises(ConfigError, match="logit_std"):
+        config_from_dict(wavelet_config(None, training={"diffusion": {"logit_std": 0}}))

@@ -212,7 +212,7 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
             d = rc.training.diffusion
             x_t, tt, target, cls = _diffusion_batch(rc.training.scheduler, noise_sched, mu, sigma, classes, idx,
                                                     run.scale_factor, g, 0.0, rc.model.unet.num_class_embeds,
-                                                    d.timestep_sampling)
+                                                    d.timestep_dist)
             x_t, tt, target = x_t.to(dev), tt.to(dev), target.to(dev)
             cls = None if cls is None else cls.to(dev)
 
@@ -303,7 +303,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
         idx = batch_indices(seed, STAGE, step, n, t.batch_size)
         d = rc.training.diffusion
         x_t, tt, target, cls = _diffusion_batch(kind, noise_sched, mu, sigma, classes, idx, run.scale_factor,
-                                                g, t.cond_drop_prob, null_class, d.timestep_sampling)
+                                                g, t.cond_drop_prob, null_class, d.timestep_dist)
         pred = controlled_prediction(unet, cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
                                      None if cls is None else cls.to(dev), t.conditioning_scale)
         loss = diffusion_loss(kind, d.prediction_type, pred.float(), x_t.to(dev), tt.to(dev), target.to(dev),

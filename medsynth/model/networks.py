@@ -295,18 +295,20 @@ def build_scheduler(kind: str, t: DiffusionTrainConfig, latent_numel: int) -> An
 
 
 def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator,
-                           sampling: str = "logit-normal") -> torch.Tensor:
+                           sampling: str = "logit-normal", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """Training timesteps for ``n`` samples drawn from generator ``g``.
 
     MONAI's ``RFlowScheduler.sample_timesteps`` draws from the global RNG; this draws the same
     distribution (uniform integers for DDPM/DDIM, logit-normal for rectified flow) from ``g`` so a
-    run can be replayed.  ``sampling: uniform`` draws rectified-flow times uniformly instead.
+    run can be replayed.  ``sampling: uniform`` draws rectified-flow times uniformly instead;
+    ``mean`` and ``std`` are the logit-normal's (t / T = sigmoid(mean + std n); mean > 0 favours
+    noisy times, mean < 0 the last, fine steps).
     """
     if kind in ("ddpm", "ddim"):
         return torch.randint(0, scheduler.num_train_timesteps, (n,), generator=g)
     if sampling == "uniform":
         return torch.rand(n, generator=g) * scheduler.num_train_timesteps
-    return torch.sigmoid(torch.randn(n, generator=g)) * scheduler.num_train_timesteps
+    return torch.sigmoid(mean + std * torch.randn(n, generator=g)) * scheduler.num_train_timesteps
 
 
 # the smallest rectified-flow time a clean-latent prediction is divided by (Li & He 2025 clip at 0.05)

@@ -624,8 +624,11 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
         return {"stage": stage, "steps": 0, "val": ck.get("val_metrics"), "seconds": 0.0}
     t0 = time.perf_counter()
     wav = build_autoencoder(cfg)
+    a = cfg.model.autoencoder
+    n_lab = len(label_values(cfg))
+    unit = n_lab * (1 if a.wavelet_label_bands == "low" else 8 ** a.wavelet_levels) if a.wavelet_label_scale == "unit" else 0
     fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))),
-                   scale=cfg.model.autoencoder.wavelet_band_scale)
+                   scale=a.wavelet_band_scale, unit_channels=unit)
     val = _validate_autoencoder(wav, data.val, device, precision, label_values(cfg)) if len(data.val) else None
     if is_main():
         save_checkpoint(ck_path, {**_base_payload(cfg, stage, 0, 0), "model": wav.state_dict(),
@@ -677,11 +680,11 @@ def initial_scale(unet_init: Optional[InitWeights], ae_ck: dict[str, Any], mu: t
 
 def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      idx: torch.Tensor, scale: float, g: torch.Generator, drop_prob: float,
-                     null_class: Optional[int], timestep_sampling: str = "logit-normal") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                     null_class: Optional[int], timestep_dist: tuple = ("logit-normal", 0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(noisy latents, timesteps, target, class labels) of one batch, all drawn from ``g``."""
     z0 = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
     noise = torch.randn(z0.shape, generator=g)
-    t = sample_train_timesteps(kind, scheduler, len(idx), g, timestep_sampling)
+    t = sample_train_timesteps(kind, scheduler, len(idx), g, *timestep_dist)
     x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
     if kind == "rflow":
         target = z0 - noise  # the flow's velocity (a clean-latent model is judged on it too)
@@ -785,7 +788,7 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         g = generator(seed, stage, "validation")
         idx = torch.arange(min(len(vmu), 16))
         x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, vmu, vsig, vcls, idx, scale, g, 0.0, null_class,
-                                                   t.timestep_sampling)
+                                                   t.timestep_dist)
         with autocast(device, precision):
             pred = ema.model(x_t.to(device).contiguous(memory_format=fmt), tt.to(device),
                              class_labels=None if labels is None else labels.to(device))
@@ -802,7 +805,7 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
             g = generator(seed, stage, "step", step, micro)
             idx = batch_indices(seed, stage, step * t.grad_accum + micro, n, t.batch_size)
             x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, scale, g,
-                                                       t.cond_drop_prob, null_class, t.timestep_sampling)
+                                                       t.cond_drop_prob, null_class, t.timestep_dist)
             # drawn for the global batch, then this rank's part (identical to one process)
             x_t, tt, target = rank_part(x_t), rank_part(tt), rank_part(target)
             labels = None if labels is None else rank_part(labels)

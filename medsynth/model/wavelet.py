@@ -130,14 +130,15 @@ class HaarWavelet3d(nn.Module):
 
 @torch.no_grad()
 def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any, floor: float = 1e-3,
-                   scale: bool = True) -> torch.Tensor:
+                   scale: bool = True, unit_channels: int = 0) -> torch.Tensor:
     """Per-sub-band offsets and factors that give each latent channel zero mean and unit standard
     deviation over ``images`` (``scale=False``: offsets only, factors stay 1).
 
     ``images`` are ``[C, X, Y, Z]`` volumes in model space.  A band whose standard deviation is
     below ``floor`` (e.g. a label channel's high-pass band on a set without that label) keeps the
     factor of ``floor``, so noise in it is not blown up at decoding.  Both are set on ``wavelet``;
-    the factors are returned.
+    the factors are returned.  The last ``unit_channels`` latent channels (a paired model's label
+    bands with ``wavelet_label_scale: unit``) are centred only.
     """
     sums = torch.zeros(wavelet.latent_channels, dtype=torch.float64)
     sq = torch.zeros_like(sums)
@@ -152,6 +153,8 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
     mean = sums / n
     std = (sq / n - mean * mean).clamp_min(0).sqrt()
     factors = 1.0 / std.clamp_min(floor) if scale else torch.ones_like(std)
+    if unit_channels:
+        factors[-int(unit_channels):] = 1.0
     wavelet.band_mean.copy_(mean.to(wavelet.band_mean.dtype))
     wavelet.band_scale.copy_(factors.to(wavelet.band_scale.dtype))
     return wavelet.band_scale.clone()
