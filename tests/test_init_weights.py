@@ -167,7 +167,7 @@ def test_autoencoder_layouts(tmp_path, tiny_nets, layout):
 
 
 def test_unet_from_monai_bundle_model_pt_and_from_a_medsynth_run(tmp_path, tiny_nets, phantoms16):
-    cfg, _, unet = tiny_nets
+    _, _, unet = tiny_nets
     (tmp_path / "b" / "models").mkdir(parents=True)
     torch.save(unet.state_dict(), tmp_path / "b" / "models" / "model.pt")
     init = read_init(tmp_path / "b", "unet")
@@ -271,7 +271,7 @@ def test_cli_mismatch_is_one_message_exit_4(tmp_path, phantoms16, run_cli):
     raw = tiny_config(phantoms16, model={"autoencoder": {"latent_channels": 3, "init": "ae.pt", "init_license": "MIT"}},
                       training={"autoencoder": {"steps": 0}})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    code, out, err = run_cli("train", tmp_path / "c.yaml", "--run", tmp_path / "run")
+    code, _, err = run_cli("train", tmp_path / "c.yaml", "--run", tmp_path / "run")
     assert code == 4
     assert "Traceback" not in err and err.count("medsynth: error:") == 1
     assert "model.autoencoder.init:" in err and "ae.pt does not fit the configured AutoencoderKL" in err

@@ -81,7 +81,7 @@ def test_generate_memory_gb_sets_tiles_and_records_them(tmp_path, phantoms16, ru
 
     train(config_from_dict(tiny_config(phantoms16, training={"autoencoder": {"steps": 1}, "diffusion": {"steps": 1}})),
           tmp_path / "run")
-    code, out, err = run_cli("generate", tmp_path / "run", "-n", 1, "--out", tmp_path / "s", "--memory-gb", 16)
+    code, _, err = run_cli("generate", tmp_path / "run", "-n", 1, "--out", tmp_path / "s", "--memory-gb", 16)
     assert code == 0, err
     side = read_sample(next((tmp_path / "s").glob("*.json"))).sidecar
     assert side["decode_tiling"]["memory_gb"] == 16 and side["decode_tiling"]["latent_roi"] == [8, 8, 8]
