@@ -12,6 +12,7 @@ from torch import nn
 
 from medsynth.config import ConfigError, config_from_dict
 from medsynth.model.fastpath import (
+    CPU_BF16_MIN_LATENT_VOXELS,
     OneDNNConv3d,
     plan_tiles,
     resolve_channels_last,
@@ -105,6 +106,13 @@ def test_precision_auto_and_explicit(monkeypatch):
     assert not cpu_has_native_bf16() and resolve_sampling_precision("auto", CPU) == "fp32"
     monkeypatch.setenv("MEDSYNTH_CPU_BF16", "1")
     assert cpu_has_native_bf16() and resolve_sampling_precision("auto", CPU) == "bf16"
+    # bf16 is slower than fp32 at tiny latents on the CPU: auto keeps fp32 below the measured size
+    small, large = CPU_BF16_MIN_LATENT_VOXELS - 1, CPU_BF16_MIN_LATENT_VOXELS
+    assert resolve_sampling_precision("auto", CPU, small) == "fp32"
+    assert resolve_sampling_precision("auto", CPU, large) == "bf16"
+    assert resolve_sampling_precision("bf16", CPU, small) == "bf16"  # an explicit choice wins
+    monkeypatch.setenv("MEDSYNTH_CPU_BF16", "0")
+    assert resolve_sampling_precision("auto", CPU, large) == "fp32"
     monkeypatch.delenv("MEDSYNTH_CPU_BF16")
     assert resolve_sampling_precision("fp32", CPU) == "fp32"
     assert resolve_sampling_precision("fp16", CPU) == "fp32"  # fp16 autocast needs CUDA
@@ -155,7 +163,9 @@ def test_fast_path_is_close_to_exact_deterministic_and_recorded(monkeypatch, cpu
     precision = resolve_sampling_precision("auto", CPU)
     assert precision == ("bf16" if cpu_bf16 == "1" else "fp32")
     exact_cfg = _cfg(precision="fp32", channels_last=False, onednn_conv=False, fused_attention=False)
-    fast_cfg = _cfg()
+    # this test's latent is below CPU_BF16_MIN_LATENT_VOXELS, where auto keeps fp32: ask for what
+    # auto gives at scale, so the bf16 path is exercised
+    fast_cfg = _cfg(precision=precision)
     ae, unet = _nets(fast_cfg)
     from medsynth.data.transforms import intensity_norm
 

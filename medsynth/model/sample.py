@@ -79,7 +79,7 @@ class Sampler:
         self.norm = IntensityNorm.from_dict(intensity_norm)
         self.affine = target_affine(cfg.data)
         self.device = device
-        self.precision = resolve_sampling_precision(fast.precision, device)
+        self.precision = resolve_sampling_precision(fast.precision, device, math.prod(latent_shape(cfg)[1:]))
         self.provenance = {**provenance, "sampling_path": {
             "precision": self.precision, "channels_last": self.channels_last,
             "onednn_conv": bool(fast.onednn_conv and device.type == "cpu"), "fused_attention": fast.fused_attention}}
