@@ -94,6 +94,15 @@ def test_nv_generate_files_frozen_autoencoder_and_fine_tuned_unet(phantoms16, nv
     assert {inits[k]["license"] for k in inits} == {CT_LICENSE}
     assert card["latent"]["scale_factor"] == pytest.approx(0.75)
 
+    # every sample's sidecar carries what it inherits from the initial weights
+    from medsynth.model.sample import generate
+    from medsynth.samples import list_samples
+
+    generate(tmp_path / "run", tmp_path / "s", range(1), seed=0)
+    (sample,) = list_samples(tmp_path / "s")
+    lic = sample.sidecar["weights_licenses"]
+    assert {x["component"] for x in lic} == {"autoencoder", "unet"} and {x["license"] for x in lic} == {CT_LICENSE}
+
 
 def test_pretrained_unet_used_as_is_then_controlnet_on_it(phantoms16, nv_files, tmp_path):
     """Both networks used as they are (steps 0), then a ControlNet (MAISI's) trained on the frozen UNet;

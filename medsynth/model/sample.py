@@ -96,7 +96,7 @@ class Sampler:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: Optional[str] = None, use_ema: Optional[bool] = None) -> "Sampler":
         """Load a run directory after :func:`medsynth.model.checkpoint.load_run` has checked it."""
-        from medsynth.model.checkpoint import load_run, versions
+        from medsynth.model.checkpoint import load_run, versions, weights_licenses
 
         run = load_run(run_dir)
         cfg = run.cfg
@@ -109,6 +109,9 @@ class Sampler:
         unet.load_state_dict(run.ema_state if ema else run.unet_state)
         prov = {"checkpoint_sha256": run.diffusion_sha256, "autoencoder_sha256": run.autoencoder_sha256,
                 "config_hash": config_hash(cfg), "use_ema": bool(ema), "versions": versions()}
+        licenses = weights_licenses(run.card)  # what the samples inherit from initial weights
+        if licenses:
+            prov["weights_licenses"] = licenses
         return cls(cfg, ae, unet, run.scale_factor, run.intensity_norm, dev, prov, run.name)
 
     @classmethod
