@@ -252,17 +252,23 @@ def synthesise(sampler: Any, n: int, seed: int) -> list[np.ndarray]:
 def auc_with_ci(member_scores: Sequence[float], nonmember_scores: Sequence[float], n_boot: int, seed: int,
                 level: float = 0.95) -> tuple[float, tuple[float, float]]:
     """ROC AUC of scores (members positive) and its percentile-bootstrap interval, resampling
-    members and non-members separately so every replicate keeps both groups."""
-    from medsynth.evaluate.stats import binary_auc, bootstrap_indices, percentile_ci
+    members and non-members separately so every replicate keeps both groups.
+
+    The AUC is the Mann-Whitney statistic (ties count one half), computed for every replicate at
+    once from the member x non-member comparison matrix."""
+    from medsynth.evaluate.stats import percentile_ci
     from medsynth.model.networks import derive_seed
 
-    s = np.concatenate([np.asarray(member_scores, float), np.asarray(nonmember_scores, float)])
-    pos = np.concatenate([np.ones(len(member_scores), bool), np.zeros(len(nonmember_scores), bool)])
-    auc = binary_auc(s, pos)
-    idx = bootstrap_indices(len(s), n_boot, np.random.default_rng(derive_seed(seed, "audit", "bootstrap")),
-                            strata=pos.astype(int))
-    dist = np.array([binary_auc(s[r], pos[r]) for r in idx])
-    return auc, percentile_ci(dist, level)
+    m = np.asarray(member_scores, dtype=np.float64)
+    n = np.asarray(nonmember_scores, dtype=np.float64)
+    if not (m.size and n.size):
+        return float("nan"), (float("nan"), float("nan"))
+    wins = (m[:, None] > n[None, :]) + 0.5 * (m[:, None] == n[None, :])  # (n_m, n_n)
+    rng = np.random.default_rng(derive_seed(seed, "audit", "bootstrap"))
+    mi = rng.integers(0, m.size, size=(n_boot, m.size))
+    ni = rng.integers(0, n.size, size=(n_boot, n.size))
+    dist = wins[mi[:, :, None], ni[:, None, :]].mean(axis=(1, 2))
+    return float(wins.mean()), percentile_ci(dist, level)
 
 
 def _attack(name: str, description: str, member: np.ndarray, nonmember: np.ndarray, settings: AuditSettings,
