@@ -32,8 +32,8 @@ def run_cli(capsys):
 
 
 @pytest.fixture(scope="module")
-def phantoms16(tmp_path_factory) -> Path:
+def phantoms(tmp_path_factory) -> Path:
     """8 built-in phantoms on a 16³ grid at 20 mm (balanced classes, labels), with their manifest."""
     from medsynth.data.phantoms import write_phantoms
 
-    return write_phantoms(tmp_path_factory.mktemp("phantoms16"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+    return write_phantoms(tmp_path_factory.mktemp("phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))

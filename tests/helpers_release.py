@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 
 def overfit_config(manifest: Path) -> dict:

@@ -27,7 +27,7 @@ from medsynth.model.networks import (
     seeded_init,
 )
 from medsynth.model.sample import Sampler
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 CPU = torch.device("cpu")
 

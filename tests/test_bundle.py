@@ -18,19 +18,19 @@ from medsynth.config import config_from_dict
 from medsynth.model.networks import build_autoencoder, seeded_init
 from medsynth.model.train import train
 from medsynth.samples import read_sample
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 LICENSE = "NVIDIA Open Model License"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, phantoms16) -> Path:
+def run_dir(tmp_path_factory, phantoms) -> Path:
     """A paired tiny run whose autoencoder is a pretrained file used as is (licence recorded)."""
     root = tmp_path_factory.mktemp("bundle_run")
     paired = {"use_labels": True, "labels": {"background": 0, "lung": 1, "lesion": 2}}
-    raw = tiny_config(phantoms16, data=paired, training={"autoencoder": {"steps": 0}, "diffusion": {"steps": 2}})
+    raw = tiny_config(phantoms, data=paired, training={"autoencoder": {"steps": 0}, "diffusion": {"steps": 2}})
     with seeded_init(7):
-        ae = build_autoencoder(config_from_dict(tiny_config(phantoms16, data=paired)))
+        ae = build_autoencoder(config_from_dict(tiny_config(phantoms, data=paired)))
     torch.save(ae.state_dict(), root / "autoencoder_v1.pt")
     raw["model"]["autoencoder"].update(init=str(root / "autoencoder_v1.pt"), init_license=LICENSE)
     train(config_from_dict(raw), root / "run")

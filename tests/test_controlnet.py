@@ -25,7 +25,7 @@ from medsynth.model.networks import build_unet
 from medsynth.model.train import train
 from medsynth.samples import list_samples
 from medsynth.volume import Volume
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 LABELS = {"background": 0, "lung": 1, "lesion": 2}
 

@@ -15,7 +15,7 @@ from medsynth.demo import demo_config_path
 from medsynth.qc.fidelity import body_mask, fidelity, format_table, frechet_distance, volume_stats
 from medsynth.volume import Volume, affine_from_spacing
 
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

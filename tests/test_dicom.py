@@ -16,88 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage,
-                         generate_uid)
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from medsynth.data.dicom import read_series, scan_dicom, series_sha256
 from medsynth.errors import ImageReadError
 from medsynth.volume import Volume
-
-PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-48213", "PatientBirthDate": "19610203",
-       "StudyDate": "20240102", "InstitutionName": "St Elsewhere Hospital", "AccessionNumber": "ACC99117"}
-
-
-def _slice_ds(pixels_hu: np.ndarray, ipp, iop, pixel_spacing, uids: dict, modality: str = "CT",
-              slope: float = 1.0, intercept: float = -1024.0, number: int = 1) -> Dataset:
-    """One single-frame CT/MR image dataset; ``pixels_hu`` is (rows, cols) in physical units."""
-    ds = Dataset()
-    meta = FileMetaDataset()
-    sop = generate_uid()
-    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, sop
-    for k, v in PHI.items():
-        setattr(ds, k, v)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
-    ds.FrameOfReferenceUID = uids["frame"]
-    ds.Modality = modality
-    ds.InstanceNumber = number
-    ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
-    ds.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
-    ds.PixelSpacing = [f"{v:g}" for v in pixel_spacing]
-    ds.Rows, ds.Columns = pixels_hu.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
-    ds.PixelData = np.rint((pixels_hu - intercept) / slope).astype(np.uint16).tobytes()
-    return ds
-
-
-def _save(ds: Dataset, path: Path, preamble: bool = True) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if preamble:
-        ds.save_as(path, enforce_file_format=True)
-    else:  # old ACR-NEMA style: no preamble, no 'DICM', no file meta, implicit VR
-        del ds.file_meta
-        ds.save_as(path, implicit_vr=True, little_endian=True)
-    return path
-
-
-def oblique_cosines(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    return q[:, 0], q[:, 1]
-
-
-def write_series(folder: Path, hu: np.ndarray, *, row=(1.0, 0.0, 0.0), col=(0.0, 1.0, 0.0),
-                 pixel_spacing=(0.8, 0.7), origin=(-20.0, -30.0, 40.0), dz: float = 2.5, modality: str = "CT",
-                 names=None, positions=None, slope: float = 1.0, intercept: float = -1024.0,
-                 preamble_less=(), seed: int = 0) -> list[Path]:
-    """Write ``hu`` (i = column, j = row, k = slice) as a DICOM series; returns the paths in slice order.
-
-    Files get the given ``names`` (default ``IMxxxx``) assigned in a shuffled order and
-    InstanceNumbers counting backwards, so neither name nor number gives the slice order.
-    """
-    row, col = np.asarray(row, float), np.asarray(col, float)
-    normal = np.cross(row, col)
-    nz = hu.shape[2]
-    if positions is None:
-        positions = [np.asarray(origin) + k * dz * normal for k in range(nz)]
-    uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
-    names = list(names) if names is not None else [f"IM{k:04d}" for k in range(nz)]
-    perm = np.random.default_rng(seed).permutation(nz)
-    paths = []
-    for k in range(nz):
-        ds = _slice_ds(hu[:, :, k].T, positions[k], np.concatenate([row, col]), pixel_spacing, uids, modality,
-                       slope, intercept, number=nz - k)
-        paths.append(_save(ds, folder / names[perm[k]], preamble=names[perm[k]] not in preamble_less))
-    return paths
-
-
-def hu_volume(shape=(16, 12, 10), seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(-1000, 2000, size=shape).astype(np.int16)
+from tests.helpers import PHI, hu_volume, oblique_cosines, save_dicom, slice_dataset, write_series
 
 
 def sitk_volume(folder: Path) -> Volume:
@@ -259,7 +183,7 @@ def test_non_image_dicom_is_skipped_with_reason(tmp_path):
     sr.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     sr.SOPClassUID, sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPClassUID, sr.file_meta.MediaStorageSOPInstanceUID
     sr.Modality, sr.PatientName, sr.SeriesInstanceUID = "SR", PHI["PatientName"], generate_uid()
-    _save(sr, tmp_path / "s" / "report")
+    save_dicom(sr, tmp_path / "s" / "report")
     series, problems = scan_dicom(tmp_path)
     assert len(series) == 1 and series[0].exclusive
     assert [(p.kind, p.path.name) for p in problems] == [("skipped", "report")]
@@ -294,7 +218,7 @@ def _irregular(kind: str, folder: Path) -> None:
 
     def put(k, pixels=None, ipp=None, orient=None, ps=(0.8, 0.7)):
         px = hu[:, :, k].T if pixels is None else pixels
-        _save(_slice_ds(px, base[k] if ipp is None else ipp, iop if orient is None else orient, ps, uids),
+        save_dicom(slice_dataset(px, base[k] if ipp is None else ipp, iop if orient is None else orient, ps, uids),
               folder / f"f{(k * 5) % 8}")
 
     for k in range(8):

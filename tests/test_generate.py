@@ -19,14 +19,7 @@ from medsynth.model.sample import Sampler, generate
 from medsynth.model.train import train
 from medsynth.samples import list_samples
 
-from tests.test_model import tiny_config
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from medsynth.data.phantoms import write_phantoms
-
-    return write_phantoms(tmp_path_factory.mktemp("phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from medsynth.model.checkpoint import RunPaths, load_checkpoint
 from medsynth.model.init_weights import load_into, read_init
 from medsynth.model.networks import build_autoencoder, build_unet, seeded_init
 from medsynth.model.train import train
-from tests.test_model import _merge, tiny_config
+from tests.helpers import merge, tiny_config
 
 CT_LICENSE = "NVIDIA Open Model License"
 
@@ -38,7 +38,7 @@ def maisi_config(manifest, ae_init=None, unet_init=None, **sections) -> dict:
         model["unet"].update(init=str(unet_init), init_license=CT_LICENSE)
     raw = tiny_config(manifest, model=model, training={"scheduler": "rflow", "autoencoder": {"steps": 0}},
                       sampling={"scheduler": "rflow", "steps": 2, "guidance_scale": 1.0})
-    return _merge(raw, sections)
+    return merge(raw, sections)
 
 
 def save_nv_generate(cfg, folder: Path, scale_factor: float = 0.75) -> tuple[Path, Path]:
@@ -65,9 +65,9 @@ def nv_files(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 
 
-def test_nv_generate_files_frozen_autoencoder_and_fine_tuned_unet(phantoms16, nv_files, tmp_path):
+def test_nv_generate_files_frozen_autoencoder_and_fine_tuned_unet(phantoms, nv_files, tmp_path):
     ae_path, unet_path = nv_files
-    raw = maisi_config(phantoms16, ae_path, unet_path)
+    raw = maisi_config(phantoms, ae_path, unet_path)
     raw["training"]["diffusion"].update(steps=3, lr=1e-4, warmup_steps=2)
     res = train(config_from_dict(raw), tmp_path / "run")
     assert [(s["stage"], s["steps"]) for s in res.summaries] == [("autoencoder", 0), ("diffusion", 3)]
@@ -104,13 +104,13 @@ def test_nv_generate_files_frozen_autoencoder_and_fine_tuned_unet(phantoms16, nv
     assert {x["component"] for x in lic} == {"autoencoder", "unet"} and {x["license"] for x in lic} == {CT_LICENSE}
 
 
-def test_pretrained_unet_used_as_is_then_controlnet_on_it(phantoms16, nv_files, tmp_path):
+def test_pretrained_unet_used_as_is_then_controlnet_on_it(phantoms, nv_files, tmp_path):
     """Both networks used as they are (steps 0), then a ControlNet (MAISI's) trained on the frozen UNet;
     a second ControlNet starts from the first one's weights saved as NV-Generate saves ControlNets."""
     from medsynth.model.controlnet import train_controlnet
 
     ae_path, unet_path = nv_files
-    raw = maisi_config(phantoms16, ae_path, unet_path)
+    raw = maisi_config(phantoms, ae_path, unet_path)
     raw["training"]["diffusion"]["steps"] = 0
     raw["training"]["controlnet"] = {"steps": 2, "batch_size": 2, "log_every": 1}
     cfg = config_from_dict(raw)
@@ -175,14 +175,14 @@ def test_autoencoder_layouts(tmp_path, tiny_nets, layout):
     assert init.sha256 == sha256_file(path) and init.provenance()["license"] == "CC-BY-4.0"
 
 
-def test_unet_from_monai_bundle_model_pt_and_from_a_medsynth_run(tmp_path, tiny_nets, phantoms16):
+def test_unet_from_monai_bundle_model_pt_and_from_a_medsynth_run(tmp_path, tiny_nets, phantoms):
     _, _, unet = tiny_nets
     (tmp_path / "b" / "models").mkdir(parents=True)
     torch.save(unet.state_dict(), tmp_path / "b" / "models" / "model.pt")
     init = read_init(tmp_path / "b", "unet")
     assert init.path.name == "model.pt" and init.scale_factor is None and _equal(unet, init.state)
 
-    train(config_from_dict(tiny_config(phantoms16, training={"autoencoder": {"steps": 2},
+    train(config_from_dict(tiny_config(phantoms, training={"autoencoder": {"steps": 2},
                                                              "diffusion": {"steps": 2}})), tmp_path / "run")
     ck = load_checkpoint(tmp_path / "run" / "diffusion" / "last.pt", "diffusion")
     init = read_init(tmp_path / "run", "unet")
@@ -272,12 +272,12 @@ def test_bundle_folder_ambiguous_or_empty(tmp_path):
         read_init(tmp_path / "b", "controlnet")
 
 
-def test_cli_mismatch_is_one_message_exit_4(tmp_path, phantoms16, run_cli):
+def test_cli_mismatch_is_one_message_exit_4(tmp_path, phantoms, run_cli):
     import yaml
 
     cfg = config_from_dict(tiny_config(None))
     torch.save({"state_dict": build_autoencoder(cfg).state_dict()}, tmp_path / "ae.pt")
-    raw = tiny_config(phantoms16, model={"autoencoder": {"latent_channels": 3, "init": "ae.pt", "init_license": "MIT"}},
+    raw = tiny_config(phantoms, model={"autoencoder": {"latent_channels": 3, "init": "ae.pt", "init_license": "MIT"}},
                       training={"autoencoder": {"steps": 0}})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     code, _, err = run_cli("train", tmp_path / "c.yaml", "--run", tmp_path / "run")

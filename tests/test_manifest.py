@@ -312,7 +312,7 @@ def test_build_on_folder_without_images_fails_clearly(tmp_path, run_cli):
 
 def _mixed_folder(src: Path) -> None:
     """One CT and one MR NIfTI, and one MR DICOM series (written with pydicom)."""
-    from tests.test_dicom import write_series
+    from tests.helpers import write_series
 
     ct(seed=20).save_nifti(src / "chest.nii.gz")
     mr(seed=21).save_nifti(src / "brain.nii.gz")

@@ -73,13 +73,13 @@ def test_bigger_cards_decode_bigger_tiles():
     assert volumes == sorted(volumes) and volumes[0] < volumes[-1]
 
 
-def test_generate_memory_gb_sets_tiles_and_records_them(tmp_path, phantoms16, run_cli):
+def test_generate_memory_gb_sets_tiles_and_records_them(tmp_path, phantoms, run_cli):
     from medsynth.config import config_from_dict
     from medsynth.model.train import train
     from medsynth.samples import read_sample
-    from tests.test_model import tiny_config
+    from tests.helpers import tiny_config
 
-    train(config_from_dict(tiny_config(phantoms16, training={"autoencoder": {"steps": 1}, "diffusion": {"steps": 1}})),
+    train(config_from_dict(tiny_config(phantoms, training={"autoencoder": {"steps": 1}, "diffusion": {"steps": 1}})),
           tmp_path / "run")
     code, _, err = run_cli("generate", tmp_path / "run", "-n", 1, "--out", tmp_path / "s", "--memory-gb", 16)
     assert code == 0, err

@@ -13,44 +13,9 @@ from medsynth.errors import CheckpointError, ManifestError
 from medsynth.model.checkpoint import CARD_FORMAT, INTENDED_USE, RunPaths, load_checkpoint
 from medsynth.model.networks import build_autoencoder, build_unet, latent_shape
 from medsynth.model.train import prepare_data, train
+from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(manifest: Path | None, **sections) -> dict:
-    """8-channel networks on a 16³ grid, 4 + 4 training steps."""
-    raw = {
-        "name": "tiny",
-        "data": {"manifest": str(manifest) if manifest else None, "modality": "CT", "spacing": [20.0, 20.0, 20.0],
-                 "shape": [16, 16, 16], "val_fraction": 0.25},
-        "model": {"autoencoder": {"channels": [8, 8], "latent_channels": 2, "norm_num_groups": 4,
-                                  "attention_levels": [False, False]},
-                  "unet": {"channels": [8, 8], "attention_levels": [False, True], "num_head_channels": 8,
-                           "norm_num_groups": 4, "num_class_embeds": 2}},
-        "training": {"device": "cpu", "precision": "fp32", "scheduler": "ddpm", "checkpoint_every": 2,
-                     "autoencoder": {"steps": 4, "batch_size": 2, "lr": 1e-3, "adv_start": 2, "disc_layers": 2,
-                                     "disc_channels": 8, "val_every": 2, "log_every": 1},
-                     "diffusion": {"steps": 4, "batch_size": 2, "lr": 1e-3, "val_every": 2, "log_every": 1,
-                                   "num_train_timesteps": 20}},
-        "sampling": {"scheduler": "ddim", "steps": 2, "guidance_scale": 2.0, "batch_size": 2},
-    }
-    for key, val in sections.items():
-        raw[key] = _merge(raw.get(key, {}), val)
-    return raw
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from medsynth.data.phantoms import write_phantoms
-
-    return write_phantoms(tmp_path_factory.mktemp("phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,16 +17,9 @@ from medsynth.model.networks import build_autoencoder, image_channels
 from medsynth.model.train import prepare_data, train
 from medsynth.samples import list_samples
 from medsynth.volume import Volume
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 PHANTOM_LABELS = {"background": 0, "lung": 1, "lesion": 2}
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    from medsynth.data.phantoms import write_phantoms
-
-    return write_phantoms(tmp_path_factory.mktemp("paired_phantoms"), 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
 
 
 @pytest.fixture(scope="module")

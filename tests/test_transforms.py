@@ -26,7 +26,7 @@ def _cfg(**data):
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
+def phantom_manifest(tmp_path_factory):
     d = tmp_path_factory.mktemp("ph")
     return load_manifest(write_phantoms(d, 3, seed=0, shape=(32, 32, 20), spacing=(10.0, 10.0, 16.0)))
 
@@ -48,10 +48,10 @@ def test_mr_needs_reference():
     assert intensity_norm(cfg.data, (10.0, 500.0)).inverse(1.0) == 500.0
 
 
-def test_chain_reorients_resamples_and_crops(phantoms):
+def test_chain_reorients_resamples_and_crops(phantom_manifest):
     cfg = _cfg()
     tf = build_transforms(cfg.data, with_label=True)
-    out = tf(case_dict(phantoms.cases[1], with_label=True))
+    out = tf(case_dict(phantom_manifest.cases[1], with_label=True))
     img, lab = out["image"], out["label"]
     assert tuple(img.shape) == (1, 16, 16, 16) and tuple(lab.shape) == (1, 16, 16, 16)
     assert img.min() >= -1.0 and img.max() <= 1.0
@@ -64,7 +64,7 @@ def test_chain_reorients_resamples_and_crops(phantoms):
     assert out["class_label"] == 1
 
 
-def test_physical_position_preserved(phantoms, tmp_path):
+def test_physical_position_preserved(phantom_manifest, tmp_path):
     """A bright blob at a known world position stays at that world position after the chain."""
     aff = affine_from_spacing((4.0, 5.0, 6.0), (40, 36, 30), "LPS", center=(3.0, -4.0, 5.0))
     arr = np.full((40, 36, 30), -1000.0, np.float32)
@@ -82,23 +82,23 @@ def test_physical_position_preserved(phantoms, tmp_path):
     assert np.linalg.norm(world[:3] - blob_world) < 1.0  # centre of mass within 1 mm
 
 
-def test_split_is_deterministic_and_disjoint(phantoms):
-    tr, va = split_cases(phantoms.cases, 0.34, seed=0)
-    tr2, va2 = split_cases(list(reversed(phantoms.cases)), 0.34, seed=0)
+def test_split_is_deterministic_and_disjoint(phantom_manifest):
+    tr, va = split_cases(phantom_manifest.cases, 0.34, seed=0)
+    tr2, va2 = split_cases(list(reversed(phantom_manifest.cases)), 0.34, seed=0)
     assert [c.id for c in tr] == [c.id for c in tr2] and [c.id for c in va] == [c.id for c in va2]
     assert not {c.id for c in tr} & {c.id for c in va}
     assert len(va) == 1
 
 
-def test_cached_dataset(phantoms):
+def test_cached_dataset(phantom_manifest):
     cfg = _cfg(cache="memory")
-    ds = make_dataset(phantoms.cases, cfg.data)
+    ds = make_dataset(phantom_manifest.cases, cfg.data)
     assert len(ds) == 3 and tuple(ds[0]["image"].shape) == (1, 16, 16, 16)
 
 
 def test_loader_reads_one_series_out_of_a_shared_dicom_folder(tmp_path, run_cli):
     """A manifest case with series_files (two series in one folder) loads through LoadImaged."""
-    from tests.test_dicom import hu_volume, write_series
+    from tests.helpers import hu_volume, write_series
 
     a, b = hu_volume((16, 16, 6), seed=1), hu_volume((16, 16, 8), seed=2)
     write_series(tmp_path / "src" / "mix", a, names=[f"a{k}" for k in range(6)])

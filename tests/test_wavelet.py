@@ -17,18 +17,13 @@ from medsynth.model.sample import Sampler, generate
 from medsynth.model.train import train
 from medsynth.model.wavelet import HaarWavelet3d, fit_band_scale, haar_filters
 
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 def wavelet_config(manifest, **sections):
     raw = tiny_config(manifest, **sections)
     raw["model"]["autoencoder"] = {"kind": "wavelet", "wavelet_levels": 1,
                                    **sections.get("model", {}).get("autoencoder", {})}
     return raw
-
-
-@pytest.fixture(scope="module")
-def phantoms(phantoms16) -> Path:
-    return phantoms16
 
 
 @pytest.fixture(scope="module")
