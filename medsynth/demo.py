@@ -13,9 +13,7 @@ finished training stages and existing samples are kept.
 from __future__ import annotations
 
 import logging
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from medsynth.errors import CheckpointError, MedsynthError
-from medsynth.jobs import write_json
+from medsynth.jobs import RunPaths, load_run_config, write_json
 from medsynth.volume import Volume
 
 log = logging.getLogger("medsynth.demo")
@@ -90,7 +88,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     run_dir = out / "run"
     t = time.perf_counter()
     try:
-        train(cfg, run_dir, stage="all", resume=run_dir.is_dir() and any(run_dir.glob("*/last.pt")))
+        train(cfg, run_dir, stage="all", resume=RunPaths(run_dir).has_checkpoint())
     except CheckpointError as exc:
         raise CheckpointError(f"{run_dir}: holds a run this demo cannot continue ({exc.message})",
                               hint=f"remove {run_dir} or choose another --out folder") from None
@@ -102,7 +100,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     samples, untrained_dir = out / "samples", out / "untrained_samples"
     generate(run_dir, samples, indices, seed=seed)
     # the run's resolved config (label set filled in at training) for the same architecture
-    baseline = Sampler.untrained(load_config(run_dir / "config.yaml"), seed=seed, device="cpu")
+    baseline = Sampler.untrained(load_run_config(run_dir), seed=seed, device="cpu")
     generate(None, untrained_dir, indices, seed=seed, sampler=baseline)
     timings["sampling"] = time.perf_counter() - t
 
@@ -181,7 +179,7 @@ def format_summary(res: DemoResult) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Preview image (PNG written with zlib: no imaging dependency)
+# Preview image (PNG from medsynth.qc.report.png_bytes: no imaging dependency)
 # --------------------------------------------------------------------------------------------
 
 
@@ -207,19 +205,7 @@ def write_preview(path: Path, rows: dict[str, Sequence[Volume]], zoom: int = 4) 
         for j, tile in enumerate(r):
             canvas[i * (h + gap): i * (h + gap) + tile.shape[0], j * (w + gap): j * (w + gap) + tile.shape[1]] = tile
     canvas = np.kron(canvas, np.ones((zoom, zoom), np.uint8))
-    return _write_png(path, canvas)
+    from medsynth.jobs import write_bytes
+    from medsynth.qc.report import png_bytes
 
-
-def _write_png(path: Path, grey: np.ndarray) -> Path:
-    from medsynth.jobs import atomic_path
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    h, w = grey.shape
-    raw = b"".join(b"\x00" + grey[y].tobytes() for y in range(h))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png)
-    return path
+    return write_bytes(path, png_bytes(canvas))

@@ -1,6 +1,7 @@
-"""Run directories, atomic writes, shards and resume.
+"""Run directories, atomic writes, seeds, shards and resume.
 
-Every file medsynth writes appears atomically: it is written under a temporary name in the same
+:class:`RunPaths` is the one owner of a run directory's layout and :func:`load_run_config` the
+one reader of its config.  Every file medsynth writes appears atomically: it is written under a temporary name in the same
 folder and renamed when complete, so a killed job never leaves a half-written file where
 training code will read it.
 """
@@ -12,8 +13,9 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -52,6 +54,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
@@ -74,19 +83,98 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def seed_from(namespace: str, *parts: Any) -> int:
+    """A 63-bit seed that is a pure function of ``namespace`` and ``parts``: the one seed formula.
+
+    sha256 of ``"<namespace>:<part>:<part>..."`` (hashing, so neighbouring parts get unrelated
+    streams); every seed medsynth derives goes through here, each family under its own namespace.
+    """
+    digest = hashlib.sha256(f"{namespace}:{':'.join(str(p) for p in parts)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A seed for one use of randomness inside medsynth (network init, sampling steps, ...), a pure
+    function of ``parts`` such as ``(seed, "init", stage)``."""
+    return seed_from("medsynth", *parts)
+
+
 def sample_seed(global_seed: int, index: int) -> int:
     """The seed of sample ``index``: a function of (global seed, index) only.
 
     Derived by hashing so that neighbouring indices get unrelated streams and the result does not
     depend on batch size, shard or restart.
     """
-    digest = hashlib.sha256(f"medsynth-sample:{int(global_seed)}:{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seed_from("medsynth-sample", int(global_seed), int(index))
 
 
 def sample_id(run: str, index: int) -> str:
     """Stable id of a synthetic sample: ``synth-<run>-<index>`` (index zero-padded to 5)."""
     return f"synth-{run}-{int(index):05d}"
+
+
+# --------------------------------------------------------------------------------------------
+# run directories
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run directory (what ``medsynth train`` writes); no other code spells them::
+
+        RUN/config.yaml             the resolved config the run was trained with
+        RUN/versions.json           library versions and git commit of the training code
+        RUN/model_card.json         input contract, classes, scale factor, intended use, checkpoint hashes
+        RUN/<stage>/last.pt         a stage's checkpoint (autoencoder, diffusion, controlnet)
+        RUN/<stage>/metrics.jsonl   its training log
+    """
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "versions.json"
+
+    @property
+    def card(self) -> Path:
+        return self.root / "model_card.json"
+
+    def checkpoint(self, stage: str) -> Path:
+        return self.root / stage / "last.pt"
+
+    def has_checkpoint(self) -> bool:
+        """True when any stage has written its checkpoint (the run can be resumed)."""
+        return self.root.is_dir() and any(self.root.glob(f"*/{self.checkpoint('x').name}"))
+
+    def checkpoint_name(self, stage: str) -> str:
+        """A stage's checkpoint relative to the run (``diffusion/last.pt``), as the model card records it."""
+        return self.checkpoint(stage).relative_to(self.root).as_posix()
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / stage / "metrics.jsonl"
+
+
+def load_run_config(run_dir: str | os.PathLike, error: Optional[type] = None,
+                    hint: str = "pass the --run folder of 'medsynth train'") -> Any:
+    """The config a run was trained with (``RUN/config.yaml``), validated.
+
+    A missing run directory or config raises ``error`` (a :class:`~medsynth.errors.MedsynthError`
+    subclass, the calling stage's; :class:`~medsynth.errors.CheckpointError` by default) with ``hint``.
+    """
+    from medsynth.config import load_config
+    from medsynth.errors import CheckpointError
+
+    error = error or CheckpointError
+    paths = RunPaths(Path(run_dir))
+    if not paths.root.is_dir():
+        raise error(f"{run_dir}: run directory not found", hint=hint)
+    if not paths.config.is_file():
+        raise error(f"{run_dir}: not a medsynth run (no {paths.config.name} in the run directory)", hint=hint)
+    return load_config(paths.config)
 
 
 # --------------------------------------------------------------------------------------------

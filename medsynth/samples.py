@@ -126,42 +126,78 @@ def is_damaged_sidecar(side: Path) -> bool:
     return side.name.endswith(".json") and side.with_name(side.name[:-len(".json")] + ".nii.gz").is_file()
 
 
-def list_samples(samples_dir: Path, errors: Optional[list[str]] = None) -> list[Sample]:
-    """All samples in a folder (not in ``quarantine/``), sorted by index then id.
+@dataclass(frozen=True)
+class BrokenSample:
+    """A sidecar that claims to be a sample but cannot be read: its id, file and what is wrong.
 
-    Raises :class:`MedsynthError` naming the folder if it does not exist or holds no samples.  A
-    broken sample (sidecar whose image is missing, ...) raises too, unless ``errors`` is a list: then
-    its message is appended there and the other samples are still returned (one bad case never
-    sinks a batch).
+    ``error`` names the sidecar (message and fix); ``json_error`` is the decoder's exception name
+    when the sidecar is not even JSON."""
+
+    id: str
+    sidecar: Path
+    error: MedsynthError
+    json_error: Optional[str] = None
+
+
+@dataclass
+class SampleListing:
+    """What a samples folder holds: the readable samples (sorted by index, then id) and the broken ones."""
+
+    samples: list[Sample]
+    broken: list[BrokenSample]
+
+
+def scan_samples(samples_dir: Path) -> SampleListing:
+    """All samples in a folder (not in ``quarantine/``), sorted by index then id, and the broken ones.
+
+    One broken sample (a sidecar whose image is missing, a damaged sidecar beside its image, ...)
+    never hides the others: it is listed in ``broken``.  Raises :class:`MedsynthError` naming the
+    folder if it is missing, is a file, or holds nothing that is (or claims to be) a sample.
     """
     samples_dir = Path(samples_dir)
+    hint = "pass the --out folder of 'medsynth generate'"
+    if samples_dir.exists() and not samples_dir.is_dir():
+        raise MedsynthError(f"{samples_dir}: is a file, not a samples folder", hint=hint)
     if not samples_dir.is_dir():
-        raise MedsynthError(f"{samples_dir}: samples folder not found",
-                            hint="pass the --out folder of 'medsynth generate'")
-    out = []
+        raise MedsynthError(f"{samples_dir}: samples folder not found", hint=hint)
+    listing = SampleListing([], [])
     for side in sorted(samples_dir.glob("*.json")):
-        if side.name.endswith(".qc.json"):
-            continue
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            if not is_damaged_sidecar(side):
-                continue  # some other JSON file
-            msg = (f"{side}: not a readable sample sidecar ({type(exc).__name__}) beside its image; "
-                   "regenerate the sample or remove it")
-            if errors is None:
-                raise MedsynthError(msg) from None
-            errors.append(msg)
-            continue
-        if isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT:
-            try:
-                out.append(read_sample(side))
-            except MedsynthError as exc:
-                if errors is None:
-                    raise
-                errors.append(str(exc))
-    if not out and not errors:
-        raise MedsynthError(f"{samples_dir}: holds no medsynth samples (no '<id>.json' sidecars with "
-                            f"format '{SAMPLE_FORMAT}')", hint="pass the --out folder of 'medsynth generate'")
-    out.sort(key=lambda s: (s.sidecar.get("index", 0), s.id))
-    return out
+        if not side.name.endswith(".qc.json"):
+            _scan_sidecar(side, listing)
+    if not listing.samples and not listing.broken:
+        raise MedsynthError(f"{samples_dir}: holds no medsynth samples (no '<id>.json' sidecar with "
+                            f"format '{SAMPLE_FORMAT}')", hint=hint + " (NIfTI files alone are not samples)")
+    listing.samples.sort(key=lambda s: (s.sidecar.get("index") if isinstance(s.sidecar.get("index"), int) else 0,
+                                        s.id))
+    return listing
+
+
+def _scan_sidecar(side: Path, listing: SampleListing) -> None:
+    """Add the sample ``side`` describes to ``listing`` (or to its broken ones); other JSON is ignored."""
+    sid = side.name[: -len(".json")]
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        if is_damaged_sidecar(side):  # a sample's sidecar, damaged: reported, never used
+            err = MedsynthError(f"{side}: not a readable sample sidecar ({type(exc).__name__}) beside its image",
+                                hint="regenerate the sample or remove it")
+            listing.broken.append(BrokenSample(sid, side, err, type(exc).__name__))
+        return
+    if not (isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT):
+        return  # some other JSON file
+    try:
+        listing.samples.append(read_sample(side))
+    except MedsynthError as exc:
+        listing.broken.append(BrokenSample(sid, side, exc))
+
+
+def list_samples(samples_dir: Path) -> list[Sample]:
+    """All samples in a folder (not in ``quarantine/``), sorted by index then id.
+
+    Raises :class:`MedsynthError` naming the folder if it does not exist or holds no samples, and
+    naming the sidecar if one sample is broken (:func:`scan_samples` lists the others as well).
+    """
+    listing = scan_samples(samples_dir)
+    if listing.broken:
+        raise listing.broken[0].error
+    return listing.samples

@@ -18,20 +18,20 @@ one-vs-rest AUCs.  Accuracy uses the arg-max class, which for two classes is the
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
+from medsynth.jobs import seed_from
+
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
 def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed from a base seed and labels (arm, repeat, ...): unrelated streams per label."""
-    text = ":".join(["medsynth-utility", str(int(seed)), *(str(p) for p in parts)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return seed_from("medsynth-utility", int(seed), *parts)
 
 
 def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from medsynth.errors import MedsynthError
-from medsynth.samples import Sample, list_samples
+from medsynth.samples import Sample, scan_samples
 
 log = logging.getLogger("medsynth.evaluate.synthetic")
 
@@ -73,7 +73,8 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
     qdir = samples_dir / "quarantine"
     errors: list[str] = []
     try:
-        samples = list_samples(samples_dir, errors=errors)
+        listing = scan_samples(samples_dir)
+        samples, errors = listing.samples, [str(b.error) for b in listing.broken]
     except MedsynthError:
         if not qdir.is_dir():
             raise
@@ -81,7 +82,7 @@ def select_samples(samples_dir: Path, classes: Optional[Sequence[int]], n_per_cl
     quarantined: list[Sample] = []
     if qdir.is_dir():  # the QC gate moves failing samples here
         try:
-            quarantined = list_samples(qdir, errors=[])
+            quarantined = scan_samples(qdir).samples
         except MedsynthError:
             quarantined = []
     keys = [ANY_CLASS] if classes is None else [int(k) for k in classes]
@@ -172,7 +173,7 @@ def generate_set(run_dir: Path, out_dir: Path, classes: Optional[Sequence[int]],
 def _unjudged(samples_dir: Path) -> bool:
     """Whether any sample in the folder still lacks a QC verdict."""
     try:
-        return any(qc_status(s) is None for s in list_samples(samples_dir, errors=[]))
+        return any(qc_status(s) is None for s in scan_samples(samples_dir).samples)
     except MedsynthError:
         return False
 

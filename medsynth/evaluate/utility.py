@@ -33,11 +33,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
+from medsynth.errors import ConfigError, ManifestError, MedsynthError
 from medsynth.evaluate import stats
 from medsynth.evaluate.classifier import Budget, predict, train
 from medsynth.evaluate.split import check_disjoint
+from medsynth.jobs import RunPaths, load_run_config
 from medsynth.manifest import Case, Manifest, load_manifest
+from medsynth.model.networks import resolve_device
 from medsynth.versions import package_versions
 
 log = logging.getLogger("medsynth.evaluate.utility")
@@ -135,28 +137,13 @@ def comparisons(arms: Sequence[str]) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_run_config(run_dir: Path):
-    """The config a run was trained with (``RUN/config.yaml``)."""
-    from medsynth.config import load_config
-
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run directory not found",
-                              hint="pass the --run folder of 'medsynth train'")
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a medsynth run (no config.yaml)",
-                              hint="pass the --run folder of 'medsynth train'")
-    return load_config(path)
-
-
 def generator_manifest(run_dir: Path, cfg: Any) -> Optional[Path]:
     """The manifest the generator was trained on, as the run records it (config, else model card)."""
     import json
 
     if cfg.data.manifest:
         return Path(cfg.data.manifest)
-    card = Path(run_dir) / "model_card.json"
+    card = RunPaths(Path(run_dir)).card
     if card.is_file():
         try:
             meta = json.loads(card.read_text())
@@ -208,14 +195,6 @@ def _check_cases(m: Manifest, task: str, role: str) -> None:
         if missing:
             raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no label map (e.g. {missing[0]})",
                                 hint="segmentation needs a label on every case; build the manifest with --labels DIR")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available", hint="use --device cpu")
-    return torch.device(name)
 
 
 def load_tensors(cases: Sequence[Case], data_cfg: Any, task: str, role: str,
@@ -308,7 +287,7 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
     _check_cases(train_m, opts.task, "train")
     _check_cases(test_m, opts.task, "test")
     leakage = check_leakage(train_m, test_m, run_dir, cfg, needs_synth)
-    device = _device(opts.device)
+    device = resolve_device(opts.device, key="device")
     seg = opts.task == "segment"
 
     classes = sorted({int(c.class_label) for c in train_m.cases}) if not seg else []

@@ -72,7 +72,8 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
     (without ``overwrite``) and :class:`CheckpointError` for an unusable run.
     """
     from medsynth.config import config_to_dict, dump_yaml
-    from medsynth.model.checkpoint import RunPaths, load_checkpoint, load_run
+    from medsynth.jobs import RunPaths
+    from medsynth.model.checkpoint import load_checkpoint, load_run
 
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:

@@ -33,7 +33,7 @@ from medsynth import __version__
 from medsynth.errors import ExportError, MedsynthError, PrivacyError
 from medsynth.jobs import sha256_file, write_json
 from medsynth.progress import progress
-from medsynth.samples import SAMPLE_FORMAT, Sample, is_damaged_sidecar, read_sample
+from medsynth.samples import Sample, scan_samples
 from medsynth.versions import package_versions
 
 log = logging.getLogger("medsynth.export")
@@ -131,41 +131,15 @@ def refusal_summary(refused: dict[str, str]) -> str:
 
 
 def collect_samples(samples_dir: Path) -> tuple[list[Sample], dict[str, str]]:
-    """All samples of a folder, plus the sidecars that claim to be samples but are broken.
-
-    Unlike :func:`medsynth.samples.list_samples`, one broken sample (missing image, ...) does
-    not hide the others.  Raises ExportError when the folder holds nothing that is a sample.
-    """
-    samples_dir = Path(samples_dir)
-    if samples_dir.exists() and not samples_dir.is_dir():
-        raise ExportError(f"{samples_dir}: is a file, not a samples folder",
-                          hint="pass the --out folder of 'medsynth generate'")
-    if not samples_dir.is_dir():
-        raise ExportError(f"{samples_dir}: samples folder not found",
-                          hint="pass the --out folder of 'medsynth generate'")
-    samples: list[Sample] = []
-    broken: dict[str, str] = {}
-    for side in sorted(samples_dir.glob("*.json")):
-        if side.name.endswith(".qc.json"):
-            continue
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            if is_damaged_sidecar(side):  # a sample's sidecar, damaged: reported, never exported
-                broken[side.name[: -len(".json")]] = f"sidecar is not readable JSON ({type(exc).__name__})"
-            continue
-        if not (isinstance(meta, dict) and meta.get("format") == SAMPLE_FORMAT):
-            continue
-        try:
-            samples.append(read_sample(side))
-        except MedsynthError as exc:
-            broken[side.name[: -len(".json")]] = exc.message
-    if not samples and not broken:
-        raise ExportError(
-            f"{samples_dir}: holds no medsynth samples (no '<id>.json' sidecar with format '{SAMPLE_FORMAT}')",
-            hint="pass the --out folder of 'medsynth generate' (NIfTI files alone are not samples)")
-    samples.sort(key=lambda s: (s.sidecar.get("index") if isinstance(s.sidecar.get("index"), int) else 0, s.id))
-    return samples, broken
+    """All samples of a folder, plus the sidecars that claim to be samples but are broken (id ->
+    reason): :func:`medsynth.samples.scan_samples`, whose folder errors become ExportError."""
+    try:
+        listing = scan_samples(samples_dir)
+    except MedsynthError as exc:
+        raise ExportError(exc.message, hint=exc.hint) from None
+    broken = {b.id: f"sidecar is not readable JSON ({b.json_error})" if b.json_error else b.error.message
+              for b in listing.broken}
+    return listing.samples, broken
 
 
 def qc_status(sample: Sample) -> tuple[str, Optional[dict[str, Any]]]:
@@ -345,10 +319,11 @@ def _dataset_labels(records: list[dict[str, Any]]) -> dict[str, int]:
 def weights_licenses(run_dir: Optional[str | os.PathLike], samples: Sequence[Sample]) -> list[dict[str, Any]]:
     """The licences the samples inherit from the initial weights of the model that made them: from
     the run's model card (``--run``), else from the samples' sidecars (``weights_licenses``)."""
+    from medsynth.jobs import RunPaths
     from medsynth.model.checkpoint import weights_licenses as card_licenses
 
     if run_dir is not None:
-        card_path = Path(run_dir) / "model_card.json"
+        card_path = RunPaths(Path(run_dir)).card
         try:
             card = json.loads(card_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -1,14 +1,8 @@
-"""Run directories, checkpoints and the model card.
+"""Checkpoints and the model card of a run directory (its layout: :class:`medsynth.jobs.RunPaths`).
 
-A run directory::
-
-    RUN/config.yaml             the resolved config the run was trained with
-    RUN/versions.json           library versions and git commit of the training code
-    RUN/model_card.json         input contract, classes, scale factor, intended use, checkpoint hashes
-    RUN/autoencoder/last.pt     stage 1: weights, discriminator, optimizers, LR schedulers, step
-    RUN/autoencoder/metrics.jsonl
-    RUN/diffusion/last.pt       stage 2: weights, EMA weights, optimizer, scale factor, hash of stage 1
-    RUN/diffusion/metrics.jsonl
+``autoencoder/last.pt`` (stage 1) holds the weights, discriminator, optimizers, LR schedulers and
+step; ``diffusion/last.pt`` (stage 2) the weights, EMA weights, optimizer, scale factor and the
+hash of stage 1.
 
 Every checkpoint carries the config it was trained with (as a plain dict) and is written
 atomically.  :func:`load_run` checks the whole directory before any sampling compute is spent.
@@ -27,7 +21,7 @@ import torch
 
 from medsynth.config import Config, config_from_dict, config_hash, config_to_dict
 from medsynth.errors import CheckpointError, ConfigError
-from medsynth.jobs import atomic_path, sha256_file, write_json
+from medsynth.jobs import RunPaths, atomic_path, sha256_file, write_json
 
 log = logging.getLogger("medsynth.model.checkpoint")
 
@@ -35,31 +29,6 @@ CHECKPOINT_FORMAT = "medsynth-checkpoint/1"
 CARD_FORMAT = "medsynth-model-card/1"
 INTENDED_USE = "research only, not for clinical use"
 STAGES = ("autoencoder", "diffusion")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """The files of a run directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def versions(self) -> Path:
-        return self.root / "versions.json"
-
-    @property
-    def card(self) -> Path:
-        return self.root / "model_card.json"
-
-    def checkpoint(self, stage: str) -> Path:
-        return self.root / stage / "last.pt"
-
-    def metrics(self, stage: str) -> Path:
-        return self.root / stage / "metrics.jsonl"
 
 
 def versions() -> dict[str, Optional[str]]:
@@ -166,9 +135,9 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
         "training_data": {k2: data_info.get(k2) for k2 in ("manifest_name", "n_train", "n_val")},
         "metrics": {"autoencoder_val": ae_ck.get("val_metrics"), "diffusion_val": diff_ck.get("val_metrics")},
         "checkpoints": {
-            "autoencoder": {"path": "autoencoder/last.pt", "sha256": sha256_file(paths.checkpoint("autoencoder")),
+            "autoencoder": {"path": paths.checkpoint_name("autoencoder"), "sha256": sha256_file(paths.checkpoint("autoencoder")),
                             "step": ae_ck["step"]},
-            "diffusion": {"path": "diffusion/last.pt", "sha256": sha256_file(paths.checkpoint("diffusion")),
+            "diffusion": {"path": paths.checkpoint_name("diffusion"), "sha256": sha256_file(paths.checkpoint("diffusion")),
                           "step": diff_ck["step"]},
         },
         "config_hash": config_hash(cfg),

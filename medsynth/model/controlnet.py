@@ -28,20 +28,17 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medsynth.config import Config, config_hash
 from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
-from medsynth.jobs import sha256_file, write_json
-from medsynth.model.checkpoint import CHECKPOINT_FORMAT, RunPaths, load_checkpoint, save_checkpoint, versions
+from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json
+from medsynth.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, versions
 from medsynth.model.init_weights import load_into, read_init
 from medsynth.model.networks import (
-    autocast,
     build_autoencoder,
     build_scheduler,
     build_unet,
-    derive_seed,
     diffusion_loss,
     downsample_factor,
     generator,

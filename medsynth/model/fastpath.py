@@ -24,6 +24,7 @@ kernels, hence the same bytes, as MONAI's ``LatentDiffusionInferer.sample``.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch import nn

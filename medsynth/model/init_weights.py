@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from medsynth.errors import CheckpointError, ConfigError
-from medsynth.jobs import sha256_file
+from medsynth.jobs import RunPaths, sha256_file
 
 log = logging.getLogger("medsynth.model.init_weights")
 
@@ -209,11 +209,12 @@ def _resolve_file(src: Path, role: str, key: str) -> tuple[Path, bool]:
     EMA weights are preferred (a medsynth UNet)."""
     if src.is_file():
         return src, role == "unet"
-    stage_ck = src / RUN_STAGES[role] / "last.pt"
+    run = RunPaths(src)
+    stage_ck = run.checkpoint(RUN_STAGES[role])
     if stage_ck.is_file():  # a medsynth run folder
         return stage_ck, role == "unet"
-    if (src / "model_card.json").is_file() or (src / "autoencoder" / "last.pt").is_file():
-        raise ConfigError(f"{key}: {src} is a medsynth run without {RUN_STAGES[role]}/last.pt",
+    if run.card.is_file() or run.checkpoint("autoencoder").is_file():
+        raise ConfigError(f"{key}: {src} is a medsynth run without {run.checkpoint_name(RUN_STAGES[role])}",
                           hint=f"train that stage first, or point {key} at a weights file")
     models = src / "models"
     if models.is_dir():  # a MONAI bundle folder

@@ -12,7 +12,6 @@ of classifier-free guidance at sampling.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 from typing import Any, Iterator, Optional
@@ -22,6 +21,7 @@ from torch import nn
 
 from medsynth.config import Config, DiffusionTrainConfig
 from medsynth.errors import ConfigError
+from medsynth.jobs import derive_seed
 
 log = logging.getLogger("medsynth.model.networks")
 
@@ -73,14 +73,8 @@ def num_classes(cfg: Config) -> Optional[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (hashing, so neighbours are unrelated)."""
-    digest = hashlib.sha256(("medsynth:" + ":".join(str(p) for p in parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def generator(*parts: Any) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``."""
+    """A CPU ``torch.Generator`` seeded with :func:`medsynth.jobs.derive_seed` of ``parts``."""
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
@@ -342,12 +336,13 @@ def diffusion_loss(kind: str, prediction_type: str, out: torch.Tensor, x_t: torc
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without one is a clear error."""
+def resolve_device(name: str, key: str = "training.device") -> torch.device:
+    """The one device choice: ``auto`` picks CUDA when available; asking for CUDA without one is a
+    clear error naming ``key``, the parameter or config key the name came from."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("training.device: 'cuda' requested but torch sees no CUDA device",
+        raise ConfigError(f"{key}: {name!r} requested but torch sees no CUDA device",
                           hint="use device: auto or cpu, or install the CUDA build of torch")
     return torch.device(name)
 

@@ -25,13 +25,12 @@ from torch import nn
 
 from medsynth.config import Config, config_hash
 from medsynth.errors import CheckpointError, ConfigError, JobError
-from medsynth.jobs import sample_id, sample_seed
+from medsynth.jobs import derive_seed, sample_id, sample_seed
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
     build_scheduler,
     build_unet,
-    derive_seed,
     latent_shape,
     resolve_device,
     rflow_velocity,

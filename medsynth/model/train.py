@@ -24,10 +24,9 @@ import torch.nn.functional as F
 
 from medsynth.config import Config, config_hash, config_to_dict, dump_yaml
 from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
-from medsynth.jobs import sha256_file, write_json, write_text
+from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json, write_text
 from medsynth.model.checkpoint import (
     CHECKPOINT_FORMAT,
-    RunPaths,
     build_model_card,
     checkpoint_config,
     is_complete,
@@ -57,7 +56,6 @@ from medsynth.model.networks import (
     build_discriminator,
     build_scheduler,
     build_unet,
-    derive_seed,
     diffusion_loss,
     generator,
     latent_shape,

@@ -55,7 +55,7 @@ from medsynth.qc.features import (
     feature_vector,
     radiomics_features,
 )
-from medsynth.samples import Sample, list_samples
+from medsynth.samples import Sample, scan_samples
 
 log = logging.getLogger("medsynth.qc.gate")
 
@@ -83,20 +83,19 @@ class QCOutcome:
 
 
 def load_qc_config(config: Optional[str | Path] = None, run_dir: Optional[str | Path] = None) -> tuple[Optional[Config], str]:
-    """The config ``qc`` judges with: ``config`` or ``run_dir/config.yaml``, or None (infer the grid).
+    """The config ``qc`` judges with: ``config`` or the run's config, or None (infer the grid).
 
     Returns (config or None, a sentence saying where the grid comes from).
     """
     from medsynth.config import load_config
+    from medsynth.jobs import RunPaths, load_run_config
 
     if config is not None and run_dir is not None:
         raise QCError("give either --config or --run, not both")
     if run_dir is not None:
-        path = Path(run_dir) / "config.yaml"
-        if not path.is_file():
-            raise QCError(f"{run_dir}: no config.yaml in the run directory",
-                          hint="pass the run directory of 'medsynth train', or --config CONFIG")
-        return load_config(path), f"grid from the run's config ({path.name})"
+        cfg = load_run_config(run_dir, error=QCError,
+                              hint="pass the run directory of 'medsynth train', or --config CONFIG")
+        return cfg, f"grid from the run's config ({RunPaths(Path(run_dir)).config.name})"
     if config is not None:
         return load_config(config), f"grid from the config {Path(config).name}"
     return None, "grid inferred from the samples' sidecars (no --config/--run given)"
@@ -318,13 +317,12 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     samples_dir, out_dir = Path(samples_dir), Path(out_dir)
     qc: QCConfig = cfg.qc if cfg is not None else QCConfig()
     pc: PrivacyConfig = cfg.privacy if cfg is not None else PrivacyConfig()
-    broken: list[str] = []  # sidecars that claim to be samples but cannot be judged: no verdict
     try:
-        samples = list_samples(samples_dir, errors=broken)
-    except QCError:
-        raise
+        listing = scan_samples(samples_dir)
     except MedsynthError as exc:
         raise QCError(exc.message, hint=exc.hint) from None
+    samples = listing.samples
+    broken = [str(b.error) for b in listing.broken]  # claim to be samples but cannot be judged: no verdict
     for msg in broken:
         log.warning("sample skipped, no verdict written: %s", msg)
     if not samples:
