@@ -13,8 +13,8 @@ import pytest
 from medsynth.errors import ConfigError, ManifestError
 from medsynth.privacy.audit import (
     AuditSettings,
-    audit_membership,
     auc_with_ci,
+    audit_membership,
     control_audit,
     load_audit_inputs,
 )

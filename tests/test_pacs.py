@@ -5,6 +5,7 @@ give one clear error and a non-zero exit."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -113,8 +114,8 @@ def test_release_arrives_in_its_studies_and_series_and_seg_references_resolve(or
                                                      str(rec.Modality))
     segs = [(sop, v) for sop, v in stored.items() if v[3] == "SEG"]
     assert segs and len(segs) == sum(1 for r in files.values() if r.Modality == "SEG")
-    for sop, (oid, _, study_uid, _) in segs:
-        ds = dcmread(__import__("io").BytesIO(_get(base, f"/instances/{oid}/file")))
+    for _, (oid, _, study_uid, _) in segs:
+        ds = dcmread(io.BytesIO(_get(base, f"/instances/{oid}/file")))
         assert ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
         for ref_series in ds.ReferencedSeriesSequence:
             refs = [str(r.ReferencedSOPInstanceUID) for r in ref_series.ReferencedInstanceSequence]
@@ -137,3 +138,57 @@ def test_closed_port_and_rejected_association_are_clear_errors(orthanc, release,
     assert "Called AE title not recognised" in err and "--called-aet" in err and "Traceback" not in err
     code, _, err = run_cli("send", release, "--host", "127.0.0.1", "--port", "70000", "--called-aet", AET)
     assert code == 2 and "--port 70000 is not a TCP port" in err
+
+
+@pytest.fixture
+def store_scp():
+    """A pynetdicom storage SCP on a free port whose C-STORE answers come from ``answer(sop_uid)``."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    servers = []
+
+    def start(answer, ct_only: bool = False) -> int:
+        ae = AE(ae_title="STORE_SCP")
+        if ct_only:
+            ae.add_supported_context(CTImageStorage)
+        else:
+            ae.supported_contexts = AllStoragePresentationContexts
+        port = _free_port()
+        handlers = [(evt.EVT_C_STORE, lambda e: answer(str(e.request.AffectedSOPInstanceUID)))]
+        servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers))
+        return port
+
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_failed_stores_are_retried_and_what_still_fails_is_listed(release, store_scp, run_cli):
+    files = sorted(str(i.SOPInstanceUID) for i in FileSet(dcmread(release / "DICOMDIR")))
+    seen: dict[str, int] = {}
+
+    def flaky(uid: str) -> int:  # every instance fails once (out of resources), then is stored
+        seen[uid] = seen.get(uid, 0) + 1
+        return 0x0000 if seen[uid] > 1 else 0xA700
+
+    code, out, err = run_cli("send", release, "--host", "127.0.0.1", "--port", store_scp(flaky),
+                             "--called-aet", "STORE_SCP", "--retries", "1")
+    assert code == 0, err
+    assert f"sent {len(files)} of {len(files)}" in out and set(seen) == set(files)
+
+    def refuse_one(uid: str) -> int:
+        return 0xC000 if uid == files[0] else 0x0000
+
+    code, out, err = run_cli("send", release, "--host", "127.0.0.1", "--port", store_scp(refuse_one),
+                             "--called-aet", "STORE_SCP", "--retries", "1")
+    assert code == 1 and f"sent {len(files) - 1} of {len(files)}" in out and "1 failed" in out
+    assert "C-STORE status 0xC000" in out
+
+
+def test_sop_classes_the_pacs_does_not_accept_are_reported(release, store_scp, run_cli):
+    n_seg = sum(1 for i in FileSet(dcmread(release / "DICOMDIR")) if i.Modality == "SEG")
+    code, out, _ = run_cli("send", release, "--host", "127.0.0.1", "--port", store_scp(lambda uid: 0, ct_only=True),
+                           "--called-aet", "STORE_SCP")
+    assert code == 1 and f"{n_seg} failed" in out
+    assert "accepted no presentation context for its SOP class" in out

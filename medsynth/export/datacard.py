@@ -92,7 +92,8 @@ def synthetic_data(export: Any, export_report: dict[str, Any], dicom_index: list
         "dicom": ({"instances": sum(e["instances"] for e in dicom_index),
                    "image_series": sum(1 for e in dicom_index if e["modality"] != "SEG"),
                    "seg": sum(1 for e in dicom_index if e["modality"] == "SEG"),
-                   "fileset": "DICOMDIR at the top of the release, PS3.10 file IDs (PTxxxxxx/STxxxxxx/SExxxxxx/IMxxxxxx)",
+                   "fileset": "DICOMDIR at the top of the release, PS3.10 file IDs "
+                              "(PTxxxxxx/STxxxxxx/SExxxxxx/IMxxxxxx)",
                    "seg_codes": segs, "dates": export_report.get("dicom_dates"),
                    "identity": "patient SYNTHETIC^<sample id>; Synthetic Data YES; Patient Identity Removed YES"}
                   if dicom_index else None),
@@ -139,12 +140,13 @@ def membership_section(mia: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def build_card(*, name: str, created: str, model_card: dict[str, Any], cfg: Any, train_manifest: Any, members: int,
                export: Any, export_report: dict[str, Any], status: dict[str, str], force: bool,
-               qc_report: Optional[dict[str, Any]], memorisation: dict[str, Any], membership: Optional[dict[str, Any]],
-               utility: Optional[dict[str, Any]], licence: Optional[str], dicom_index: list[dict[str, Any]]
-               ) -> dict[str, Any]:
+               qc_report: Optional[dict[str, Any]], memorisation: dict[str, Any],
+               membership: Optional[dict[str, Any]], phi: dict[str, Any], utility: Optional[dict[str, Any]],
+               licence: Optional[str], dicom_index: list[dict[str, Any]]) -> dict[str, Any]:
     """The data card as a dict (``data_card.json``); :func:`render_markdown` writes ``DATA_CARD.md``."""
     from medsynth.model.checkpoint import license_text, weights_licenses
 
+    inherited = weights_licenses(model_card)
     coh = cohort(cfg, train_manifest, members, model_card)
     gen = generator(model_card, export)
     syn = synthetic_data(export, export_report, dicom_index)
@@ -167,11 +169,12 @@ def build_card(*, name: str, created: str, model_card: dict[str, Any], cfg: Any,
         "qc": qc_section(status, force, qc_report),
         "memorisation": memorisation_section(memorisation),
         "membership_inference": membership_section(membership),
-        "phi_scan": {"statement": "pending"},
+        "phi_scan": dict(phi),
         "utility": utility,
         "licence": {"data": licence or "not stated by the releasing site (ask it before any reuse)",
-                    "inherited_from_initial_weights": weights_licenses(model_card),
-                    "statement": license_text(weights_licenses(model_card))},
+                    "inherited_from_initial_weights": inherited,
+                    "statement": (license_text(inherited) if inherited else
+                                  "none inherited: the model was trained from random initialisation")},
         "how_to_cite": (f"{name}: {syn['n_samples']} synthetic {syn['modality']} volumes, generated with medsynth "
                         f"{__version__} (model config {str(gen['config_hash'])[:16]}), {year}. Verify the files "
                         "with 'sha256sum -c SHA256SUMS'."),
@@ -220,7 +223,8 @@ def render_markdown(card: dict[str, Any]) -> str:
               f"{coh['n_cases']} real {coh['modality']} cases in the training manifest: {coh['n_training']} trained "
               f"on, {coh['n_validation']} kept for validation. No case id, name, date or path is given here.", ""]
     lines += _table(["", ""], [
-        ["source grids (voxels)", f"{sg['shape_min_max'][0]} to {sg['shape_min_max'][1]}" if sg["shape_min_max"] else "n/a"],
+        ["source grids (voxels)", f"{sg['shape_min_max'][0]} to {sg['shape_min_max'][1]}"
+         if sg["shape_min_max"] else "n/a"],
         ["source spacing (mm)", f"{sg['spacing_mm_min_max'][0]} to {sg['spacing_mm_min_max'][1]}"
          if sg["spacing_mm_min_max"] else "n/a"],
         ["model grid", f"{coh['model_grid']['shape']} voxels of {coh['model_grid']['spacing_mm']} mm, "
@@ -259,10 +263,14 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## PHI scan", "", str(c["phi_scan"].get("statement")) + "."]
     if c["utility"]:
         u = c["utility"]
-        lines += ["", "## Utility", "", f"{u['task']}: the same model trained per arm, tested on {u['n_test']} held-out "
-                  f"real cases ({u['repeats']} repeats; mean [95% CI]).", ""]
-        lines += _table(["arm", *u["metrics"]], [[a["arm"], *[f"{a['metrics'][k]['mean']:.3f} {_ci(a['metrics'][k]['ci95'])}"
-                                                           for k in u["metrics"]]] for a in u["arms"]])
+        lines += ["", "## Utility", "", f"{u['task']}: the same model trained per arm, tested on {u['n_test']} "
+                  f"held-out real cases ({u['repeats']} repeats; mean [95% CI]).", ""]
+
+        def cell(m: dict[str, Any]) -> str:
+            return f"{m['mean']:.3f} {_ci(m['ci95'])}"
+
+        lines += _table(["arm", *u["metrics"]],
+                        [[a["arm"], *[cell(a["metrics"][k]) for k in u["metrics"]]] for a in u["arms"]])
     lic = c["licence"]
     lines += ["", "## Licence", "", f"Data: {lic['data']}. Weights: {lic['statement']}.",
               "", "## How to cite", "", c["how_to_cite"],

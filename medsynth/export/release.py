@@ -279,7 +279,8 @@ def qc_report_figures(qc_json: Optional[Path]) -> Optional[dict[str, Any]]:
             "pass_rate": round(int(counts.get("passed", 0)) / n, 4) if n else None,
             "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
             "memorisation_threshold": (mem.get("calibration") or {}).get("image_threshold"),
-            "memorisation_flagged": mem.get("n_flagged"), "calibration_mode": (mem.get("calibration") or {}).get("mode")}
+            "memorisation_flagged": mem.get("n_flagged"),
+            "calibration_mode": (mem.get("calibration") or {}).get("mode")}
 
 
 def utility_figures(utility_json: Optional[Path]) -> Optional[dict[str, Any]]:
@@ -314,38 +315,8 @@ def _check_paths(export_dir: Path, out_dir: Path) -> None:
         raise ExportError(f"{out_dir}: already exists and is not empty", hint="choose another --out or remove it")
 
 
-def release_export(export_dir: str | os.PathLike, run_dir: str | os.PathLike, manifest: str | os.PathLike,
-                   out_dir: str | os.PathLike, *, holdout: Optional[str | os.PathLike] = None, force: bool = False,
-                   qc: Optional[str | os.PathLike] = None, utility: Optional[str | os.PathLike] = None,
-                   licence: Optional[str] = None, name: Optional[str] = None, device: Optional[str] = None,
-                   settings: Any = None) -> ReleaseResult:
-    """Make ``export_dir`` into the release folder ``out_dir`` (see the module docstring).
-
-    Raises:
-        ExportError: not an export, changed since export, another model's samples, samples without
-            a passing QC verdict (unless ``force``), ``out_dir`` not empty.
-        PrivacyError: a released image is a possible copy of a training case, or the PHI scan hit.
-    """
-    from medsynth.export.datacard import build_card, render_markdown
-    from medsynth.manifest import load_manifest
-    from medsynth.privacy.audit import (
-        AuditSettings,
-        audit_membership,
-        load_audit_inputs,
-        load_cases,
-        sampler_card,
-        training_split,
-    )
-
-    export_dir, out_dir = Path(export_dir), Path(out_dir)
-    settings = settings or AuditSettings()
-    settings.check()
-    _check_paths(export_dir, out_dir)
-    report, exp = read_export(export_dir)
-    qc_fig = qc_report_figures(Path(qc) if qc is not None else None)
-    util_fig = utility_figures(Path(utility) if utility is not None else None)
-    check_unchanged(export_dir, exp)
-    status = qc_status(exp)
+def gate_qc(export_dir: Path, status: dict[str, str], force: bool) -> dict[str, str]:
+    """The samples without a passing QC verdict; ExportError unless ``force``."""
     not_passed = {sid: st for sid, st in status.items() if st != "passed"}
     if not_passed and not force:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(_count(not_passed.values()).items()))
@@ -355,9 +326,35 @@ def release_export(export_dir: str | os.PathLike, run_dir: str | os.PathLike, ma
                                "anyway (the data card says so)")
     if not_passed:
         log.warning("releasing %d sample(s) without a passing QC verdict because of --force", len(not_passed))
+    return not_passed
 
-    # -- the model, the real cases, the released images ------------------------------------------
-    run_dir = Path(run_dir)
+
+@dataclass
+class _Privacy:
+    """The model, the real cases and the privacy figures of the released images."""
+
+    sampler: Any
+    model_card: dict[str, Any]
+    train_manifest: Any
+    n_members: int
+    holdout_cases: list[Any]
+    memorisation: dict[str, Any]
+    membership: Optional[dict[str, Any]]
+
+
+def privacy_figures(export_dir: Path, exp: Any, run_dir: Path, manifest: Path, holdout: Optional[Path],
+                    device: Optional[str], settings: Any) -> _Privacy:
+    """Load the run and the real cases, then screen the released images for copies and run the
+    membership audit (hold-out cases needed) on them."""
+    from medsynth.manifest import load_manifest
+    from medsynth.privacy.audit import (
+        audit_membership,
+        load_audit_inputs,
+        load_cases,
+        sampler_card,
+        training_split,
+    )
+
     train_m = load_manifest(manifest)
     if holdout is not None:
         sampler, members, heldout, case_notes = load_audit_inputs(run_dir, manifest, holdout, device)
@@ -374,59 +371,90 @@ def release_export(export_dir: str | os.PathLike, run_dir: str | os.PathLike, ma
     if len(synthetic) != len(exp.cases):
         raise ExportError(f"{export_dir}: {len(exp.cases) - len(synthetic)} exported image(s) cannot be read on the "
                           "run's grid (see the warnings above)", hint="export again from the run's own samples")
-
     memorisation = screen_copies(sampler.cfg, members, heldout, synthetic.physical, synthetic.ids)
+    membership = None
     if heldout is not None:
         membership = audit_membership(sampler, members, heldout, settings, synthetic.physical,
                                       f"the {len(synthetic)} released samples")
         membership["cases"] = case_notes
-    else:
-        membership = None
+    return _Privacy(sampler, card, train_m, len(members), hold_cases, memorisation, membership)
 
-    # -- build the folder ------------------------------------------------------------------------
+
+def write_cards(tmp: Path, out_dir: Path, audit: dict[str, Any], data_card: dict[str, Any], ids: Any) -> None:
+    """The audit and the card, PHI-scanned on their own, then moved into the release."""
+    from medsynth.export.datacard import render_markdown
+
+    cards = out_dir.parent / f".{out_dir.name}.card-{os.getpid()}"
+    shutil.rmtree(cards, ignore_errors=True)
+    try:
+        write_json(cards / "privacy_audit.json", audit)
+        write_json(cards / "data_card.json", data_card)
+        write_text(cards / "DATA_CARD.md", render_markdown(data_card))
+        run_phi_scan(cards, ids)
+        for f in cards.iterdir():
+            os.replace(f, tmp / f.name)
+    finally:
+        shutil.rmtree(cards, ignore_errors=True)
+
+
+def release_export(export_dir: str | os.PathLike, run_dir: str | os.PathLike, manifest: str | os.PathLike,
+                   out_dir: str | os.PathLike, *, holdout: Optional[str | os.PathLike] = None, force: bool = False,
+                   qc: Optional[str | os.PathLike] = None, utility: Optional[str | os.PathLike] = None,
+                   licence: Optional[str] = None, name: Optional[str] = None, device: Optional[str] = None,
+                   settings: Any = None) -> ReleaseResult:
+    """Make ``export_dir`` into the release folder ``out_dir`` (see the module docstring).
+
+    Raises:
+        ExportError: not an export, changed since export, another model's samples, samples without
+            a passing QC verdict (unless ``force``), ``out_dir`` not empty.
+        PrivacyError: a released image is a possible copy of a training case, or the PHI scan hit.
+    """
+    from medsynth.export.datacard import build_card
+    from medsynth.export.dataset import _publish
+    from medsynth.privacy.audit import AuditSettings
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    settings = settings or AuditSettings()
+    settings.check()
+    _check_paths(export_dir, out_dir)
+    report, exp = read_export(export_dir)
+    qc_fig = qc_report_figures(Path(qc) if qc is not None else None)
+    util_fig = utility_figures(Path(utility) if utility is not None else None)
+    check_unchanged(export_dir, exp)
+    status = qc_status(exp)
+    not_passed = gate_qc(export_dir, status, force)
+    pv = privacy_figures(export_dir, exp, Path(run_dir), Path(manifest), Path(holdout) if holdout else None,
+                         device, settings)
+
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         copy_export(export_dir, tmp)
         dicom_index = write_fileset(export_dir, tmp)
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        phi: dict[str, Any] = {}  # filled in by the scan below, which covers the card too
-        audit = {"format": AUDIT_FORMAT, "created": created, "medsynth_version": __version__,
-                 "qc": {"released": status, "forced": bool(not_passed), "qc_report": qc_fig},
-                 "memorisation": memorisation, "membership_inference": membership, "phi_scan": phi}
-        data_card = build_card(name=name or out_dir.name, created=created, model_card=card, cfg=sampler.cfg,
-                               train_manifest=train_m, members=len(members), export=exp, export_report=report,
-                               status=status, force=force, qc_report=qc_fig, memorisation=memorisation,
-                               membership=membership, utility=util_fig, licence=licence,
-                               dicom_index=dicom_index)
-        # the PHI scan: first every data file, then the card and audit that report it
-        ids = phi_identifiers(Path(manifest), train_m.cases, hold_cases)
-        phi.update(run_phi_scan(tmp, ids))
+        # the PHI scan of every data file; the card and audit that report it are scanned in write_cards
+        ids = phi_identifiers(Path(manifest), pv.train_manifest.cases, pv.holdout_cases)
+        phi = run_phi_scan(tmp, ids)
         phi["statement"] = (f"clean: {phi['identifiers_searched']} identifiers of the real cases (DICOM header "
                             f"values of {phi['reference_headers']} reference file(s) and every training and "
                             "hold-out case id) searched in every file and file name of the release, this card "
                             "included; none found")
-        data_card["phi_scan"] = dict(phi)
-        cards = out_dir.parent / f".{out_dir.name}.card-{os.getpid()}"
-        shutil.rmtree(cards, ignore_errors=True)
-        try:
-            write_json(cards / "privacy_audit.json", audit)
-            write_json(cards / "data_card.json", data_card)
-            write_text(cards / "DATA_CARD.md", render_markdown(data_card))
-            run_phi_scan(cards, ids)
-            for f in cards.iterdir():
-                os.replace(f, tmp / f.name)
-        finally:
-            shutil.rmtree(cards, ignore_errors=True)
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        audit = {"format": AUDIT_FORMAT, "created": created, "medsynth_version": __version__,
+                 "qc": {"released": status, "forced": bool(not_passed), "qc_report": qc_fig},
+                 "memorisation": pv.memorisation, "membership_inference": pv.membership, "phi_scan": phi}
+        data_card = build_card(name=name or out_dir.name, created=created, model_card=pv.model_card,
+                               cfg=pv.sampler.cfg, train_manifest=pv.train_manifest, members=pv.n_members,
+                               export=exp, export_report=report, status=status, force=force, qc_report=qc_fig,
+                               memorisation=pv.memorisation, membership=pv.membership, phi=phi, utility=util_fig,
+                               licence=licence, dicom_index=dicom_index)
+        write_cards(tmp, out_dir, audit, data_card, ids)
         n_files = write_checksums(tmp)
-        from medsynth.export.dataset import _publish
-
         _publish(tmp, out_dir, overwrite=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    notes = ([f"{len(not_passed)} sample(s) released without a passing QC verdict (--force)"] if not_passed else [])
-    if membership is None:
+    notes = [f"{len(not_passed)} sample(s) released without a passing QC verdict (--force)"] if not_passed else []
+    if pv.membership is None:
         notes.append("no --holdout: membership inference not run and the memorisation threshold calibrated on "
                      "a split of the training cases")
     return ReleaseResult(out_dir, [c.id for c in exp.cases], data_card, n_files + 1,

@@ -427,7 +427,8 @@ def load_audit_inputs(run_dir: str | Path, manifest: str | Path, holdout: str | 
     nonmembers = load_cases(sampler.cfg, unseen, "hold-out")
     notes = {"members": f"the run's training split of the manifest ({len(val_cases)} validation case(s) of the "
                         "manifest are not counted: the model did not train on them)",
-             "nonmembers": "hold-out manifest" + (f" ({dropped} case(s) dropped: also training files)" if dropped else ""),
+             "nonmembers": "hold-out manifest"
+                           + (f" ({dropped} case(s) dropped: also training files)" if dropped else ""),
              "skipped": len(members.skipped) + len(nonmembers.skipped)}
     return sampler, members, nonmembers, notes
 
