@@ -42,8 +42,10 @@ def test_tiny_run_writes_the_issue_keys(result):
     s, d = r["sampling"], r["decode"]
     assert r["format"] == "medsynth-benchmark/1" and r["mode"] == "tiny"
     for value in (s["baseline_s_per_volume"], s["medsynth_s_per_volume"], s["speedup"], d["full_peak_mb"],
-                  d["tiled_peak_mb"], r["unet_gflops"], r["matmul_peak_gflops"]):
+                  d["tiled_peak_mb"], r["unet_gflops"], r["matmul_peak_gflops"], r["matmul_peak_gflops_bf16"],
+                  r["unet_peak_fraction"]):
         assert _number(value) and value > 0
+    assert r["unet_peak_fraction"] == pytest.approx(r["unet_gflops"] / r["matmul_peak_gflops"], abs=1e-3)
     # both times are rounded to 0.1 ms in the JSON: allow for that on tiny-mode times
     b, m = s["baseline_s_per_volume"], s["medsynth_s_per_volume"]
     assert s["speedup"] == pytest.approx(b / m, rel=0.01 + 2e-4 / min(b, m))
