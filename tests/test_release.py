@@ -24,14 +24,22 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def release(built, tmp_path_factory) -> tuple[Path, str]:
-    """The CLI's release of the export, with hold-out cases, the QC report and a licence."""
+    """The CLI's release of the export, with hold-out cases, the QC report and a licence (--out relative)."""
+    import os
+
     from medsynth.cli import main
 
-    out = tmp_path_factory.mktemp("rel") / "release"
-    code = main(["release", str(built["export"]), "--run", str(built["run"]), "--manifest", str(built["train"]),
-                 "--holdout", str(built["holdout"]), "--qc", str(built["qc"]), "--licence", "CC-BY-4.0",
-                 "--out", str(out)])
+    base = tmp_path_factory.mktemp("rel")
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        code = main(["release", str(built["export"]), "--run", str(built["run"]), "--manifest", str(built["train"]),
+                     "--holdout", str(built["holdout"]), "--qc", str(built["qc"]), "--licence", "CC-BY-4.0",
+                     "--out", "release"])
+    finally:
+        os.chdir(cwd)
     assert code == 0
+    out = base / "release"
     return out, (out / "DATA_CARD.md").read_text()
 
 

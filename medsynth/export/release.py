@@ -163,6 +163,7 @@ def write_fileset(export_dir: Path, tmp: Path) -> list[dict[str, Any]]:
     files = sorted(p for d in _DICOM_FOLDERS if (export_dir / d).is_dir() for p in (export_dir / d).rglob("*.dcm"))
     if not files:
         return []
+    tmp = tmp.resolve()  # pydicom gives absolute paths; the file IDs are relative to the File-set root
     fs = FileSet()
     fs.ID = "MEDSYNTH"
     for p in files:
