@@ -10,6 +10,7 @@ so oblique affines are handled correctly (the diagonal of an oblique affine is n
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,10 +144,11 @@ class Volume:
         """Read a 3D NIfTI file (a trailing singleton 4th axis is dropped)."""
         import nibabel as nib
 
-        from medsynth.data.nifti_check import check_voxel_bytes
-
         path = Path(path)
         if path.is_file():
+            if not sniff_nifti(path):
+                raise ImageReadError(f"{path}: not a readable NIfTI file (no NIfTI-1/2 header)",
+                                     hint="check the file is complete (not truncated) and really NIfTI")
             check_voxel_bytes(path)  # a tiny damaged header must not make nibabel allocate gigabytes
         try:
             img = nib.load(str(path))
@@ -218,3 +220,67 @@ def affine_from_spacing(
     half = (np.asarray(shape, dtype=float) - 1) / 2.0
     aff[:3, 3] = np.asarray(center, dtype=float) - aff[:3, :3] @ half
     return aff
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI files: recognition by content and the header-size guard (the one owner of both)
+# --------------------------------------------------------------------------------------------
+
+
+def sniff_nifti(path: str | os.PathLike) -> bool:
+    """True for a single-file NIfTI-1/2 (``.nii``, gzipped or not) by content, whatever its name says.
+
+    The magic ``n+1`` at byte 344 (NIfTI-1) or ``n+2`` at byte 4 (NIfTI-2) of the (inflated)
+    header; every reader that asks "is this NIfTI?" (volume loading, ``anonymise``) asks here.
+    """
+    import gzip
+    import zlib
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"\x1f\x8b":
+            with gzip.open(path, "rb") as g:
+                head = g.read(548)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(548)
+    except (OSError, EOFError, zlib.error):  # gzip.BadGzipFile is an OSError
+        return False
+    return (len(head) >= 348 and head[344:348] == b"n+1\x00") or (len(head) >= 548 and head[4:8] == b"n+2\x00")
+
+
+#: Deflate's maximum expansion (258-byte matches at about 2 bits each), with a margin.
+MAX_GZIP_RATIO = 1100
+
+
+def check_voxel_bytes(path: str | os.PathLike) -> None:
+    """Raise :class:`ImageReadError` if ``path``'s header claims more voxel bytes than the file holds.
+
+    Found by fuzzing: a 250-byte ``.nii.gz`` whose damaged header says 2060 x 516 x 16385 voxels
+    made nibabel allocate the whole 17 GB array before the gzip check failed.  The bound is exact
+    for uncompressed files (the data must fit after ``vox_offset``) and safe for gzip (deflate
+    never expands more than 1032:1).  A real file is never refused; a damaged header is, in
+    microseconds.  Reads the header only; a header nibabel cannot parse is left to the reader.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        hdr = img.header
+        shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
+        # the proxy knows where the voxels start (a single file's vox_offset may read 0)
+        offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
+        data_file = Path(img.file_map["image"].filename or path)
+    except Exception:  # noqa: BLE001 - unreadable header: the reader names the file and the error
+        return
+    claimed = offset + math.prod(int(s) for s in shape) * dtype.itemsize
+    size = data_file.stat().st_size
+    gz = data_file.name.lower().endswith(".gz")
+    room = size * MAX_GZIP_RATIO if gz else size
+    if claimed > room:
+        raise ImageReadError(
+            f"{path}: the header claims {' x '.join(str(s) for s in shape)} voxels of {dtype} "
+            f"({claimed:,} bytes), more than this {size:,}-byte file can hold",
+            hint="the header is damaged or the file is truncated; replace the file with a good copy")

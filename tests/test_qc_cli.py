@@ -361,7 +361,7 @@ def _claims_17_gb(path) -> None:
 def test_header_claiming_more_voxels_than_the_file_holds_is_refused_at_once(tmp_path):
     import time
 
-    from medsynth.data.nifti_check import check_voxel_bytes
+    from medsynth.volume import check_voxel_bytes
     from medsynth.errors import ImageReadError
 
     bomb = tmp_path / "bomb.nii.gz"

@@ -29,7 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -125,11 +125,24 @@ class _Geometry:
 
 
 @contextlib.contextmanager
-def _quiet_pydicom():
-    """Silence pydicom's validation warnings while reading: they quote element values, which may be PHI."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom while reading patient files: its warnings and log lines quote element values,
+    which may be PHI.  Validation is off (``reading_validation_mode`` IGNORE), the ``pydicom`` logger
+    disabled and warnings ignored inside the block; all three are restored after it.  The one
+    silencer: every module that reads hospital DICOM uses it."""
+    import pydicom.config as cfg
+
+    lg = logging.getLogger("pydicom")
+    old_disabled, old_mode = lg.disabled, cfg.settings.reading_validation_mode
+    lg.disabled = True
+    cfg.settings.reading_validation_mode = cfg.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lg.disabled = old_disabled
+        cfg.settings.reading_validation_mode = old_mode
 
 
 class _NotAnImage(Exception):
@@ -145,21 +158,44 @@ class _Rejected(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+#: What :func:`sniff_dicom` says about a file's first bytes.
+DICOM_MARKER, DICOM_BARE, DICOM_MAYBE = "marker", "bare", "maybe"
+
+
+def sniff_dicom(path: str | os.PathLike) -> Optional[str]:
+    """What a file's first bytes say about it being DICOM (names and extensions are ignored):
+
+    * ``"marker"``: the ``DICM`` marker after the 128-byte preamble (a DICOM file);
+    * ``"bare"``: no preamble, but it starts with a little-endian (0002,xxxx) or (0008,xxxx) element,
+      as old ACR-NEMA style files do (it claims to be DICOM);
+    * ``"maybe"``: it starts with some other even (standard) group: DICOM only if it parses into a
+      composite instance (SOP Class and Instance UIDs), which the PHI scanner checks;
+    * None: not DICOM.
+
+    The one owner of these byte patterns (:func:`is_dicom_file`, ``privacy.phi_scan.read_dicom``).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return DICOM_MARKER
+    if len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0:
+        return DICOM_BARE
+    # implicit/explicit VR little endian data sets start with an even group, usually 0x0008
+    if len(head) >= 8 and head[1] == 0x00 and head[0] % 2 == 0:
+        return DICOM_MAYBE
+    return None
+
+
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """Cheap content test: the ``DICM`` marker at byte 128, or a leading group 0002/0008 tag.
 
     A True answer means "try to parse it as DICOM"; a file that then fails to parse is reported as
     corrupt.  Names and extensions are ignored (DICOM files often have none).
     """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return True
-    # Preamble-less files start directly with a little-endian (0002,00xx) or (0008,00xx) element.
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
+    return sniff_dicom(path) in (DICOM_MARKER, DICOM_BARE)
 
 
 def _parse(path: Path, data: Optional[bytes] = None, pixels: bool = False):
@@ -430,7 +466,7 @@ def scan_dicom(folder: str | os.PathLike, recursive: bool = True,
         raise ImageReadError(f"{root}: not a folder", hint="pass the folder that holds the DICOM files")
     files = _candidate_files(root, recursive, [Path(e) for e in exclude])
     problems: list[DicomProblem] = []
-    with _quiet_pydicom():
+    with quiet_pydicom():
         groups = _group_headers(files, problems)
     # Files per folder that reading the folder on its own would try to use (all but 'skipped').
     skipped = {p.path for p in problems if p.kind == "skipped"}
@@ -505,7 +541,7 @@ def read_series(source: str | os.PathLike | Sequence[str | os.PathLike],
     else:
         files = [Path(f) for f in source]
         folder = _common_folder(files) if files else Path(".")
-    with _quiet_pydicom():
+    with quiet_pydicom():
         return _read_files(folder, files, modality, strict=series_files is not None or not folder.is_dir())
 
 

@@ -47,6 +47,8 @@ _MAX_DATA_FILES = 100_000
 
 
 def is_nifti(path: str | Path) -> bool:
+    """True for a NIfTI file *name* (``.nii``, ``.nii.gz``): for listing candidate files.  Whether a
+    file *is* NIfTI is :func:`medsynth.volume.sniff_nifti` (by content)."""
     name = Path(path).name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
 

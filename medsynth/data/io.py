@@ -15,7 +15,7 @@ from monai.data import ImageReader
 
 from medsynth.data.formats import is_nifti, is_volume_file, itk_format, read_itk_volume
 from medsynth.errors import ImageReadError
-from medsynth.volume import Volume
+from medsynth.volume import Volume, sniff_nifti
 
 
 def read_image(path: str | Path, modality: Optional[str] = None, **case_extra: Any) -> Volume:
@@ -33,7 +33,7 @@ def read_image(path: str | Path, modality: Optional[str] = None, **case_extra: A
 
         # reading stays permissive about modality: the manifest verifier reports mismatches
         return read_series(path, **case_extra)
-    if is_nifti(path):
+    if is_nifti(path) or sniff_nifti(path):  # by name or by content; the loader checks the content
         return Volume.load_nifti(path, modality=modality or "CT")
     if itk_format(path) is not None:
         return read_itk_volume(path, modality=modality or "CT")

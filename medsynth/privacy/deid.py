@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsynth.data.dicom import quiet_pydicom
+from medsynth.data.formats import sniff_itk_format
 from medsynth.errors import ConfigError, PrivacyError
 from medsynth.jobs import atomic_path, sha256_file
 from medsynth.privacy.deid_profile import (
@@ -64,7 +66,6 @@ from medsynth.privacy.deid_profile import (
     load_safe_private,
     resolve_action,
 )
-from medsynth.data.formats import sniff_itk_format
 from medsynth.privacy.idmatch import NormalisedIds
 from medsynth.privacy.phi_scan import (
     Identifiers,
@@ -72,9 +73,9 @@ from medsynth.privacy.phi_scan import (
     identifiers_from_dataset,
     is_class_uid_keyword,
     iter_files,
-    quiet_pydicom,
     read_dicom,
 )
+from medsynth.volume import sniff_nifti
 
 log = logging.getLogger("medsynth.privacy.deid")
 
@@ -709,22 +710,6 @@ def _read_maybe_gzip(path: Path) -> tuple[bytes, bool]:
     return raw, False
 
 
-def is_nifti(path: Path) -> bool:
-    """True for single-file NIfTI-1/2 (.nii or .nii.gz, whatever the name says)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head == b"\x1f\x8b":
-            with gzip.open(path, "rb") as g:
-                head = g.read(548)
-        else:
-            with open(path, "rb") as f:
-                head = f.read(548)
-    except (OSError, EOFError, gzip.BadGzipFile):
-        return False
-    return (len(head) >= 348 and head[344:348] == b"n+1\x00") or (len(head) >= 548 and head[4:8] == b"n+2\x00")
-
-
 def deidentify_nifti_bytes(raw: bytes) -> tuple[bytes, list[str]]:
     """A NIfTI file's bytes with text fields cleared and extensions dropped; voxels unchanged."""
     import nibabel as nib
@@ -1007,7 +992,7 @@ def _process_one(deid: Deidentifier, path: Path, out: Path, rec: dict, written: 
     if kind is not None:
         _process_itk(deid, path, kind, out, rec, written, root)
         return
-    if is_nifti(path):
+    if sniff_nifti(path):
         rec["kind"] = "nifti"
         raw, gz = _read_maybe_gzip(path)
         data, actions = deidentify_nifti_bytes(raw)

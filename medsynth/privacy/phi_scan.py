@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsynth.data.dicom import DICOM_BARE, DICOM_MARKER, quiet_pydicom, sniff_dicom
+from medsynth.data.formats import VOLUME_SUFFIXES, is_nifti
 from medsynth.errors import PrivacyError
+from medsynth.volume import sniff_nifti
 
 log = logging.getLogger("medsynth.privacy.phi_scan")
 
@@ -305,61 +308,28 @@ def is_class_uid_keyword(keyword: str) -> bool:
     return any(w in keyword for w in _CLASS_UID_WORDS)
 
 
-@contextlib.contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's value warnings while reading patient files: they quote the values."""
-    import pydicom.config as cfg
-
-    lg = logging.getLogger("pydicom")
-    old_disabled, old_mode = lg.disabled, cfg.settings.reading_validation_mode
-    lg.disabled = True
-    cfg.settings.reading_validation_mode = cfg.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        lg.disabled = old_disabled
-        cfg.settings.reading_validation_mode = old_mode
-
-
-def looks_like_dicom(path: Path) -> bool:
-    """Cheap test: the 'DICM' marker at byte 128 (files written with a preamble)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def read_dicom(path: Path, *, stop_before_pixels: bool = False, defer_size: int | None = None):
     """Read a DICOM file (with or without preamble/extension) or return None if it is not DICOM.
 
     Files without the 'DICM' marker are accepted only if they parse into a dataset that has a
     SOP Class UID and a SOP Instance UID: force-reading an arbitrary file yields garbage otherwise.
     Read errors propagate for files that claim to be DICOM (the marker, or a preamble-less start
-    with a group 0002/0008 element, :func:`medsynth.data.dicom.is_dicom_file`): such a file that
+    with a group 0002/0008 element, :func:`medsynth.data.dicom.sniff_dicom`): such a file that
     does not parse is corrupt, not 'not DICOM'.
     """
     import pydicom
 
-    from medsynth.data.dicom import is_dicom_file
-
-    if looks_like_dicom(path):
+    kind = sniff_dicom(path)
+    if kind == DICOM_MARKER:
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
-    claims = is_dicom_file(path)
+    if kind is None:
+        return None
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        # implicit/explicit VR little endian data sets start with an even group, usually 0x0008
-        if len(head) < 8 or head[1] != 0x00 or head[0] % 2:
-            return None
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
         if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
             return ds
     except Exception:
-        if claims:
+        if kind == DICOM_BARE:  # it claims to be DICOM: a parse failure means a corrupt file
             raise
         return None
     return None
@@ -581,9 +551,6 @@ def _reference_images(path: Path) -> list[Path]:
     return out
 
 
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
 def _display(f: Path, base: Path) -> str:
     """A reference file's path as reports show it: relative to the reference folder if inside it."""
     try:
@@ -643,13 +610,13 @@ def collect_identifiers(reference: str | os.PathLike | Identifiers) -> Identifie
     with quiet_pydicom():
         for root in roots:
             if not root.exists():
-                if root.name.lower().endswith(_VOLUME_SUFFIXES):
+                if root.name.lower().endswith(VOLUME_SUFFIXES):
                     log.warning("reference image missing, skipped: %s", _display(root, base))
                 else:
                     ids.unreadable.append((_display(root, base), "not read: listed in the manifest but missing"))
                 continue
             for f in iter_files(root):
-                if f.name.lower().endswith(_VOLUME_SUFFIXES + (".json",)):
+                if f.name.lower().endswith(VOLUME_SUFFIXES + (".json",)):
                     continue
                 _reference_file(f, _display(f, base), ids)
     ids.prune_vendors()
@@ -865,7 +832,7 @@ def scan_file(path: Path, rel: str, ids: Identifiers, structural: bool = False) 
     name = path.name.lower()
     what = "DICOM file"
     try:
-        if name.endswith((".nii", ".nii.gz")):
+        if is_nifti(name) or sniff_nifti(path):  # by name or content: a misnamed NIfTI is scanned as one
             what = "NIfTI file"
             return hits + _scan_nifti(path, rel, ids, structural)
         if name.endswith(".json"):

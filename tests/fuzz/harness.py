@@ -69,11 +69,12 @@ def target_phi_scan(data: bytes) -> None:
 
 
 def target_reference(data: bytes) -> None:
-    from medsynth.privacy.phi_scan import collect_identifiers, looks_like_dicom
+    from medsynth.data.dicom import DICOM_MARKER, sniff_dicom
+    from medsynth.privacy.phi_scan import collect_identifiers
 
     path = _write(data, "ref.dcm")
     ids = collect_identifiers(path.parent)
-    if looks_like_dicom(path) and ids.sources == 0 and not ids.unreadable:
+    if sniff_dicom(path) == DICOM_MARKER and ids.sources == 0 and not ids.unreadable:
         raise AssertionError("a DICOM reference file was neither read nor reported unreadable")
 
 
@@ -189,7 +190,7 @@ def main(argv: list[str]) -> int:
         import medsynth.data.dicom
         import medsynth.privacy.deid
         import medsynth.privacy.phi_scan
-        import medsynth.data.nifti_check
+        import medsynth.data.formats
         import medsynth.volume  # noqa: F401
     seed_corpus(corpus, args.target)
     target = TARGETS[args.target]
