@@ -197,60 +197,64 @@ def _ci(x: list[Any]) -> str:
     return f"[{x[0]:.2f}, {x[1]:.2f}]" if x and x[0] is not None else "n/a"
 
 
-def render_markdown(card: dict[str, Any]) -> str:
-    """``DATA_CARD.md``: the card for people, section by section."""
-    c, g, coh, syn = card, card["generator"], card["training_cohort"], card["synthetic_data"]
-    iu = c["intended_use"]
-    lines = [f"# Data card: {c['name']}", "", c["summary"], "",
-             "## Intended use and limits", "", "For:", *[f"- {x}" for x in iu["for"]], "", "Not for:",
-             *[f"- {x}" for x in iu["not_for"]], "", "Limits:", *[f"- {x}" for x in iu["limits"]], "",
-             "## Generator", ""]
+def _md_generator(g: dict[str, Any]) -> list[str]:
     ck = g["checkpoints_sha256"] or {}
     v = g["versions"] or {}
     init = g["initial_weights"]
-    lines += _table(["", ""], [
+    sampling = "; ".join(f"{s['scheduler']} {s['steps']} steps, guidance {s['guidance']}, EMA {s['ema_weights']}"
+                         for s in g["sampling"])
+    return ["## Generator", "", *_table(["", ""], [
         ["model", f"{g['model']} ({g['model_intended_use']})"],
         ["config hash", g["config_hash"]],
         ["checkpoints (sha256)", ", ".join(f"{k} {str(h)[:16]}" for k, h in ck.items())],
         ["versions", ", ".join(f"{k} {val}" for k, val in v.items() if val)],
         ["initial weights", "; ".join(f"{w['component']}: {w.get('file')} ({w['license']})" for w in init)
          if init else "none: trained from random initialisation on the cohort below"],
-        ["sampling", "; ".join(f"{s['scheduler']} {s['steps']} steps, guidance {s['guidance']}, EMA {s['ema_weights']}"
-                               for s in g["sampling"]) + f"; seeds {g['seeds']}"],
-    ])
+        ["sampling", f"{sampling}; seeds {g['seeds']}"],
+    ])]
+
+
+def _md_cohort(coh: dict[str, Any]) -> list[str]:
     sg = coh["source_grid"]
-    lines += ["", "## Training cohort", "",
-              f"{coh['n_cases']} real {coh['modality']} cases in the training manifest: {coh['n_training']} trained "
-              f"on, {coh['n_validation']} kept for validation. No case id, name, date or path is given here.", ""]
-    lines += _table(["", ""], [
-        ["source grids (voxels)", f"{sg['shape_min_max'][0]} to {sg['shape_min_max'][1]}"
-         if sg["shape_min_max"] else "n/a"],
-        ["source spacing (mm)", f"{sg['spacing_mm_min_max'][0]} to {sg['spacing_mm_min_max'][1]}"
-         if sg["spacing_mm_min_max"] else "n/a"],
-        ["model grid", f"{coh['model_grid']['shape']} voxels of {coh['model_grid']['spacing_mm']} mm, "
-                       f"{coh['model_grid']['orientation']}"],
-        ["classes (training cases)", ", ".join(f"{k}: {n}" for k, n in coh["classes"].items())],
-        ["labels", ", ".join(f"{k} {val}" for k, val in (coh["labels"] or {}).items()) or "none"],
-    ])
-    lines += ["", "## The synthetic data", "",
-              f"{syn['n_samples']} volumes ({', '.join(f'class {k}: {n}' for k, n in syn['per_class'].items())}), "
-              f"formats {', '.join(syn['formats'] or [])}, {syn['with_label_map']} with a label map."]
-    if syn["dicom"]:
-        d = syn["dicom"]
+
+    def span(key: str) -> str:
+        return f"{sg[key][0]} to {sg[key][1]}" if sg[key] else "n/a"
+
+    return ["## Training cohort", "",
+            f"{coh['n_cases']} real {coh['modality']} cases in the training manifest: {coh['n_training']} trained "
+            f"on, {coh['n_validation']} kept for validation. No case id, name, date or path is given here.", "",
+            *_table(["", ""], [
+                ["source grids (voxels)", span("shape_min_max")],
+                ["source spacing (mm)", span("spacing_mm_min_max")],
+                ["model grid", f"{coh['model_grid']['shape']} voxels of {coh['model_grid']['spacing_mm']} mm, "
+                               f"{coh['model_grid']['orientation']}"],
+                ["classes (training cases)", ", ".join(f"{k}: {n}" for k, n in coh["classes"].items())],
+                ["labels", ", ".join(f"{k} {val}" for k, val in (coh["labels"] or {}).items()) or "none"],
+            ])]
+
+
+def _md_data(syn: dict[str, Any]) -> list[str]:
+    per_class = ", ".join(f"class {k}: {n}" for k, n in syn["per_class"].items())
+    lines = ["## The synthetic data", "",
+             f"{syn['n_samples']} volumes ({per_class}), formats {', '.join(syn['formats'] or [])}, "
+             f"{syn['with_label_map']} with a label map."]
+    d = syn["dicom"]
+    if d:
         lines += [f"DICOM: {d['instances']} instances ({d['image_series']} image series, {d['seg']} SEG) in a "
                   f"File-set with a DICOMDIR; {d['identity']}; {d['dates']}.", ""]
         lines += _table(["SEG segment", "category (SNOMED CT)", "type (SNOMED CT)"],
                         [[s["label"], f"{s['category'][1]} ({s['category'][0]})", f"{s['type'][1]} ({s['type'][0]})"]
                          for s in d["seg_codes"]])
-    q = c["qc"]
-    lines += ["", "## Quality control", "", q["statement"] + "."]
+    return lines
+
+
+def _md_privacy(c: dict[str, Any]) -> list[str]:
+    q, m, mia = c["qc"], c["memorisation"], c["membership_inference"]
+    lines = ["## Quality control", "", q["statement"] + "."]
     if q["qc_report"] and q["qc_report"]["reasons"]:
         lines += ["", *_table(["QC failure reason (all generated samples)", "samples"],
                               [[k, n] for k, n in q["qc_report"]["reasons"].items()])]
-    m = c["memorisation"]
-    lines += ["", "## Memorisation screen", "", m["statement"] + "."]
-    mia = c["membership_inference"]
-    lines += ["", "## Membership inference", ""]
+    lines += ["", "## Memorisation screen", "", m["statement"] + ".", "", "## Membership inference", ""]
     if mia["run"]:
         lines += [f"Can an attacker tell the {mia['n_members']} training cases from {mia['n_nonmembers']} real "
                   "cases the model never saw? ROC AUC 0.5 means no; 1 means every training case is recognised "
@@ -260,21 +264,33 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += ["", f"Verdict: {mia['statement']}."]
     else:
         lines += [mia["statement"] + "."]
-    lines += ["", "## PHI scan", "", str(c["phi_scan"].get("statement")) + "."]
-    if c["utility"]:
-        u = c["utility"]
-        lines += ["", "## Utility", "", f"{u['task']}: the same model trained per arm, tested on {u['n_test']} "
-                  f"held-out real cases ({u['repeats']} repeats; mean [95% CI]).", ""]
+    return lines + ["", "## PHI scan", "", str(c["phi_scan"].get("statement")) + "."]
 
-        def cell(m: dict[str, Any]) -> str:
-            return f"{m['mean']:.3f} {_ci(m['ci95'])}"
 
-        lines += _table(["arm", *u["metrics"]],
-                        [[a["arm"], *[cell(a["metrics"][k]) for k in u["metrics"]]] for a in u["arms"]])
-    lic = c["licence"]
-    lines += ["", "## Licence", "", f"Data: {lic['data']}. Weights: {lic['statement']}.",
-              "", "## How to cite", "", c["how_to_cite"],
-              "", "## Files", "",
-              "`SHA256SUMS` (every file), `privacy_audit.json` (every figure behind this card), `data_card.json`"
-              + (", `DICOMDIR`" if c["files"]["dicomdir"] else "") + ".", ""]
+def _md_utility(u: Optional[dict[str, Any]]) -> list[str]:
+    if not u:
+        return []
+
+    def cell(m: dict[str, Any]) -> str:
+        return f"{m['mean']:.3f} {_ci(m['ci95'])}"
+
+    return ["## Utility", "", f"{u['task']}: the same model trained per arm, tested on {u['n_test']} held-out real "
+            f"cases ({u['repeats']} repeats; mean [95% CI]).", "",
+            *_table(["arm", *u["metrics"]], [[a["arm"], *[cell(a["metrics"][k]) for k in u["metrics"]]]
+                                            for a in u["arms"]]), ""]
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    """``DATA_CARD.md``: the card for people, section by section."""
+    c, iu, lic = card, card["intended_use"], card["licence"]
+    lines = [f"# Data card: {c['name']}", "", c["summary"], "",
+             "## Intended use and limits", "", "For:", *[f"- {x}" for x in iu["for"]], "", "Not for:",
+             *[f"- {x}" for x in iu["not_for"]], "", "Limits:", *[f"- {x}" for x in iu["limits"]], "",
+             *_md_generator(c["generator"]), "", *_md_cohort(c["training_cohort"]), "",
+             *_md_data(c["synthetic_data"]), "", *_md_privacy(c), "", *_md_utility(c["utility"]),
+             "## Licence", "", f"Data: {lic['data']}. Weights: {lic['statement']}.",
+             "", "## How to cite", "", c["how_to_cite"],
+             "", "## Files", "",
+             "`SHA256SUMS` (every file), `privacy_audit.json` (every figure behind this card), `data_card.json`"
+             + (", `DICOMDIR`" if c["files"]["dicomdir"] else "") + ".", ""]
     return "\n".join(lines)

@@ -411,7 +411,6 @@ def release_export(export_dir: str | os.PathLike, run_dir: str | os.PathLike, ma
         PrivacyError: a released image is a possible copy of a training case, or the PHI scan hit.
     """
     from medsynth.export.datacard import build_card
-    from medsynth.export.dataset import _publish
     from medsynth.privacy.audit import AuditSettings
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -451,7 +450,10 @@ def release_export(export_dir: str | os.PathLike, run_dir: str | os.PathLike, ma
                                licence=licence, dicom_index=dicom_index)
         write_cards(tmp, out_dir, audit, data_card, ids)
         n_files = write_checksums(tmp)
-        _publish(tmp, out_dir, overwrite=False)
+        _check_paths(export_dir, out_dir)  # again: the folder may have appeared meanwhile
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked)
+        os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     notes = [f"{len(not_passed)} sample(s) released without a passing QC verdict (--force)"] if not_passed else []
