@@ -24,18 +24,24 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def release(built, tmp_path_factory) -> tuple[Path, str]:
-    """The CLI's release of the export, with hold-out cases, the QC report and a licence (--out relative)."""
+    """The CLI's release of the export, with hold-out cases, the QC report, a utility report (the
+    smallest real evaluation) and a licence; ``--out`` relative."""
     import os
 
     from medsynth.cli import main
+    from medsynth.evaluate.classifier import Budget
+    from medsynth.evaluate.utility import UtilityOptions, evaluate_utility
 
     base = tmp_path_factory.mktemp("rel")
+    evaluate_utility(built["run"], built["train"], built["holdout"], base / "utility",
+                     UtilityOptions(repeats=1, arms=["real", "synthetic"], budget=Budget(steps=2, batch_size=2),
+                                    bootstrap=100, device="cpu", samples=built["samples"]))
     cwd = os.getcwd()
     os.chdir(base)
     try:
         code = main(["release", str(built["export"]), "--run", str(built["run"]), "--manifest", str(built["train"]),
                      "--holdout", str(built["holdout"]), "--qc", str(built["qc"]), "--licence", "CC-BY-4.0",
-                     "--out", "release"])
+                     "--utility", str(base / "utility" / "utility.json"), "--out", "release"])
     finally:
         os.chdir(cwd)
     assert code == 0
@@ -113,8 +119,10 @@ def test_card_states_what_a_privacy_officer_signs(release):
     out, md = release
     card = json.loads((out / "data_card.json").read_text())
     for heading in ("Intended use and limits", "Generator", "Training cohort", "Quality control",
-                    "Memorisation screen", "Membership inference", "PHI scan", "Licence", "How to cite"):
+                    "Memorisation screen", "Membership inference", "PHI scan", "Utility", "Licence", "How to cite"):
         assert f"## {heading}" in md
+    assert [a["arm"] for a in card["utility"]["arms"]] == ["real only", "synthetic only"]
+    assert card["utility"]["n_test"] == 8 and "| real only |" in md
     assert card["training_cohort"]["n_training"] == 4 and card["training_cohort"]["classes"] == {"no_lesion": 2,
                                                                                                "lesion": 2}
     assert card["qc"]["statement"].startswith("every released sample (4) has a passing QC verdict")

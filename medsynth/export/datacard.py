@@ -101,6 +101,7 @@ def synthetic_data(export: Any, export_report: dict[str, Any], dicom_index: list
 
 
 def qc_section(status: dict[str, str], force: bool, qc_report: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """QC of the released samples in words: all passed, or how many were released without (``--force``)."""
     n = len(status)
     passed = sum(1 for s in status.values() if s == "passed")
     if passed == n:
@@ -118,6 +119,7 @@ def qc_section(status: dict[str, str], force: bool, qc_report: Optional[dict[str
 
 
 def memorisation_section(mem: dict[str, Any]) -> dict[str, Any]:
+    """The memorisation screen's result, its threshold and where the calibration came from."""
     cal = mem["calibration"]
     where = ("held-out real cases the model did not train on" if cal["mode"] == "holdout_manifest" else
              "a split of the training cases (no hold-out manifest was given)")
@@ -131,6 +133,7 @@ def memorisation_section(mem: dict[str, Any]) -> dict[str, Any]:
 
 
 def membership_section(mia: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The membership audit's AUC table and verdict, or why it was not run."""
     if mia is None:
         return {"run": False, "statement": "not run: no hold-out manifest of unseen real cases was given (--holdout)"}
     rows = [{"attack": a["name"], "auc": a["auc"], "ci95": a["ci95"]} for a in mia["attacks"].values()]

@@ -98,6 +98,7 @@ def check_ae_title(value: str, option: str) -> str:
 
 
 def check_port(port: int) -> int:
+    """A TCP port number (1..65535), else ConfigError naming ``--port``."""
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"--port {port!r} is not a TCP port",
                           hint="use the PACS's DICOM port, 1..65535 (often 104 or 4242)")
