@@ -326,16 +326,16 @@ def _link(src: Path, dst: Path) -> None:
 
 def _write_combined_datalist(man: Any, path: Path) -> None:
     """A Decathlon-style datalist of real + synthetic cases, paths relative to ``path``'s folder."""
-    from medsynth.manifest import _rel
+    from medsynth.manifest import relative_path
 
     items = []
     for c in man.cases:
         if c.image.is_dir() or c.extra.get("series_files"):
             continue  # DICOM series are not valid Decathlon entries; they stay in the manifest
-        it: dict[str, Any] = {"image": _rel(c.image, path.parent), "id": c.id,
+        it: dict[str, Any] = {"image": relative_path(c.image, path.parent), "id": c.id,
                               "synthetic": bool(c.extra.get("synthetic"))}
         if c.label is not None:
-            it["label"] = _rel(c.label, path.parent)
+            it["label"] = relative_path(c.label, path.parent)
         if c.class_label is not None:
             it["class_label"] = c.class_label
         items.append(it)

@@ -51,8 +51,8 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, root: Path) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": self.id, "image": _rel(self.image, root),
-                             "label": _rel(self.label, root) if self.label else None,
+        d: dict[str, Any] = {"id": self.id, "image": relative_path(self.image, root),
+                             "label": relative_path(self.label, root) if self.label else None,
                              "class_label": self.class_label, "modality": self.modality,
                              "shape": list(self.shape) if self.shape else None,
                              "spacing": [round(float(s), 6) for s in self.spacing] if self.spacing else None,
@@ -85,7 +85,8 @@ class Manifest:
         return sorted({c.class_label for c in self.cases if c.class_label is not None})
 
 
-def _rel(p: Optional[Path], root: Path) -> Optional[str]:
+def relative_path(p: Optional[Path], root: Path) -> Optional[str]:
+    """``p`` as a POSIX path relative to ``root`` (with ``..`` when outside it), as manifests store paths."""
     if p is None:
         return None
     p = Path(p)
@@ -259,7 +260,7 @@ def _load_decathlon(raw: dict[str, Any], path: Path) -> Manifest:
 
 
 def _strip_nii(name: str) -> str:
-    from medsynth.data.formats import volume_stem
+    from medsynth.formats import volume_stem
 
     return volume_stem(name)
 
@@ -290,7 +291,7 @@ _FIX_ONE_3D = "use one 3D volume per case (no 2D slices, 4D series or multi-chan
 
 
 def _read(path: Path, modality: Optional[str], extra: dict[str, Any]):
-    from medsynth.data.io import read_image
+    from medsynth.formats import read_image
 
     kw = {"series_files": extra["series_files"]} if path.is_dir() and "series_files" in extra else {}
     return read_image(path, modality, **kw)
@@ -366,7 +367,7 @@ def _label_problems(case: Case, lab, vol, out: list[Problem]) -> None:
 
 
 def _content_hash(case: Case, vol) -> str:
-    from medsynth.data.formats import volume_sha256
+    from medsynth.formats import volume_sha256
 
     return vol.meta.get("sha256") if case.image.is_dir() else volume_sha256(case.image)
 
@@ -505,7 +506,7 @@ def _volume_files(src: Path, exclude: Sequence[Path]) -> list[Path]:
     """Volume files (NIfTI, NRRD, MetaImage) under ``src``, sorted, hidden and excluded folders skipped."""
     import os
 
-    from medsynth.data.formats import is_volume_file
+    from medsynth.formats import is_volume_file
 
     excl = {p.resolve() for p in exclude}
     out = []
@@ -620,8 +621,7 @@ def _without_path(message: str, path: Path) -> str:
 
 def _add_volume_files(b: _Builder, files: Sequence[Path]) -> None:
     """NIfTI, NRRD and MetaImage files: one case each; modality from the intensities."""
-    from medsynth.data.formats import is_nifti, volume_sha256
-    from medsynth.data.io import read_image
+    from medsynth.formats import is_nifti, read_image, volume_sha256
     from medsynth.progress import progress
 
     for path in progress(files, desc="reading volumes", total=len(files)):
@@ -658,8 +658,8 @@ def _add_volume_files(b: _Builder, files: Sequence[Path]) -> None:
 
 def _add_dicom_series(b: _Builder, exclude: Sequence[Path]) -> None:
     """DICOM series: counter ids, modality from the Modality tag."""
-    from medsynth.data.dicom import read_series, scan_dicom
-    from medsynth.data.formats import VOLUME_SUFFIXES
+    from medsynth.dicom_series import read_series, scan_dicom
+    from medsynth.formats import VOLUME_SUFFIXES
     from medsynth.progress import progress
 
     series, dproblems = scan_dicom(b.src, recursive=True, exclude=exclude)
@@ -808,7 +808,7 @@ def save_build(report: BuildReport, out: str | Path) -> list[Path]:
 def source_counts(manifest: Manifest) -> str:
     """What a manifest's images are, e.g. ``1 NIfTI, 2 NRRD, 3 DICOM series`` (formats with none omitted,
     NIfTI and DICOM always named)."""
-    from medsynth.data.formats import fmt_name
+    from medsynth.formats import fmt_name
 
     counts: dict[str, int] = {}
     for c in manifest.cases:

@@ -487,7 +487,7 @@ def _itk_inputs(root: Path) -> dict[str, Path]:
 
 
 def test_nrrd_and_metaimage_headers_are_cleared_voxels_and_world_kept(tmp_path):
-    from medsynth.data.io import read_image
+    from medsynth.formats import read_image
 
     files = _itk_inputs(tmp_path / "in")
     key = tmp_path / "k"

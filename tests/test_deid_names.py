@@ -281,7 +281,7 @@ def test_file_meta_is_rebuilt_without_the_inputs_values(corpus):
 def test_uids_references_pixels_enhanced_ct_and_seg_still_agree(corpus):
     import highdicom as hd
 
-    from medsynth.data.dicom import read_series
+    from medsynth.dicom_series import read_series
 
     out, made = corpus["out"], corpus["made"]
     cts = [out[f"zoe/ct/{k}.dcm"] for k in range(4)]

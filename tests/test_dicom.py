@@ -18,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
-from medsynth.data.dicom import read_series, scan_dicom, series_sha256
+from medsynth.dicom_series import read_series, scan_dicom, series_sha256
 from medsynth.errors import ImageReadError
 from medsynth.volume import Volume
 from tests.helpers import PHI, hu_volume, oblique_cosines, save_dicom, slice_dataset, write_series
@@ -288,7 +288,7 @@ def _phi_free(text: str, uids: list[str]) -> None:
 def test_build_on_nifti_plus_shuffled_dicom_series_verifies_and_matches_simpleitk(tmp_path, run_cli):
     import pydicom
 
-    from medsynth.data.io import read_image
+    from medsynth.formats import read_image
     from medsynth.manifest import load_manifest
 
     src = tmp_path / "src"

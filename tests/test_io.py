@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsynth.data.formats import read_text_header, volume_sha256
-from medsynth.data.io import MedsynthReader, read_image
+from medsynth.data.io import MedsynthReader
 from medsynth.errors import ImageReadError
+from medsynth.formats import read_image, read_text_header, volume_sha256
 from medsynth.manifest import Case, Manifest, load_manifest, verify_manifest
 from medsynth.volume import Volume
 

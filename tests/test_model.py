@@ -232,7 +232,7 @@ def test_perceptual_loss_loads_only_a_local_weights_file(tmp_path):
 
 def test_diffusion_targets_follow_the_objective():
     from medsynth.model.networks import build_scheduler
-    from medsynth.model.train import _diffusion_batch
+    from medsynth.model.train import diffusion_batch
 
     cfg = config_from_dict(tiny_config(None, training={"diffusion": {"prediction_type": "v_prediction"}}))
     mu, sigma = torch.randn(4, 2, 8, 8, 8), torch.zeros(4, 2, 8, 8, 8)
@@ -240,7 +240,7 @@ def test_diffusion_targets_follow_the_objective():
     for kind in ("ddpm", "rflow"):
         sched = build_scheduler(kind, cfg.training.diffusion, 512)
         g = torch.Generator().manual_seed(0)
-        x_t, t, target, labels = _diffusion_batch(kind, sched, mu, sigma, classes, idx, 1.0, g, 0.0, 2)
+        x_t, t, target, labels = diffusion_batch(kind, sched, mu, sigma, classes, idx, 1.0, g, 0.0, 2)
         g = torch.Generator().manual_seed(0)
         torch.randn(mu.shape, generator=g)  # the (zero-sigma) posterior draw
         noise = torch.randn(mu.shape, generator=g)

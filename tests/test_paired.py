@@ -119,18 +119,18 @@ def test_exported_pairs_pass_nnunet_integrity_check(paired_run, tmp_path):
 def test_label_dice_is_zero_at_the_target_and_pulls_a_stuck_small_label():
     """The stage-1 label Dice: 0 for a perfect decode; a small label whose channel sits at -1 (where
     L1 leaves a 0.1 %-of-volume lesion) still gets a gradient and costs as much as a large one."""
-    from medsynth.model.train import _label_dice
+    from medsynth.model.train import label_dice
 
     lab = torch.zeros(1, 1, 8, 8, 8)
     lab[0, 0, :4] = 1
     lab[0, 0, 5:7, 5:7, 5:7] = 2  # 8 voxels of "lesion"
     x = encode(torch.zeros(1, 8, 8, 8), lab[0], [0, 1, 2])[None]
-    assert float(_label_dice(x, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(label_dice(x, x)) == pytest.approx(0.0, abs=1e-6)
     stuck = x.clone()
     stuck[0, 3] = -1.0  # the lesion channel never on
     stuck[0, 1, 5:7, 5:7, 5:7] = 1.0  # the lesion voxels decoded as background
     stuck.requires_grad_(True)
-    loss = _label_dice(stuck, x)
+    loss = label_dice(stuck, x)
     loss.backward()
     assert float(loss) > 0.2  # about a third: one of three label values entirely missed
     assert float(stuck.grad[0, 3, 6, 6, 6]) < 0  # raising the lesion channel there lowers the loss

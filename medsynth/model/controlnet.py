@@ -185,7 +185,7 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
     mask), on the same latents, noise and timesteps of ``cfg.data.manifest``'s cases.  A ControlNet
     that uses the mask predicts the noise better: ``controlnet`` < ``unet``."""
     from medsynth.model.checkpoint import load_run
-    from medsynth.model.train import _diffusion_batch, batch_indices
+    from medsynth.model.train import diffusion_batch, batch_indices
 
     run = load_run(run_dir)
     rc = run.cfg
@@ -207,7 +207,7 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
             g = generator(rc.training.seed, STAGE, "gain", b)
             idx = batch_indices(rc.training.seed, "gain", b, len(mu), min(4, len(mu)))
             d = rc.training.diffusion
-            x_t, tt, target, cls = _diffusion_batch(rc.training.scheduler, noise_sched, mu, sigma, classes, idx,
+            x_t, tt, target, cls = diffusion_batch(rc.training.scheduler, noise_sched, mu, sigma, classes, idx,
                                                     run.scale_factor, g, 0.0, rc.model.unet.num_class_embeds,
                                                     d.timestep_dist)
             x_t, tt, target = x_t.to(dev), tt.to(dev), target.to(dev)
@@ -232,7 +232,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     (training.seed, "controlnet", s), so a resumed stage continues exactly.
     """
     from medsynth.model.checkpoint import load_run
-    from medsynth.model.train import MetricsLog, _diffusion_batch, batch_indices
+    from medsynth.model.train import MetricsLog, diffusion_batch, batch_indices
 
     run = load_run(run_dir)
     paths = RunPaths(run.root)
@@ -299,7 +299,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
         g = generator(seed, STAGE, "step", step)
         idx = batch_indices(seed, STAGE, step, n, t.batch_size)
         d = rc.training.diffusion
-        x_t, tt, target, cls = _diffusion_batch(kind, noise_sched, mu, sigma, classes, idx, run.scale_factor,
+        x_t, tt, target, cls = diffusion_batch(kind, noise_sched, mu, sigma, classes, idx, run.scale_factor,
                                                 g, t.cond_drop_prob, null_class, d.timestep_dist)
         pred = controlled_prediction(unet, cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
                                      None if cls is None else cls.to(dev), t.conditioning_scale)

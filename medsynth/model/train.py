@@ -185,7 +185,7 @@ def _reason(exc: BaseException, image: Path) -> str:
     MONAI's ``LoadImage`` hides the reader's own error behind "cannot find a suitable reader", so
     the file is read once more with medsynth's reader, whose errors name the file and the fix.
     """
-    from medsynth.data.io import read_image
+    from medsynth.formats import read_image
 
     try:
         read_image(image)
@@ -428,7 +428,7 @@ def _recon_loss(loss: Callable[..., torch.Tensor], recon: torch.Tensor, x: torch
     return 0.5 * (img_term + lab_term)
 
 
-def _label_dice(recon: torch.Tensor, x: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def label_dice(recon: torch.Tensor, x: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Soft Dice loss of the decoded label channels ``recon[:, 1:]`` against the one-hot ``x[:, 1:]``
     (both in [-1, 1], mapped to [0, 1]), per label value over the whole batch, averaged over the
     values.  The squared denominator (V-Net's form) is minimal exactly at the target for any real
@@ -528,7 +528,7 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         loss = l1 + t.kl_weight * kl
         rec = {"l1": l1.item(), "kl": kl.item()}
         if t.label_dice_weight > 0 and x.shape[1] > 1:
-            dice = _label_dice(recon, x)
+            dice = label_dice(recon, x)
             loss = loss + t.label_dice_weight * dice
             rec["label_dice"] = dice.item()
         if t.l2_weight > 0:
@@ -676,7 +676,7 @@ def initial_scale(unet_init: Optional[InitWeights], ae_ck: dict[str, Any], mu: t
     return scale_factor_of(mu, sigma, seed), "data"
 
 
-def _diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
+def diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      idx: torch.Tensor, scale: float, g: torch.Generator, drop_prob: float,
                      null_class: Optional[int], timestep_dist: tuple = ("logit-normal", 0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(noisy latents, timesteps, target, class labels) of one batch, all drawn from ``g``."""
@@ -785,7 +785,7 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         """Loss of the EMA model on fixed validation noise and timesteps (comparable across steps)."""
         g = generator(seed, stage, "validation")
         idx = torch.arange(min(len(vmu), 16))
-        x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, vmu, vsig, vcls, idx, scale, g, 0.0, null_class,
+        x_t, tt, target, labels = diffusion_batch(kind, noise_sched, vmu, vsig, vcls, idx, scale, g, 0.0, null_class,
                                                    t.timestep_dist)
         with autocast(device, precision):
             pred = ema.model(x_t.to(device).contiguous(memory_format=fmt), tt.to(device),
@@ -802,7 +802,7 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
         for micro in range(t.grad_accum):
             g = generator(seed, stage, "step", step, micro)
             idx = batch_indices(seed, stage, step * t.grad_accum + micro, n, t.batch_size)
-            x_t, tt, target, labels = _diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, scale, g,
+            x_t, tt, target, labels = diffusion_batch(kind, noise_sched, mu, sigma, data.classes, idx, scale, g,
                                                        t.cond_drop_prob, null_class, t.timestep_dist)
             # drawn for the global batch, then this rank's part (identical to one process)
             x_t, tt, target = rank_part(x_t), rank_part(tt), rank_part(target)

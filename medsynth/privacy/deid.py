@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsynth.data.dicom import quiet_pydicom
-from medsynth.data.formats import sniff_itk_format
+from medsynth.dicom_series import quiet_pydicom
+from medsynth.formats import sniff_itk_format
 from medsynth.errors import ConfigError, PrivacyError
 from medsynth.jobs import atomic_path, sha256_file
 from medsynth.privacy.deid_profile import (
@@ -790,7 +790,7 @@ def text_header_findings(kind: str, lines: list[str]) -> list[str]:
 
 def _detached_data_files(files: list[Path]) -> dict[Path, int]:
     """The data files named by the detached NRRD/MetaImage headers among ``files`` -> header index."""
-    from medsynth.data.formats import read_text_header, sniff_itk_format
+    from medsynth.formats import read_text_header, sniff_itk_format
 
     out: dict[Path, int] = {}
     for i, f in enumerate(files):
@@ -810,7 +810,7 @@ def _process_itk(deid: Deidentifier, path: Path, kind: str, out: Path, rec: dict
     """An NRRD or MetaImage file: voxels and geometry rewritten into one attached file, text dropped."""
     import SimpleITK as sitk
 
-    from medsynth.data.formats import ITK_BY_HEADER, quiet_itk, read_itk_image, read_text_header, volume_sha256
+    from medsynth.formats import ITK_BY_HEADER, quiet_itk, read_itk_image, read_text_header, volume_sha256
     from medsynth.errors import ImageReadError
 
     fmt = ITK_BY_HEADER[kind]

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsynth.data.dicom import DICOM_BARE, DICOM_MARKER, quiet_pydicom, sniff_dicom
-from medsynth.data.formats import VOLUME_SUFFIXES, is_nifti
+from medsynth.dicom_series import DICOM_BARE, DICOM_MARKER, quiet_pydicom, sniff_dicom
+from medsynth.formats import VOLUME_SUFFIXES, is_nifti
 from medsynth.errors import PrivacyError
 from medsynth.volume import sniff_nifti
 
@@ -314,7 +314,7 @@ def read_dicom(path: Path, *, stop_before_pixels: bool = False, defer_size: int 
     Files without the 'DICM' marker are accepted only if they parse into a dataset that has a
     SOP Class UID and a SOP Instance UID: force-reading an arbitrary file yields garbage otherwise.
     Read errors propagate for files that claim to be DICOM (the marker, or a preamble-less start
-    with a group 0002/0008 element, :func:`medsynth.data.dicom.sniff_dicom`): such a file that
+    with a group 0002/0008 element, :func:`medsynth.dicom_series.sniff_dicom`): such a file that
     does not parse is corrupt, not 'not DICOM'.
     """
     import pydicom

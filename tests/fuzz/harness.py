@@ -6,7 +6,7 @@ Each target takes one input file's bytes and checks what must hold for any bytes
                  pydicom cannot parse completely gives a ``not scanned`` hit (the scan fails closed);
 * ``reference``  :func:`collect_identifiers` on the file as a reference never raises, and a file
                  it cannot read is listed in ``unreadable`` (so the scan fails closed);
-* ``dicom``      :func:`medsynth.data.dicom.scan_dicom` never raises, and :func:`read_series` raises
+* ``dicom``      :func:`medsynth.dicom_series.scan_dicom` never raises, and :func:`read_series` raises
                  only :class:`~medsynth.errors.ImageReadError` (a named, one-line error);
 * ``nifti``      :meth:`Volume.load_nifti` on ``x.nii.gz`` (it checks the header's claimed size
                  first) raises only medsynth errors, in bounded memory and time;
@@ -69,7 +69,7 @@ def target_phi_scan(data: bytes) -> None:
 
 
 def target_reference(data: bytes) -> None:
-    from medsynth.data.dicom import DICOM_MARKER, sniff_dicom
+    from medsynth.dicom_series import DICOM_MARKER, sniff_dicom
     from medsynth.privacy.phi_scan import collect_identifiers
 
     path = _write(data, "ref.dcm")
@@ -79,7 +79,7 @@ def target_reference(data: bytes) -> None:
 
 
 def target_dicom(data: bytes) -> None:
-    from medsynth.data.dicom import read_series, scan_dicom
+    from medsynth.dicom_series import read_series, scan_dicom
     from medsynth.errors import ImageReadError
 
     path = _write(data, "IM0001")
@@ -187,10 +187,10 @@ def main(argv: list[str]) -> int:
         import pydicom.filereader
         import pydicom.values  # noqa: F401
 
-        import medsynth.data.dicom
+        import medsynth.dicom_series
         import medsynth.privacy.deid
         import medsynth.privacy.phi_scan
-        import medsynth.data.formats
+        import medsynth.formats
         import medsynth.volume  # noqa: F401
     seed_corpus(corpus, args.target)
     target = TARGETS[args.target]

@@ -1,5 +1,5 @@
-"""Volume file formats medsynth reads besides DICOM: names, NRRD/MetaImage text headers, hashes,
-and reading through SimpleITK.
+"""Volume file formats medsynth reads: names, NRRD/MetaImage text headers, hashes, reading through
+SimpleITK, and :func:`read_image`, the one entry point that reads a case's image whatever its format.
 
 * NIfTI (``.nii``, ``.nii.gz``) is read with nibabel (:meth:`medsynth.volume.Volume.load_nifti`).
 * NRRD (``.nrrd``, or a detached ``.nhdr`` header with its data file) and MetaImage (``.mha``, or a
@@ -18,10 +18,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from medsynth.errors import ImageReadError
-from medsynth.volume import Volume
+from medsynth.volume import Volume, sniff_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -281,6 +281,30 @@ def read_itk_volume(path: str | Path, modality: str = "CT") -> Volume:
         raise ImageReadError(f"{path}: complex-valued voxels; expected real intensities",
                              hint="store the magnitude image")
     return Volume.from_sitk(img, modality=modality, units=_UNITS.get(modality, "a.u."), source=fmt_name(path))
+
+
+def read_image(path: str | Path, modality: Optional[str] = None, **case_extra: Any) -> Volume:
+    """Read a volume file (NIfTI, NRRD, MetaImage) or a DICOM series folder into a :class:`Volume`
+    (RAS affine, physical units).
+
+    ``case_extra`` carries manifest keys that select one series inside a folder (see
+    ``data_manifests/README.md``).  Raises :class:`ImageReadError` naming the path on any failure.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: not found", hint="fix the path in the manifest (paths are relative to it)")
+    if path.is_dir():
+        from medsynth.dicom_series import read_series
+
+        # reading stays permissive about modality: the manifest verifier reports mismatches
+        return read_series(path, **case_extra)
+    if is_nifti(path) or sniff_nifti(path):  # by name or by content; the loader checks the content
+        return Volume.load_nifti(path, modality=modality or "CT")
+    if itk_format(path) is not None:
+        return read_itk_volume(path, modality=modality or "CT")
+    raise ImageReadError(f"{path}: unsupported image type",
+                         hint="use a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file, "
+                              "or a folder holding one DICOM series")
 
 
 def fmt_name(path: str | Path) -> str:

@@ -37,7 +37,7 @@ import medsynth.notices  # noqa: F401  (MONAI's reader notices go to DEBUG, not 
 from medsynth.errors import ImageReadError
 from medsynth.volume import Volume
 
-log = logging.getLogger("medsynth.data.dicom")
+log = logging.getLogger("medsynth.dicom_series")
 
 #: Modalities medsynth reads as images.
 IMAGE_MODALITIES = ("CT", "MR")
