@@ -769,6 +769,16 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     return cfg
 
 
+def as_config(config: Config | str | Path | dict[str, Any]) -> Config:
+    """A :class:`Config` from a Config (as is), a YAML path (:func:`load_config`) or a plain mapping
+    (:func:`config_from_dict`): what the Python API accepts wherever it takes a config."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
 def config_to_dict(cfg: Any) -> Any:
     """Plain YAML/JSON-ready form of a config (tuples become lists)."""
     if dataclasses.is_dataclass(cfg):

@@ -18,6 +18,8 @@ Job folder ``OUT``::
 
 Every file appears atomically; after SIGKILL at any moment, rerunning the same command skips the
 finished work and ends with the same voxels and ids as an uninterrupted run.
+
+The module is callable: ``medsynth.expand(run, manifest, out, n=...)`` is :func:`expand`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from medsynth.callable_module import make_callable
 from medsynth.errors import JobError, MedsynthError
 from medsynth.jobs import create_or_check_record, parse_shard, sample_id, shard_items, write_json
 
@@ -395,3 +398,6 @@ def expand(run_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, n:
     merged = merge(out_dir)
     merged.shards = [res]
     return merged
+
+
+make_callable(__name__, expand)

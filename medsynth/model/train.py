@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from medsynth.config import Config, config_hash, config_to_dict, dump_yaml
+from medsynth.config import Config, as_config, config_hash, config_to_dict, dump_yaml
 from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
 from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json, write_text
 from medsynth.model.checkpoint import (
@@ -847,16 +847,19 @@ class TrainResult:
     seconds: float
 
 
-def train(cfg: Config, run_dir: str | Path, stage: str = "all", resume: bool = False,
+def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage: str = "all", resume: bool = False,
           device: Optional[str] = None, callback: Optional[StepCallback] = None,
           max_steps: Optional[int] = None) -> TrainResult:
     """Train ``stage`` ("autoencoder", "diffusion" or "all") of ``cfg`` into ``run_dir``.
+
+    ``cfg`` is a :class:`~medsynth.config.Config`, a YAML path or a plain mapping.
 
     Writes the resolved config, versions, checkpoints, metrics logs and, once stage 2 is done, the
     model card.  An existing stage is refused unless ``resume`` is set; resuming checks that the
     config still matches (only step budgets, logging intervals, device and data paths may change).
     ``callback(stage, step)`` is called after every optimizer step (tests use it to interrupt).
     """
+    cfg = as_config(cfg)
     if stage not in ("autoencoder", "diffusion", "all"):
         raise ConfigError(f"--stage must be autoencoder, diffusion or all, got {stage!r}")
     paths = RunPaths(Path(run_dir))
