@@ -173,7 +173,8 @@ def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path, label_scale):
     from medsynth.samples import list_samples
 
     cfg = config_from_dict(wavelet_config(phantoms, data={"use_labels": True},
-                                          model={"autoencoder": {"wavelet_label_scale": label_scale}}))
+                                          model={"autoencoder": {"wavelet_label_scale": label_scale,
+                                                                 "wavelet_detail_gain": 2.0}}))
     train(cfg, tmp_path / "run")
     factors = load_checkpoint(RunPaths(tmp_path / "run").checkpoint("autoencoder"), "autoencoder")["model"]["band_scale"]
     assert (bool(torch.all(factors[8:] == 1.0)) and factors.numel() == 32) == (label_scale == "unit")
@@ -248,3 +249,20 @@ def test_logit_normal_mean_shifts_the_training_times():
     assert cfg.training.diffusion.timestep_dist == ("logit-normal", -0.5, 1.0)
     with pytest.raises(ConfigError, match="logit_std"):
         config_from_dict(wavelet_config(None, training={"diffusion": {"logit_std": 0}}))
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_detail_gain_scales_the_image_high_pass_bands_only(levels):
+    g = torch.Generator().manual_seed(5)
+    imgs = [torch.randn(2, 8, 8, 8, generator=g) for _ in range(3)]  # image + one label channel
+    w = HaarWavelet3d(2, levels)
+    plain = fit_band_scale(w, imgs, unit_channels=8 ** levels).clone()
+    boosted = fit_band_scale(w, imgs, unit_channels=8 ** levels, detail_gain=2.0)
+    per = 8 ** levels
+    ratio = boosted / plain
+    assert ratio[0] == 1.0 and torch.allclose(ratio[1:per], torch.full((per - 1,), 2.0))  # image detail bands
+    assert torch.equal(boosted[per:], torch.ones(per))  # the label channel: natural scale
+    z = w.encode(imgs[0][None])[0]
+    assert torch.allclose(w.decode(z), imgs[0][None], atol=1e-5)  # decoding undoes the gain exactly
+    with pytest.raises(ConfigError, match="wavelet_detail_gain"):
+        config_from_dict(wavelet_config(None, model={"autoencoder": {"wavelet_detail_gain": 0}}))

@@ -626,7 +626,8 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
     n_lab = len(label_values(cfg))
     unit = n_lab * (1 if a.wavelet_label_bands == "low" else 8 ** a.wavelet_levels) if a.wavelet_label_scale == "unit" else 0
     fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))),
-                   scale=a.wavelet_band_scale, unit_channels=unit)
+                   scale=a.wavelet_band_scale, unit_channels=unit,
+                   detail_gain=a.wavelet_detail_gain)
     val = _validate_autoencoder(wav, data.val, device, precision, label_values(cfg)) if len(data.val) else None
     if is_main():
         save_checkpoint(ck_path, {**_base_payload(cfg, stage, 0, 0), "model": wav.state_dict(),

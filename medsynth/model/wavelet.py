@@ -130,7 +130,7 @@ class HaarWavelet3d(nn.Module):
 
 @torch.no_grad()
 def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any, floor: float = 1e-3,
-                   scale: bool = True, unit_channels: int = 0) -> torch.Tensor:
+                   scale: bool = True, unit_channels: int = 0, detail_gain: float = 1.0) -> torch.Tensor:
     """Per-sub-band offsets and factors that give each latent channel zero mean and unit standard
     deviation over ``images`` (``scale=False``: offsets only, factors stay 1).
 
@@ -138,7 +138,10 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
     below ``floor`` (e.g. a label channel's high-pass band on a set without that label) keeps the
     factor of ``floor``, so noise in it is not blown up at decoding.  Both are set on ``wavelet``;
     the factors are returned.  The last ``unit_channels`` latent channels (a paired model's label
-    bands with ``wavelet_label_scale: unit``) are centred only.
+    bands with ``wavelet_label_scale: unit``) are centred only.  ``detail_gain`` multiplies the
+    factors of the image channels' high-pass bands (every band but the all-low-pass one of each
+    channel): their signal-to-noise ratio at every diffusion time rises by that factor, so the
+    diffusion decides them earlier and its loss weighs them gain² more.
     """
     sums = torch.zeros(wavelet.latent_channels, dtype=torch.float64)
     sq = torch.zeros_like(sums)
@@ -153,6 +156,13 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
     mean = sums / n
     std = (sq / n - mean * mean).clamp_min(0).sqrt()
     factors = 1.0 / std.clamp_min(floor) if scale else torch.ones_like(std)
+    if detail_gain != 1.0:
+        per = 8 ** wavelet.levels
+        n_img = (wavelet.in_channels - wavelet.low_labels) * per
+        detail = torch.tensor([c < n_img and c % per != 0 for c in range(wavelet.latent_channels)])
+        if unit_channels:
+            detail[-int(unit_channels):] = False
+        factors[detail] *= float(detail_gain)
     if unit_channels:
         factors[-int(unit_channels):] = 1.0
     wavelet.band_mean.copy_(mean.to(wavelet.band_mean.dtype))
