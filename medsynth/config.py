@@ -685,7 +685,7 @@ class Config:
                         "model (set model.unet.num_class_embeds) or guidance_scale: 1.0")
         errs.extend(_scheduler_checks(self.sampling, self.training))
         errs.extend(_attention_memory_checks(self, latent))
-        if self.training.autoencoder.steps == 0 and self.model.autoencoder.kind != "wavelet" \
+        if self.training.autoencoder.steps == 0 and LATENT_KINDS[self.model.autoencoder.kind].trained \
                 and self.model.autoencoder.init is None:
             errs.append("training.autoencoder.steps: 0 uses initial weights as they are and needs "
                         "model.autoencoder.init; set the weights file or steps >= 1")
@@ -693,7 +693,7 @@ class Config:
             errs.append("training.diffusion.steps: 0 uses initial weights as they are and needs model.unet.init; "
                         "set the weights file or steps >= 1")
         ta = self.training.autoencoder
-        if (ta.adv_weight > 0 and self.model.autoencoder.kind != "wavelet"  # no discriminator without training
+        if (ta.adv_weight > 0 and LATENT_KINDS[self.model.autoencoder.kind].trained  # no discriminator without training
                 and min(self.data.shape) < 4 * 2 ** ta.disc_layers):
             errs.append(f"training.autoencoder.disc_layers: {ta.disc_layers} stride-2 layers need every image size "
                         f">= {4 * 2 ** ta.disc_layers}, data.shape is {list(self.data.shape)}; use fewer layers")

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "medsynth"
 
 CORE = {"config", "errors", "volume", "manifest", "jobs", "samples", "progress", "versions", "notices",
-        "formats", "dicom_series", "callable_module"}
+        "formats", "dicom_series", "callable_module", "registry"}
 STAGES = {"data", "model", "privacy", "qc", "export", "evaluate"}
 ORCHESTRATORS = {"cli", "demo", "expand", "__main__"}
 

@@ -27,19 +27,20 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from medsynth import __version__
 from medsynth.errors import ExportError, MedsynthError, PrivacyError
 from medsynth.jobs import sha256_file, write_json
 from medsynth.progress import progress
+from medsynth.registry import EXPORT_FORMATS
 from medsynth.samples import Sample, scan_samples
 from medsynth.versions import package_versions
 
 log = logging.getLogger("medsynth.export")
 
-FORMATS = ("nifti", "dicom", "seg")
-DEFAULT_FORMATS = ("nifti", "dicom")
+FORMATS = tuple(EXPORT_FORMATS)  # the table's order is the order formats are written in
+DEFAULT_FORMATS = tuple(n for n, f in EXPORT_FORMATS.items() if f.default)
 EXPORT_REPORT_FORMAT = "medsynth-export/1"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -67,9 +68,12 @@ def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
             out.append(f)
     if not out:
         raise ExportError("--format is empty", hint=f"choose from {', '.join(FORMATS)}, comma-separated")
-    if "seg" in out and "dicom" not in out:
-        raise ExportError("--format seg needs dicom too: a DICOM SEG references the exported image series",
-                          hint="use --format nifti,dicom,seg")
+    for f in out:
+        missing = [r for r in EXPORT_FORMATS[f].requires if r not in out]
+        if missing:
+            wanted = [n for n in FORMATS if n in out or n in missing or n in DEFAULT_FORMATS]
+            raise ExportError(f"--format {f} needs {' and '.join(missing)} too: {EXPORT_FORMATS[f].why}",
+                              hint=f"use --format {','.join(wanted)}")
     return tuple(f for f in FORMATS if f in out)
 
 
@@ -195,9 +199,77 @@ def _label_names(sidecar: dict[str, Any]) -> dict[int, str]:
     return out
 
 
-def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: str, qc: str,
-                verdict: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """Export one sample into the temporary tree; return its record for the dataset files."""
+@dataclass
+class _Case:
+    """One sample being exported: what every format writer reads, and the record they fill in."""
+
+    sample: Sample
+    tmp: Path
+    uid_root: str
+    vol: Any                  # the image (Volume)
+    out_vol: Any              # what the NIfTI holds (CT: the integers the DICOM stores)
+    encoding: Any             # the DICOM pixel encoding
+    label_arr: Any            # the label map's array, or None
+    names: dict[int, str]     # label value -> name
+    source_sha: str           # sha256 of the sample's image file
+    uid_key: str
+    rec: dict[str, Any]
+    dicom_info: dict[str, Any] = field(default_factory=dict)
+    datasets: list[Any] = field(default_factory=list)  # the written DICOM series (the SEG references it)
+
+    @property
+    def sid(self) -> str:
+        return self.sample.id
+
+
+def _write_nifti(c: _Case) -> None:
+    from medsynth.export import nifti
+
+    c.rec["image"] = nifti.write_image(c.out_vol, c.tmp / "imagesTr" / f"{c.sid}_0000.nii.gz")
+    if c.label_arr is not None:
+        c.rec["label"] = nifti.write_label(c.vol.with_array(c.label_arr, modality="SEG", units="label"),
+                                           c.tmp / "labelsTr" / f"{c.sid}.nii.gz")
+
+
+def _write_dicom(c: _Case) -> None:
+    from medsynth.export import dicom as dcm
+
+    checkpoint = str(_checkpoint_hash(c.sample.sidecar) or "")[:16]
+    info, c.datasets = dcm.write_series(
+        c.vol, c.encoding, c.tmp / "dicom" / c.sid, case_id=c.sid, uid_key=c.uid_key, uid_root=c.uid_root,
+        description=f"sample {c.sid}, seed {c.sample.sidecar.get('seed')}"
+                    + (f", checkpoint {checkpoint}" if checkpoint else ""))
+    c.dicom_info = info.as_dict(c.tmp)
+    c.rec["n_dicom_files"] = len(info.files)
+    if c.rec["image"] is None:
+        c.rec["image"] = info.folder
+
+
+def _write_seg(c: _Case) -> None:
+    import numpy as np
+
+    from medsynth.export import dicom as dcm
+
+    if c.label_arr is None:
+        return
+    if not np.any(c.label_arr):
+        log.warning("%s: label map is empty; no DICOM SEG written", c.sid)
+        return
+    seg_path = c.tmp / "dicom_seg" / f"{c.sid}.dcm"
+    seg_uid, n_seg = dcm.write_seg(c.vol.with_array(c.label_arr, modality="SEG", units="label"), c.datasets,
+                                   seg_path, uid_key=c.uid_key, uid_root=c.uid_root, label_names=c.names)
+    c.dicom_info["seg"] = {"file": seg_path.relative_to(c.tmp).as_posix(), "series_uid": seg_uid,
+                           "n_segments": n_seg}
+
+
+#: The writer of each entry of :data:`medsynth.registry.EXPORT_FORMATS`, run in the table's order.
+FORMAT_WRITERS: dict[str, Callable[[_Case], None]] = {"nifti": _write_nifti, "dicom": _write_dicom,
+                                                      "seg": _write_seg}
+
+
+def _prepare_case(sample: Sample, tmp: Path, uid_root: str) -> _Case:
+    """Load and check one sample, encode it for DICOM and start its record; ExportError if it cannot
+    be exported."""
     import numpy as np
 
     from medsynth.export import dicom as dcm
@@ -217,61 +289,48 @@ def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: s
     label_vol = sample.load_label()
     label_arr = nifti.check_label(label_vol, vol) if label_vol is not None else None
     names = _label_names(sample.sidecar)
-
     encoding = dcm.encode_ct(vol.array) if vol.modality == "CT" else dcm.encode_mr(vol.array)
     # CT: the NIfTI holds exactly the integers the DICOM stores; MR: NIfTI keeps float32 values.
     out_vol = Volume(encoding.stored, vol.affine, "CT", "HU") if vol.modality == "CT" else vol
-    source_sha = sha256_file(sample.image_path)
-    uid_key = f"medsynth {__version__}|{sid}|{source_sha}"
     rec: dict[str, Any] = {"id": sid, "modality": vol.modality, "shape": list(vol.shape),
                            "spacing": [float(s) for s in vol.spacing], "image": None, "label": None,
                            "label_values": [] if label_arr is None else sorted(int(v) for v in np.unique(label_arr)),
                            "label_names": names}
-    if "nifti" in formats:
-        img_path = nifti.write_image(out_vol, tmp / "imagesTr" / f"{sid}_0000.nii.gz")
-        rec["image"] = img_path
-        if label_arr is not None:
-            rec["label"] = nifti.write_label(vol.with_array(label_arr, modality="SEG", units="label"),
-                                             tmp / "labelsTr" / f"{sid}.nii.gz")
-    dicom_info: dict[str, Any] = {}
-    if "dicom" in formats:
-        checkpoint = str(_checkpoint_hash(sample.sidecar) or "")[:16]
-        info, datasets = dcm.write_series(
-            vol, encoding, tmp / "dicom" / sid, case_id=sid, uid_key=uid_key, uid_root=uid_root,
-            description=f"sample {sid}, seed {sample.sidecar.get('seed')}"
-                        + (f", checkpoint {checkpoint}" if checkpoint else ""))
-        dicom_info = info.as_dict(tmp)
-        rec["n_dicom_files"] = len(info.files)
-        if rec["image"] is None:
-            rec["image"] = info.folder
-        if "seg" in formats and label_arr is not None:
-            if np.any(label_arr):
-                seg_path = tmp / "dicom_seg" / f"{sid}.dcm"
-                seg_uid, n_seg = dcm.write_seg(
-                    vol.with_array(label_arr, modality="SEG", units="label"), datasets, seg_path,
-                    uid_key=uid_key, uid_root=uid_root, label_names=names)
-                dicom_info["seg"] = {"file": seg_path.relative_to(tmp).as_posix(), "series_uid": seg_uid,
-                                     "n_segments": n_seg}
-            else:
-                log.warning("%s: label map is empty; no DICOM SEG written", sid)
-    rec["class_label"] = sample.sidecar.get("class")
-    rec["provenance"] = {
-        "sample_format": sample.sidecar.get("format"),
-        "index": sample.sidecar.get("index"),
-        "seed": sample.sidecar.get("seed"),
-        "class": sample.sidecar.get("class"),
-        "checkpoint_hash": _checkpoint_hash(sample.sidecar),
-        "config_hash": sample.sidecar.get("config_hash"),
-        "versions": sample.sidecar.get("versions"),
-        "source_image_sha256": source_sha,
+    source_sha = sha256_file(sample.image_path)
+    uid_key = f"medsynth {__version__}|{sid}|{source_sha}"
+    return _Case(sample, tmp, uid_root, vol, out_vol, encoding, label_arr, names, source_sha, uid_key, rec)
+
+
+def _provenance(c: _Case, qc: str, verdict: Optional[dict[str, Any]]) -> dict[str, Any]:
+    side = c.sample.sidecar
+    return {
+        "sample_format": side.get("format"),
+        "index": side.get("index"),
+        "seed": side.get("seed"),
+        "class": side.get("class"),
+        "checkpoint_hash": _checkpoint_hash(side),
+        "config_hash": side.get("config_hash"),
+        "versions": side.get("versions"),
+        "source_image_sha256": c.source_sha,
         "qc": {"status": qc, "passed": bool(verdict and verdict.get("passed") is True),
                "reasons": list(verdict.get("reasons", [])) if verdict else []},
         "exported_by": f"medsynth {__version__}",
-        "dicom": dicom_info or None,
+        "dicom": c.dicom_info or None,
         # everything else the generator recorded, so no provenance is lost in export
-        "generation": {k: v for k, v in sample.sidecar.items() if k not in _SIDECAR_GEOMETRY_KEYS},
+        "generation": {k: v for k, v in side.items() if k not in _SIDECAR_GEOMETRY_KEYS},
     }
-    return rec
+
+
+def _export_one(sample: Sample, tmp: Path, formats: tuple[str, ...], uid_root: str, qc: str,
+                verdict: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Export one sample into the temporary tree in every format asked for; return its record."""
+    case = _prepare_case(sample, tmp, uid_root)
+    for name, write in FORMAT_WRITERS.items():
+        if name in formats:
+            write(case)
+    case.rec["class_label"] = sample.sidecar.get("class")
+    case.rec["provenance"] = _provenance(case, qc, verdict)
+    return case.rec
 
 
 _SIDECAR_GEOMETRY_KEYS = {"format", "id", "index", "seed", "class", "image", "label", "affine", "shape",

@@ -22,6 +22,7 @@ import torch
 from medsynth.config import Config, config_from_dict, config_hash, config_to_dict
 from medsynth.errors import CheckpointError, ConfigError
 from medsynth.jobs import RunPaths, atomic_path, sha256_file, write_json
+from medsynth.registry import SCHEDULERS
 
 log = logging.getLogger("medsynth.model.checkpoint")
 
@@ -127,7 +128,7 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
                    if cfg.data.use_labels else None),
         "latent": {"shape": list(latent_shape(cfg)), "scale_factor": diff_ck["scale_factor"]},
         "diffusion": {"objective": cfg.training.scheduler,
-                      "prediction": "velocity" if cfg.training.scheduler == "rflow"
+                      "prediction": "velocity" if SCHEDULERS[cfg.training.scheduler].flow
                       else cfg.training.diffusion.prediction_type,
                       "num_train_timesteps": cfg.training.diffusion.num_train_timesteps,
                       "schedule": cfg.training.diffusion.schedule},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torch import nn
 from medsynth.config import Config, DiffusionTrainConfig
 from medsynth.errors import ConfigError
 from medsynth.jobs import derive_seed
+from medsynth.registry import SCHEDULERS
 
 log = logging.getLogger("medsynth.model.networks")
 
@@ -95,29 +96,33 @@ def seeded_init(seed: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_autoencoder(cfg: Config) -> nn.Module:
-    """Stage-1 autoencoder of ``cfg.model.autoencoder`` (random initialisation)."""
+def _wavelet_autoencoder(cfg: Config, n: int) -> nn.Module:
+    from medsynth.model.labels import label_values
+    from medsynth.model.wavelet import HaarWavelet3d
+
     a = cfg.model.autoencoder
-    n = image_channels(cfg)
+    return HaarWavelet3d(n, a.wavelet_levels, len(label_values(cfg)), a.wavelet_label_bands)
+
+
+def _maisi_autoencoder(cfg: Config, n: int) -> nn.Module:
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    a = cfg.model.autoencoder
     levels = len(a.channels)
-    if a.kind == "wavelet":
-        from medsynth.model.labels import label_values
-        from medsynth.model.wavelet import HaarWavelet3d
+    return _with_input_range(AutoencoderKlMaisi(
+        spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=[a.num_res_blocks] * levels,
+        num_channels=list(a.channels), attention_levels=list(a.attention_levels),
+        latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
+        with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
+        use_flash_attention=a.use_flash_attention, num_splits=a.num_splits, dim_split=1,
+        norm_float16=False, print_info=False, save_mem=False,
+    ), a.input_range)
 
-        return HaarWavelet3d(n, a.wavelet_levels, len(label_values(cfg)), a.wavelet_label_bands)
-    if a.kind == "maisi":
-        from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-        return _with_input_range(AutoencoderKlMaisi(
-            spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=[a.num_res_blocks] * levels,
-            num_channels=list(a.channels), attention_levels=list(a.attention_levels),
-            latent_channels=a.latent_channels, norm_num_groups=a.norm_num_groups,
-            with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
-            use_flash_attention=a.use_flash_attention, num_splits=a.num_splits, dim_split=1,
-            norm_float16=False, print_info=False, save_mem=False,
-        ), a.input_range)
+def _monai_autoencoder(cfg: Config, n: int) -> nn.Module:
     from monai.networks.nets import AutoencoderKL
 
+    a = cfg.model.autoencoder
     return _with_input_range(AutoencoderKL(
         spatial_dims=3, in_channels=n, out_channels=n, num_res_blocks=a.num_res_blocks,
         channels=tuple(a.channels), attention_levels=tuple(a.attention_levels),
@@ -125,6 +130,16 @@ def build_autoencoder(cfg: Config) -> nn.Module:
         with_encoder_nonlocal_attn=a.with_nonlocal_attn, with_decoder_nonlocal_attn=a.with_nonlocal_attn,
         use_flash_attention=a.use_flash_attention,
     ), a.input_range)
+
+
+#: The stage-1 network of each entry of :data:`medsynth.registry.LATENT_KINDS` (config, image channels).
+AUTOENCODER_BUILDERS: dict[str, Callable[[Config, int], nn.Module]] = {
+    "monai": _monai_autoencoder, "maisi": _maisi_autoencoder, "wavelet": _wavelet_autoencoder}
+
+
+def build_autoencoder(cfg: Config) -> nn.Module:
+    """Stage-1 autoencoder of ``cfg.model.autoencoder`` (random initialisation)."""
+    return AUTOENCODER_BUILDERS[cfg.model.autoencoder.kind](cfg, image_channels(cfg))
 
 
 class _InputRange:
@@ -263,6 +278,33 @@ def count_parameters(net: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _ddpm(t: DiffusionTrainConfig, args: dict[str, Any], latent_numel: int) -> Any:
+    from monai.networks.schedulers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False,
+                         prediction_type=t.prediction_type, **args)
+
+
+def _ddim(t: DiffusionTrainConfig, args: dict[str, Any], latent_numel: int) -> Any:
+    from monai.networks.schedulers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False,
+                         prediction_type=t.prediction_type, **args)
+
+
+def _rflow(t: DiffusionTrainConfig, args: dict[str, Any], latent_numel: int) -> Any:
+    from monai.networks.schedulers import RFlowScheduler
+
+    return RFlowScheduler(num_train_timesteps=t.num_train_timesteps, use_discrete_timesteps=False,
+                          sample_method="logit-normal", use_timestep_transform=False,
+                          base_img_size_numel=latent_numel, spatial_dim=3)
+
+
+#: The MONAI scheduler of each entry of :data:`medsynth.registry.SCHEDULERS`.
+SCHEDULER_BUILDERS: dict[str, Callable[[DiffusionTrainConfig, dict[str, Any], int], Any]] = {
+    "ddpm": _ddpm, "ddim": _ddim, "rflow": _rflow}
+
+
 def build_scheduler(kind: str, t: DiffusionTrainConfig, latent_numel: int) -> Any:
     """A MONAI noise scheduler: ``DDPMScheduler``, ``DDIMScheduler`` or ``RFlowScheduler``.
 
@@ -270,22 +312,17 @@ def build_scheduler(kind: str, t: DiffusionTrainConfig, latent_numel: int) -> An
     The rectified flow follows MAISI: continuous time and logit-normal training times.  MAISI's
     resolution-dependent time shift is off: a model is trained and sampled on one latent grid.
     """
-    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
-
+    if kind not in SCHEDULER_BUILDERS:
+        raise ConfigError(f"unknown scheduler {kind!r}; choose {', '.join(SCHEDULER_BUILDERS)}")
     args: dict[str, Any] = {"schedule": t.schedule}
     if t.schedule != "cosine":
         args.update(beta_start=t.beta_start, beta_end=t.beta_end)
-    if kind == "ddpm":
-        return DDPMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False,
-                             prediction_type=t.prediction_type, **args)
-    if kind == "ddim":
-        return DDIMScheduler(num_train_timesteps=t.num_train_timesteps, clip_sample=False,
-                             prediction_type=t.prediction_type, **args)
-    if kind == "rflow":
-        return RFlowScheduler(num_train_timesteps=t.num_train_timesteps, use_discrete_timesteps=False,
-                              sample_method="logit-normal", use_timestep_transform=False,
-                              base_img_size_numel=latent_numel, spatial_dim=3)
-    raise ConfigError(f"unknown scheduler {kind!r}; choose ddpm, ddim or rflow")
+    return SCHEDULER_BUILDERS[kind](t, args, latent_numel)
+
+
+def is_flow(kind: str) -> bool:
+    """Whether scheduler ``kind`` is of the rectified-flow family (:data:`medsynth.registry.SCHEDULERS`)."""
+    return SCHEDULERS[kind].flow
 
 
 def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator,
@@ -298,7 +335,7 @@ def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator
     ``mean`` and ``std`` are the logit-normal's (t / T = sigmoid(mean + std n); mean > 0 favours
     noisy times, mean < 0 the last, fine steps).
     """
-    if kind in ("ddpm", "ddim"):
+    if not is_flow(kind):
         return torch.randint(0, scheduler.num_train_timesteps, (n,), generator=g)
     if sampling == "uniform":
         return torch.rand(n, generator=g) * scheduler.num_train_timesteps
@@ -326,7 +363,7 @@ def diffusion_loss(kind: str, prediction_type: str, out: torch.Tensor, x_t: torc
                    target: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """MSE of the stage-2 objective: the rectified flow's velocity (derived from the output when the
     network predicts the clean latent), or the DDPM/DDIM target of ``prediction_type``."""
-    if kind == "rflow":
+    if is_flow(kind):
         out = rflow_velocity(out, x_t, t, num_train_timesteps, prediction_type)
     return torch.nn.functional.mse_loss(out, target)
 

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from medsynth.model.fastpath import (
     resolve_sampling_precision,
 )
 from medsynth.progress import progress
+from medsynth.registry import SCHEDULERS
 from medsynth.volume import Volume
 
 log = logging.getLogger("medsynth.model.sample")
@@ -58,6 +59,43 @@ class SampleSettings:
     guidance: float
     scheduler: str
     eta: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one denoising step needs besides the scheduler, the network output and the latents."""
+
+    t: Any                          # this step's timestep
+    t_next: Any                     # the next one (0 after the last; the rectified flow integrates to it)
+    eta: float                      # DDIM's stochasticity
+    gens: list[torch.Generator]     # one per sample: the noise a stochastic step adds
+    diffusion: Any                  # training.diffusion (timesteps, prediction type)
+
+
+def _rflow_step(sched: Any, out: torch.Tensor, x: torch.Tensor, s: Step) -> torch.Tensor:
+    d = s.diffusion
+    v = rflow_velocity(out, x, s.t.reshape(1).to(out.device), d.num_train_timesteps, d.prediction_type)
+    return sched.step(v, s.t, x, s.t_next)[0]
+
+
+def _ddim_step(sched: Any, out: torch.Tensor, x: torch.Tensor, s: Step) -> torch.Tensor:
+    return torch.cat([sched.step(out[b:b + 1], s.t, x[b:b + 1], s.eta, s.gens[b])[0] for b in range(len(x))])
+
+
+def _ddpm_step(sched: Any, out: torch.Tensor, x: torch.Tensor, s: Step) -> torch.Tensor:
+    # each sample's added noise from its own generator
+    return torch.cat([sched.step(out[b:b + 1], s.t, x[b:b + 1], s.gens[b])[0] for b in range(len(x))])
+
+
+#: One denoising step of each entry of :data:`medsynth.registry.SCHEDULERS`.
+SCHEDULER_STEPS: dict[str, Callable[[Any, torch.Tensor, torch.Tensor, Step], torch.Tensor]] = {
+    "ddpm": _ddpm_step, "ddim": _ddim_step, "rflow": _rflow_step}
+
+
+def _or(names: Any) -> str:
+    """``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class Sampler:
@@ -134,16 +172,20 @@ class Sampler:
                             float(guidance if guidance is not None else s.guidance_scale),
                             scheduler or s.scheduler, float(eta if eta is not None else s.eta))
         T = t.diffusion.num_train_timesteps
-        if st.scheduler not in ("ddpm", "ddim", "rflow"):
-            raise ConfigError(f"--scheduler must be ddpm, ddim or rflow, got {st.scheduler!r}")
-        if (st.scheduler == "rflow") != (t.scheduler == "rflow"):
+        if st.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be {_or(SCHEDULERS)}, got {st.scheduler!r}")
+        spec = SCHEDULERS[st.scheduler]
+        if spec.flow != SCHEDULERS[t.scheduler].flow:
+            flows = [n for n, x in SCHEDULERS.items() if x.flow]
             raise ConfigError(f"--scheduler {st.scheduler}: this model was trained with objective '{t.scheduler}'",
-                              hint="rectified-flow models sample with rflow; DDPM models with ddpm or ddim")
+                              hint=f"rectified-flow models sample with {_or(flows)}; DDPM models with "
+                                   f"{_or([n for n in SCHEDULERS if n not in flows])}")
         if not 1 <= st.steps <= T:
             raise ConfigError(f"--steps must be between 1 and {T} (the training timesteps), got {st.steps}")
-        if st.scheduler == "ddpm" and st.steps != T:
-            raise ConfigError(f"--steps: DDPM samples with all {T} training timesteps, got {st.steps}",
-                              hint="use --scheduler ddim for fewer steps")
+        if spec.all_steps and st.steps != T:
+            fewer = next(n for n, x in SCHEDULERS.items() if x.flow == spec.flow and not x.all_steps)
+            raise ConfigError(f"--steps: {st.scheduler.upper()} samples with all {T} training timesteps, got {st.steps}",
+                              hint=f"use --scheduler {fewer} for fewer steps")
         if st.guidance < 0 or st.eta < 0:
             raise ConfigError("--guidance and eta must be >= 0")
         if self.num_classes is None and st.guidance != 1.0:
@@ -204,15 +246,10 @@ class Sampler:
         ts = list(sched.timesteps)
         x = noise.to(self.device)
         d = self.cfg.training.diffusion
+        step = SCHEDULER_STEPS[st.scheduler]
         for i, t in enumerate(progress(ts, desc="denoising", total=len(ts))):
             out = self.predict(x, t, labels, st.guidance)
-            if st.scheduler == "rflow":
-                v = rflow_velocity(out, x, t.reshape(1).to(out.device), d.num_train_timesteps, d.prediction_type)
-                x, _ = sched.step(v, t, x, ts[i + 1] if i + 1 < len(ts) else 0)
-            elif st.scheduler == "ddim":
-                x = torch.cat([sched.step(out[b:b + 1], t, x[b:b + 1], st.eta, step_gens[b])[0] for b in range(len(x))])
-            else:  # ddpm: each sample's added noise from its own generator
-                x = torch.cat([sched.step(out[b:b + 1], t, x[b:b + 1], step_gens[b])[0] for b in range(len(x))])
+            x = step(sched, out, x, Step(t, ts[i + 1] if i + 1 < len(ts) else 0, st.eta, step_gens, d))
         return x
 
     @torch.inference_mode()

@@ -58,6 +58,7 @@ from medsynth.model.networks import (
     build_unet,
     diffusion_loss,
     generator,
+    is_flow,
     latent_shape,
     lr_lambda,
     resolve_device,
@@ -66,6 +67,7 @@ from medsynth.model.networks import (
     seeded_init,
 )
 from medsynth.progress import progress
+from medsynth.registry import LATENT_KINDS
 
 log = logging.getLogger("medsynth.model.train")
 
@@ -685,7 +687,7 @@ def diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Te
     noise = torch.randn(z0.shape, generator=g)
     t = sample_train_timesteps(kind, scheduler, len(idx), g, *timestep_dist)
     x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-    if kind == "rflow":
+    if is_flow(kind):
         target = z0 - noise  # the flow's velocity (a clean-latent model is judged on it too)
     elif scheduler.prediction_type == "v_prediction":
         target = scheduler.get_velocity(z0, noise, t)
@@ -897,7 +899,7 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
             fn = train_autoencoder if s == "autoencoder" else train_diffusion
             summaries.append(fn(cfg, paths, data, dev, precision, resume, callback, max_steps))
             barrier()
-            if (s == "autoencoder" and cfg.model.autoencoder.kind != "wavelet"
+            if (s == "autoencoder" and LATENT_KINDS[cfg.model.autoencoder.kind].trained
                     and summaries[-1]["steps"] < cfg.training.autoencoder.steps):
                 log.info("autoencoder stopped at step %d of %d (--max-steps); continue with --resume",
                          summaries[-1]["steps"], cfg.training.autoencoder.steps)
