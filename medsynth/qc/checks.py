@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -283,10 +283,162 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
 
 
+@dataclass
+class _Judged:
+    """One volume under judgement: the inputs of :func:`check_volume` and what the checks so far
+    made of it (``arr`` becomes float64, then windowed; ``mask`` the body mask)."""
+
+    vol: Volume
+    grid: Grid
+    qc: QCConfig
+    ranges: Optional[ReferenceRanges]
+    label: Optional[Volume]
+    mask: Optional[np.ndarray]
+    window: Optional[tuple[float, float]]
+    arr: np.ndarray
+    res: CheckResult
+
+
+def _check_geometry(j: _Judged) -> bool:
+    vol, grid, qc, res = j.vol, j.grid, j.qc, j.res
+    if tuple(vol.shape) != tuple(grid.shape):
+        res.fail("geometry_mismatch", f"shape {list(vol.shape)} != configured {list(grid.shape)}",
+                 value=list(vol.shape), limit=list(grid.shape))
+        return True
+    dev = float(np.max(np.abs(vol.affine - grid.affine)))
+    if dev > qc.geometry_atol_mm:
+        sp = ", ".join(_fmt(s) for s in vol.spacing)
+        res.fail("geometry_mismatch",
+                 f"affine differs from the configured grid by up to {_fmt(dev)} mm "
+                 f"(spacing [{sp}] mm, orientation {vol.orientation}; configured "
+                 f"[{', '.join(_fmt(s) for s in grid.spacing)}] mm, {grid.orientation})",
+                 value=dev, limit=qc.geometry_atol_mm)
+    else:
+        res.ok("geometry_mismatch", value=dev, limit=qc.geometry_atol_mm)
+    return True
+
+
+def _check_finite(j: _Judged) -> bool:
+    n_bad = int(j.arr.size - np.isfinite(j.arr).sum())
+    if n_bad:
+        j.res.fail("non_finite_values", f"{n_bad} of {j.arr.size} voxels are NaN or infinite", value=n_bad, limit=0)
+        return False
+    j.res.ok("non_finite_values", value=0, limit=0)
+    j.arr = j.arr.astype(np.float64, copy=False)
+    return True
+
+
+def _check_constant(j: _Judged) -> bool:
+    std, limit = float(j.arr.std()), j.qc.min_std
+    if std < limit:
+        j.res.fail("constant_volume", f"standard deviation {std:.3g} < {limit:g}", value=std, limit=limit)
+        return False
+    j.res.ok("constant_volume", value=std, limit=limit)
+    return True
+
+
+def _check_physical_range(j: _Judged) -> bool:
+    lim = j.qc.ct_range if j.vol.modality == "CT" else j.qc.mr_range
+    if lim is None:
+        return True
+    vmin, vmax, units = float(j.arr.min()), float(j.arr.max()), j.vol.units
+    # half a unit of slack: integer-rounded images sit exactly on the limits
+    if vmin < lim[0] - 0.5 or vmax > lim[1] + 0.5:
+        j.res.fail("out_of_physical_range",
+                   f"values {_fmt(vmin)}..{_fmt(vmax)} {units} outside {_fmt(lim[0])}..{_fmt(lim[1])} {units}",
+                   value=[vmin, vmax], limit=list(lim))
+    else:
+        j.res.ok("out_of_physical_range", value=[vmin, vmax], limit=list(lim))
+    return True
+
+
+def _in_range(res: CheckResult, code: str, v: float, lo: float, hi: float, detail: str) -> None:
+    if not np.isfinite(v) or not lo <= v <= hi:
+        res.fail(code, detail, value=v, limit=[lo, hi])
+    else:
+        res.ok(code, value=v, limit=[lo, hi])
+
+
+def _check_body(j: _Judged) -> bool:
+    """The body mask (on the windowed values) and its statistics against the reference ranges."""
+    if j.window is not None:
+        j.arr = np.clip(j.arr, j.window[0], j.window[1])
+    if j.mask is None:
+        j.mask = body_mask(j.arr, j.vol.affine, j.vol.modality, j.qc.body_threshold_hu)
+    res = j.res
+    res.stats = volume_stats(j.arr, j.mask, j.vol.modality)
+    if not j.mask.any():
+        res.fail("no_body_found", "no voxel above the body threshold", value=0.0, limit=">0")
+    elif j.ranges is not None:
+        for k, (lo, hi) in j.ranges.ranges.items():
+            if not k.startswith("label_"):  # label ranges are judged with the label
+                v = res.stats.get(k, float("nan"))
+                _in_range(res, f"{k}_out_of_range", v, lo, hi, f"{_fmt(v)} not in [{_fmt(lo)}, {_fmt(hi)}]")
+    return True
+
+
+def _check_label(j: _Judged) -> bool:
+    """The label map on the image grid, inside the body, with reference-like intensities per value."""
+    if j.label is None:
+        return True
+    res, qc = j.res, j.qc
+    lab = np.asarray(j.label.array)
+    if lab.shape != j.arr.shape:
+        res.fail("label_geometry_mismatch", f"label shape {list(lab.shape)} != image shape {list(j.arr.shape)}")
+        return True
+    if not np.allclose(j.label.affine, j.vol.affine, atol=qc.geometry_atol_mm):
+        res.fail("label_geometry_mismatch", "label affine differs from the image affine")
+    labelled = lab > 0
+    n_lab = int(labelled.sum())
+    frac = float((labelled & ~j.mask).sum() / n_lab) if n_lab else 0.0
+    if frac > qc.label_outside_body_max:
+        res.fail("label_outside_body",
+                 f"{100 * frac:.1f}% of {n_lab} labelled voxels lie outside the body "
+                 f"(allowed {100 * qc.label_outside_body_max:.1f}%)",
+                 value=frac, limit=qc.label_outside_body_max)
+    else:
+        res.ok("label_outside_body", value=frac, limit=qc.label_outside_body_max)
+    # intensity inside each label (e.g. lesion HU) within the reference's range for that label
+    inside = label_stats(j.arr, lab)
+    res.stats.update(inside)
+    for k, v in inside.items():
+        if j.ranges is not None and k in j.ranges.ranges:
+            lo, hi = j.ranges.ranges[k]
+            _in_range(res, f"{k}_out_of_range", v, lo, hi, f"median {_fmt(v)} {j.vol.units} inside label "
+                      f"{k.split('_')[1]} not in [{_fmt(lo)}, {_fmt(hi)}]")
+    return True
+
+
+def _check_artefacts(j: _Judged) -> bool:
+    res, limit = j.res, j.qc.artefact_threshold
+    res.artefact = a = artefact_score(j.arr, j.mask)
+    score = a["score"]
+    if score > limit:
+        where = (f"tiling seam between planes {a['seam_plane']} and {a['seam_plane'] + 1} of axis {a['seam_axis']}"
+                 if a["kind"] == "tiling_seam" else f"checkerboard alternating along axes {a['checkerboard_axes']}")
+        res.fail("artefact_suspected", f"score {score:.2f} > {limit:g}: {where}", value=score, limit=limit)
+    else:
+        res.ok("artefact_suspected", value=score, limit=limit)
+    return True
+
+
+#: The per-volume checks in the order they run (the module docstring's list).  A check returns
+#: False when the later checks would be meaningless (NaN voxels, a constant volume): they are skipped.
+CHECKS: tuple[tuple[str, Callable[[_Judged], bool]], ...] = (
+    ("geometry", _check_geometry),
+    ("finite", _check_finite),
+    ("constant", _check_constant),
+    ("physical_range", _check_physical_range),
+    ("body_and_reference_ranges", _check_body),
+    ("label", _check_label),
+    ("artefacts", _check_artefacts),
+)
+
+
 def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[ReferenceRanges] = None,
                  label: Optional[Volume] = None, mask: Optional[np.ndarray] = None,
                  window: Optional[tuple[float, float]] = None) -> CheckResult:
-    """Run every per-volume check on ``vol`` (see the module docstring); never raises on bad data.
+    """Run every per-volume check of :data:`CHECKS` on ``vol``; never raises on bad data.
 
     ``ranges`` are the reference ranges (skipped when None); ``label`` the sample's label map;
     ``mask`` a precomputed body mask (computed here otherwise); ``window`` the intensity window
@@ -295,112 +447,8 @@ def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[Referen
     are judged on the raw values.  The result holds the failure reasons and, per check, its value
     and limit as evidence.
     """
-    res = CheckResult(passed=True)
-    arr = np.asarray(vol.array)
-    modality = vol.modality
-
-    # 1. geometry
-    if tuple(vol.shape) != tuple(grid.shape):
-        res.fail("geometry_mismatch", f"shape {list(vol.shape)} != configured {list(grid.shape)}",
-                 value=list(vol.shape), limit=list(grid.shape))
-    else:
-        dev = float(np.max(np.abs(vol.affine - grid.affine)))
-        if dev > qc.geometry_atol_mm:
-            sp = ", ".join(_fmt(s) for s in vol.spacing)
-            res.fail("geometry_mismatch",
-                     f"affine differs from the configured grid by up to {_fmt(dev)} mm "
-                     f"(spacing [{sp}] mm, orientation {vol.orientation}; configured "
-                     f"[{', '.join(_fmt(s) for s in grid.spacing)}] mm, {grid.orientation})",
-                     value=dev, limit=qc.geometry_atol_mm)
-        else:
-            res.ok("geometry_mismatch", value=dev, limit=qc.geometry_atol_mm)
-
-    # 2. finite
-    finite = np.isfinite(arr)
-    n_bad = int(arr.size - finite.sum())
-    if n_bad:
-        res.fail("non_finite_values", f"{n_bad} of {arr.size} voxels are NaN or infinite", value=n_bad, limit=0)
-        return res
-    res.ok("non_finite_values", value=0, limit=0)
-    arr = arr.astype(np.float64, copy=False)
-
-    # 3. constant
-    std = float(arr.std())
-    if std < qc.min_std:
-        res.fail("constant_volume", f"standard deviation {std:.3g} < {qc.min_std:g}", value=std, limit=qc.min_std)
-        return res
-    res.ok("constant_volume", value=std, limit=qc.min_std)
-
-    # 4. physical range
-    lim = qc.ct_range if modality == "CT" else qc.mr_range
-    vmin, vmax = float(arr.min()), float(arr.max())
-    if lim is not None:
-        # half a unit of slack: integer-rounded images sit exactly on the limits
-        if vmin < lim[0] - 0.5 or vmax > lim[1] + 0.5:
-            res.fail("out_of_physical_range",
-                     f"values {_fmt(vmin)}..{_fmt(vmax)} {vol.units} outside {_fmt(lim[0])}..{_fmt(lim[1])} {vol.units}",
-                     value=[vmin, vmax], limit=list(lim))
-        else:
-            res.ok("out_of_physical_range", value=[vmin, vmax], limit=list(lim))
-
-    # 5. body and reference ranges
-    if window is not None:
-        arr = np.clip(arr, window[0], window[1])
-    if mask is None:
-        mask = body_mask(arr, vol.affine, modality, qc.body_threshold_hu)
-    res.stats = volume_stats(arr, mask, modality)
-    if not mask.any():
-        res.fail("no_body_found", "no voxel above the body threshold", value=0.0, limit=">0")
-    elif ranges is not None:
-        for k, (lo, hi) in ranges.ranges.items():
-            if k.startswith("label_"):
-                continue  # judged with the label (6.)
-            v = res.stats.get(k, float("nan"))
-            if not np.isfinite(v) or not lo <= v <= hi:
-                res.fail(f"{k}_out_of_range", f"{_fmt(v)} not in [{_fmt(lo)}, {_fmt(hi)}]", value=v, limit=[lo, hi])
-            else:
-                res.ok(f"{k}_out_of_range", value=v, limit=[lo, hi])
-
-    # 6. label inside the body
-    if label is not None:
-        lab = np.asarray(label.array)
-        if lab.shape != arr.shape:
-            res.fail("label_geometry_mismatch", f"label shape {list(lab.shape)} != image shape {list(arr.shape)}")
-        else:
-            if not np.allclose(label.affine, vol.affine, atol=qc.geometry_atol_mm):
-                res.fail("label_geometry_mismatch", "label affine differs from the image affine")
-            labelled = lab > 0
-            n_lab = int(labelled.sum())
-            frac = float((labelled & ~mask).sum() / n_lab) if n_lab else 0.0
-            if frac > qc.label_outside_body_max:
-                res.fail("label_outside_body",
-                         f"{100 * frac:.1f}% of {n_lab} labelled voxels lie outside the body "
-                         f"(allowed {100 * qc.label_outside_body_max:.1f}%)",
-                         value=frac, limit=qc.label_outside_body_max)
-            else:
-                res.ok("label_outside_body", value=frac, limit=qc.label_outside_body_max)
-            # intensity inside each label (e.g. lesion HU) within the reference's range for that label
-            inside = label_stats(arr, lab)
-            res.stats.update(inside)
-            for k, v in inside.items():
-                if ranges is None or k not in ranges.ranges:
-                    continue
-                lo, hi = ranges.ranges[k]
-                if not lo <= v <= hi:
-                    res.fail(f"{k}_out_of_range", f"median {_fmt(v)} {vol.units} inside label "
-                             f"{k.split('_')[1]} not in [{_fmt(lo)}, {_fmt(hi)}]", value=v, limit=[lo, hi])
-                else:
-                    res.ok(f"{k}_out_of_range", value=v, limit=[lo, hi])
-
-    # 7. artefacts
-    res.artefact = artefact_score(arr, mask)
-    score = res.artefact["score"]
-    if score > qc.artefact_threshold:
-        a = res.artefact
-        where = (f"tiling seam between planes {a['seam_plane']} and {a['seam_plane'] + 1} of axis {a['seam_axis']}"
-                 if a["kind"] == "tiling_seam" else f"checkerboard alternating along axes {a['checkerboard_axes']}")
-        res.fail("artefact_suspected", f"score {score:.2f} > {qc.artefact_threshold:g}: {where}",
-                 value=score, limit=qc.artefact_threshold)
-    else:
-        res.ok("artefact_suspected", value=score, limit=qc.artefact_threshold)
-    return res
+    judged = _Judged(vol, grid, qc, ranges, label, mask, window, np.asarray(vol.array), CheckResult(passed=True))
+    for _name, check in CHECKS:
+        if not check(judged):
+            break
+    return judged.res
