@@ -231,8 +231,8 @@ def test_monai_loader_and_qc_reference_read_nrrd_and_metaimage_like_nifti(tmp_pa
         np.testing.assert_array_equal(d["label"].numpy(), d0["label"].numpy())
         np.testing.assert_allclose(np.asarray(d["image"].affine), np.asarray(d0["image"].affine), atol=1e-5)
         assert float(d["label"].max()) == 1.0
-    labels: list = []
-    ids, arrays, skipped = resample_cases(list(cases.values()), cfg, labels_out=labels)
+    r = resample_cases(list(cases.values()), cfg, with_labels=True)
+    arrays, skipped, labels = r.arrays, r.skipped, r.labels
     assert skipped == [] and len(arrays) == 3
     for arr, lab in zip(arrays[1:], labels[1:]):
         np.testing.assert_allclose(arr, arrays[0], atol=1e-3)

@@ -59,9 +59,10 @@ def world(tmp_path_factory):
     train_m = load_manifest(write_phantoms(root / "train", 8, seed=1, **PHANTOM))
     hold_m = load_manifest(write_phantoms(root / "hold", 3, seed=3, **PHANTOM))
     gen_m = load_manifest(write_phantoms(root / "gen", 8, seed=2, **PHANTOM))
-    train_ids, train, _ = resample_cases(train_m.cases, dcfg)
-    _, hold, _ = resample_cases(hold_m.cases, dcfg)
-    _, genuine, _ = resample_cases(gen_m.cases, dcfg)
+    r = resample_cases(train_m.cases, dcfg)
+    train_ids, train = r.ids, r.arrays
+    hold = resample_cases(hold_m.cases, dcfg).arrays
+    genuine = resample_cases(gen_m.cases, dcfg).arrays
 
     rng = np.random.default_rng(7)
     planted = []

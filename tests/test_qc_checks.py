@@ -36,8 +36,9 @@ def data(tmp_path_factory):
     grid = Grid((N, N, N), target_affine(dcfg))
     ref = load_manifest(write_phantoms(root / "ref", 6, seed=1, **PHANTOM))
     gen = load_manifest(write_phantoms(root / "gen", 3, seed=2, **PHANTOM))
-    _, ref_arr, skipped = resample_cases(ref.cases, dcfg)
-    _, gen_arr, _ = resample_cases(gen.cases, dcfg)
+    r = resample_cases(ref.cases, dcfg)
+    ref_arr, skipped = r.arrays, r.skipped
+    gen_arr = resample_cases(gen.cases, dcfg).arrays
     assert not skipped
     qc = QCConfig()
     stats = [volume_stats(a, body_mask(a, grid.affine, "CT"), "CT") for a in ref_arr]
@@ -200,8 +201,8 @@ def test_lesion_intensity_inside_its_label_is_judged_against_the_reference(tmp_p
     # lesion phantoms only (class 1: every other case), so every case has label 2
     cases = [c for c in load_manifest(write_phantoms(tmp_path / "p", 14, seed=4, **PHANTOM)).cases
              if c.class_label == 1]
-    labels: list = []
-    _, arrs, skipped = resample_cases(cases, dcfg, labels_out=labels)
+    r = resample_cases(cases, dcfg, with_labels=True)
+    arrs, skipped, labels = r.arrays, r.skipped, r.labels
     assert not skipped and len(labels) == len(arrs) and all(lab is not None for lab in labels)
     stats = [volume_stats(a, body_mask(a, grid.affine, "CT"), "CT", lab) for a, lab in zip(arrs, labels)]
     qc = QCConfig()

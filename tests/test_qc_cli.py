@@ -45,8 +45,9 @@ def world(tmp_path_factory):
     aff = target_affine(dcfg)
     ref = write_phantoms(root / "ref", 6, seed=1, **PHANTOM)
     gen = write_phantoms(root / "gen", 4, seed=2, **PHANTOM)
-    ref_ids, ref_arr, _ = resample_cases(load_manifest(ref).cases, dcfg)
-    _, gen_arr, _ = resample_cases(load_manifest(gen).cases, dcfg)
+    r = resample_cases(load_manifest(ref).cases, dcfg)
+    ref_ids, ref_arr = r.ids, r.arrays
+    gen_arr = resample_cases(load_manifest(gen).cases, dcfg).arrays
     sd = root / "samples"
     sd.mkdir()
     for i, a in enumerate(gen_arr):
@@ -238,7 +239,7 @@ def test_config_grid_and_holdout_manifest(world, run_cli, tmp_path, repo_root):
     aff = target_affine(dcfg)
     hold = write_phantoms(tmp_path / "hold", 2, seed=3, **PHANTOM)
     gen = write_phantoms(tmp_path / "gen", 2, seed=4, **PHANTOM)
-    _, arrs, _ = resample_cases(load_manifest(gen).cases, dcfg)
+    arrs = resample_cases(load_manifest(gen).cases, dcfg).arrays
     sd = tmp_path / "samples"
     sd.mkdir()
     for i, a in enumerate(arrs):

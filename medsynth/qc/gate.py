@@ -26,7 +26,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -158,22 +158,32 @@ def _why(exc: BaseException, what: str = "could not be read or resampled") -> st
     return f"{what} ({type(exc).__name__})"
 
 
+@dataclass
+class ResampledCases:
+    """Manifest cases on the sample grid in physical units: ``ids`` and ``arrays`` of the cases read,
+    ``labels`` (with ``with_labels``: each case's integer label map on the grid, or None), and
+    ``skipped`` (``{"id", "reason"}`` per case that could not be read)."""
+
+    ids: list[str]
+    arrays: list[np.ndarray]
+    skipped: list[dict[str, str]]
+    labels: list[Optional[np.ndarray]]
+
+
 def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "reference",
-                   labels_out: Optional[list[Optional[np.ndarray]]] = None
-                   ) -> tuple[list[str], list[np.ndarray], list[dict[str, str]]]:
+                   with_labels: bool = False) -> ResampledCases:
     """Resample manifest cases onto the sample grid in physical units.
 
     Uses :func:`medsynth.data.transforms.build_transforms` (orientation, spacing, pad/crop) and the
-    exact inverse of its intensity normalisation.  Returns (ids, arrays, skipped) where skipped
-    lists ``{"id", "reason"}`` for cases that could not be read — one bad case never sinks the run.
-    With ``labels_out`` (a list), the label map of each returned case (nearest-neighbour on the
-    same grid, integer) or None for a case without one is appended to it.
+    exact inverse of its intensity normalisation; one bad case never sinks the run (it is
+    skipped, with its reason).  ``with_labels`` also resamples each case's label map
+    (nearest-neighbour on the same grid, integer).
     """
     from medsynth.data.transforms import IntensityNorm, build_transforms, case_dict
 
     tf = build_transforms(data_cfg)
-    tf_lab = build_transforms(data_cfg, with_label=True) if labels_out is not None else None
-    ids, arrays, skipped = [], [], []
+    tf_lab = build_transforms(data_cfg, with_label=True) if with_labels else None
+    out = ResampledCases([], [], [], [])
     for c in progress(cases, desc=desc, total=len(cases)):
         try:
             with_label = tf_lab is not None and c.label is not None
@@ -184,13 +194,13 @@ def resample_cases(cases: Sequence[Any], data_cfg: DataConfig, desc: str = "refe
         except Exception as exc:  # noqa: BLE001 - MONAI wraps reader errors in RuntimeError; report and skip
             reason = _why(exc)
             log.warning("reference case %s skipped: %s", c.id, reason)
-            skipped.append({"id": c.id, "reason": reason})
+            out.skipped.append({"id": c.id, "reason": reason})
             continue
-        ids.append(c.id)
-        arrays.append(arr)
-        if labels_out is not None:
-            labels_out.append(lab)
-    return ids, arrays, skipped
+        out.ids.append(c.id)
+        out.arrays.append(arr)
+        if with_labels:
+            out.labels.append(lab)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +306,286 @@ def _featurise_samples(featurise: Any, usable: list[tuple[int, "_Vol"]], entries
     return kept
 
 
+@dataclass
+class _Setting:
+    """The grid, modality and analysis window every volume is judged on, and where they come from."""
+
+    grid: Grid
+    modality: str
+    data_cfg: DataConfig       # resamples reference cases onto the grid
+    window: Optional[tuple[float, float]]
+    source: str
+    qc: QCConfig
+    pc: PrivacyConfig
+
+    def vol(self, arr: np.ndarray, affine: Optional[np.ndarray] = None) -> _Vol:
+        """A volume clipped to the analysis window, with its body mask."""
+        a = np.clip(arr, *self.window) if self.window else arr
+        return _Vol(a, body_mask(a, self.grid.affine if affine is None else affine, self.modality,
+                                 self.qc.body_threshold_hu))
+
+
+@dataclass
+class _Reference:
+    """The reference cases on the grid: ids, volumes, ranges learned from them, what was skipped."""
+
+    manifest: Any
+    ids: list[str]
+    vols: list[_Vol]
+    skipped: list[dict[str, str]]
+    ranges: Any
+    artefact_scores: list[float]
+
+
+@dataclass
+class _FeatureSpace:
+    """Where samples and reference cases are compared: radiomics or a local network's features."""
+
+    name: str
+    description: str
+    featurise: Callable[[Sequence[_Vol]], None]
+    std: Any = None  # the Standardiser fitted on the reference
+
+    def of(self, vols: Sequence[_Vol]) -> np.ndarray:
+        return self.std(np.stack([v.features for v in vols]))
+
+
+@dataclass
+class _Holdout:
+    """The real cases that calibrate the memorisation screen."""
+
+    vols: list[_Vol]
+    calibration_train: Optional[list[int]]
+    mode: str
+    info: dict[str, Any]
+
+
+def _samples_to_judge(samples_dir: Path) -> tuple[list[Sample], list[str]]:
+    """The readable samples and the messages of the broken ones (which get no verdict)."""
+    try:
+        listing = scan_samples(samples_dir)
+    except MedsynthError as exc:
+        raise QCError(exc.message, hint=exc.hint) from None
+    broken = [str(b.error) for b in listing.broken]
+    for msg in broken:
+        log.warning("sample skipped, no verdict written: %s", msg)
+    if not listing.samples:
+        raise QCError(f"{samples_dir}: none of its {len(broken)} sample sidecar(s) can be read; first: {broken[0]}",
+                      hint="regenerate the samples with 'medsynth generate'")
+    return listing.samples, broken
+
+
+def _setting(cfg: Optional[Config], samples: Sequence[Sample], grid_source: str) -> _Setting:
+    """The grid from the config, else inferred from the samples' sidecars."""
+    qc: QCConfig = cfg.qc if cfg is not None else QCConfig()
+    pc: PrivacyConfig = cfg.privacy if cfg is not None else PrivacyConfig()
+    if cfg is not None:
+        from medsynth.data.transforms import target_affine
+
+        grid, modality = Grid(tuple(cfg.data.shape), target_affine(cfg.data)), cfg.data.modality
+        data_cfg = dataclasses.replace(cfg.data, cache="none")
+    else:
+        grid, modality = infer_grid(samples)
+        data_cfg = _grid_data_config(grid, modality, qc)
+    source = grid_source or ("grid from the config" if cfg is not None else "grid inferred from the samples")
+    return _Setting(grid, modality, data_cfg, _window(cfg, modality, qc), source, qc, pc)
+
+
+def _reference(reference: str | Path, st: _Setting) -> _Reference:
+    """Resample the reference manifest onto the grid and learn the per-volume ranges from it."""
+    from medsynth.manifest import load_manifest
+
+    manifest = load_manifest(reference)
+    res = resample_cases(manifest.cases, st.data_cfg, with_labels=True)
+    if len(res.ids) < MIN_REFERENCE_CASES:
+        raise QCError(too_few_reference_cases(reference, len(res.ids), len(manifest.cases)),
+                      hint="fix the unreadable cases (see the log) or give a larger reference manifest"
+                      if res.skipped else "give a reference manifest with more cases")
+    vols = [st.vol(arr) for arr in res.arrays]
+    ranges = learn_ranges([volume_stats(v.array, v.mask, st.modality, lab) for v, lab in zip(vols, res.labels)],
+                          st.qc)
+    artefact = [float(artefact_score(v.array, v.mask)["score"]) for v in vols]
+    return _Reference(manifest, res.ids, vols, res.skipped, ranges, artefact)
+
+
+def _feature_space(st: _Setting) -> _FeatureSpace:
+    from medsynth.privacy.memorisation import prepare_volume
+
+    qc, net = st.qc, None
+    if qc.feature_checkpoint:
+        from medsynth.qc.features import NetworkFeatures
+
+        net = NetworkFeatures(qc.feature_checkpoint, qc.feature_network)
+        name = qc.feature_network
+        description = (f"global-average-pooled activations of a local {qc.feature_network} checkpoint "
+                       f"({Path(qc.feature_checkpoint).name}), z-scored against the reference")
+    else:
+        name = "radiomics"
+        description = ("radiomics-style features (first-order intensity statistics inside the body, tissue "
+                       "fractions, body shape moments, gradient and grey-level co-occurrence texture), "
+                       "z-scored against the reference; no network, no downloaded weights")
+
+    def featurise(vols: Sequence[_Vol]) -> None:
+        if not vols:
+            return
+        if net is not None:
+            for v, f in zip(vols, net([v.array for v in vols], [v.mask for v in vols])):
+                v.features = f
+        else:
+            for v in vols:
+                v.features = feature_vector(radiomics_features(v.array, st.grid.affine, st.modality, v.mask,
+                                                               st.window, qc.body_threshold_hu))
+        for v in vols:
+            v.prepared = prepare_volume(v.array, st.pc, st.window)
+
+    return _FeatureSpace(name, description, featurise)
+
+
+def _holdout(holdout: Optional[str | Path], ref: _Reference, st: _Setting, space: _FeatureSpace) -> _Holdout:
+    """A hold-out manifest (less any case that is also a reference case), else an internal split."""
+    from medsynth.manifest import load_manifest
+    from medsynth.privacy.memorisation import holdout_split
+
+    pc = st.pc
+    if holdout is None:
+        tr_idx, ho_idx = holdout_split(ref.ids, pc.holdout_fraction, pc.holdout_seed)
+        return _Holdout([ref.vols[i] for i in ho_idx], tr_idx, "internal_split",
+                        {"source": f"internal split: {len(ho_idx)} of {len(ref.ids)} reference cases "
+                                   f"(privacy.holdout_fraction {pc.holdout_fraction})",
+                         "ids": [ref.ids[i] for i in ho_idx]})
+    hman = load_manifest(holdout)
+    # a hold-out case must not be a training case: same file or same content (ids may repeat
+    # between manifests, so they do not decide)
+    cases = ref.manifest.cases
+    used = {c.id for c in cases if c.id in set(ref.ids)}
+    seen_paths = {Path(c.image).resolve() for c in cases if c.id in used}
+    seen_sha = {c.sha256 for c in cases if c.id in used and c.sha256}
+    hcases = [c for c in hman.cases if Path(c.image).resolve() not in seen_paths and not (c.sha256 and c.sha256 in seen_sha)]
+    res = resample_cases(hcases, st.data_cfg, desc="hold-out")
+    if not res.ids:
+        raise QCError(f"{holdout}: no readable hold-out case that is not also a reference case",
+                      hint="the hold-out manifest must list real cases the model did not train on")
+    held = [st.vol(arr) for arr in res.arrays]
+    space.featurise(held)
+    return _Holdout(held, None, "holdout_manifest",
+                    {"source": Path(holdout).name, "n_cases": len(res.ids), "skipped": res.skipped,
+                     "n_dropped_also_in_reference": len(hman.cases) - len(hcases)})
+
+
+@dataclass
+class _Judgement:
+    """Per sample: its entry (verdict so far), and the volumes that go on to the dataset steps."""
+
+    entries: list[dict[str, Any]]
+    usable: list[tuple[int, _Vol]]                              # (entry index, volume) on the grid, finite
+    montage_src: dict[int, tuple[np.ndarray, np.ndarray]]      # entry index -> (array, affine)
+
+    def passing(self) -> list[_Vol]:
+        return [v for n, v in self.usable if not self.entries[n]["reasons"]]
+
+
+def _judge_samples(samples: Sequence[Sample], st: _Setting, ranges: Any) -> _Judgement:
+    out = _Judgement([], [], {})
+    for n, s in enumerate(progress(samples, desc="qc", total=len(samples))):
+        e: dict[str, Any] = {"id": s.id, "file": s.image_path.name, "passed": True, "reasons": [],
+                             "checks": {}, "stats": {}, "artefact": {}, "memorisation": None}
+        out.entries.append(e)
+        vol = _judge(s, e, st.grid, st.modality, st.qc, ranges, st.window)
+        if vol is None:
+            continue
+        arr = np.asarray(vol.array, dtype=np.float64)
+        out.montage_src[n] = (arr, vol.affine)
+        if vol.shape == st.grid.shape and np.all(np.isfinite(arr)):
+            out.usable.append((n, st.vol(arr, vol.affine)))
+    return out
+
+
+def _screen_samples(screen: Any, space: _FeatureSpace, j: _Judgement) -> None:
+    """The memorisation screen of the usable samples; a flagged sample fails."""
+    j.usable = _featurise_samples(space.featurise, j.usable, j.entries)
+    if not j.usable:
+        return
+    results = screen.screen(np.stack([v.prepared for _, v in j.usable]), space.of([v for _, v in j.usable]))
+    for (n, _), r in zip(j.usable, results):
+        j.entries[n]["memorisation"] = r.to_dict()
+        if r.flagged:
+            j.entries[n]["reasons"].append(r.reason)
+
+
+def _self_test(screen: Any, space: _FeatureSpace, ref: _Reference, hold: _Holdout, st: _Setting) -> dict[str, Any]:
+    """Planted copies of training cases, screened like samples: each must be flagged."""
+    pick = (hold.calibration_train or list(range(len(ref.vols))))[:2]
+    planted = _planted_copies([v.array for v in ref.vols], pick, st.pc.holdout_seed, st.window)
+    pvols = [st.vol(p) for _, _, p in planted]
+    space.featurise(pvols)
+    pres = screen.screen(np.stack([v.prepared for v in pvols]), space.of(pvols))
+    return {"description": "copies of training cases (noise 1 % of the intensity span, shift (1, -2, 1) "
+                           "voxels, intensity x1.05) screened like samples; each must be flagged "
+                           "and name its source case",
+            "planted": len(planted),
+            "flagged": int(sum(r.flagged for r in pres)),
+            "named_source": int(sum(r.flagged and r.nearest_image_case == ref.ids[j]
+                                    for r, (_, j, _) in zip(pres, planted))),
+            "copies": [{"kind": k, "source": ref.ids[j], "flagged": r.flagged,
+                        "image_distance": round(r.image_distance, 6)} for (k, j, _), r in zip(planted, pres)]}
+
+
+def _metrics(space: _FeatureSpace, ref: _Reference, j: _Judgement, st: _Setting) -> dict[str, Any]:
+    """The dataset figures of what export will ship: the samples that passed every check."""
+    from medsynth.qc.metrics import dataset_metrics
+
+    passing = j.passing()
+    fake_feats = space.of(passing) if passing else np.zeros((0, len(space.std.mean)))
+    return dataset_metrics(space.of(ref.vols), fake_feats, space.name, st.qc.knn_k,
+                           np.stack([_unit_scale(v.array, st.window) for v in ref.vols]),
+                           np.stack([_unit_scale(v.array, st.window) for v in passing]) if passing else None,
+                           st.qc.max_pairs, st.qc.seed)
+
+
+def _reference_info(ref: _Reference) -> dict[str, Any]:
+    m = ref.manifest
+    return {"name": m.name, "manifest": Path(m.path).name if m.path else None,
+            "sha256": sha256_file(m.path) if m.path else None,
+            "n_cases": len(m.cases), "n_cases_used": len(ref.ids),
+            "n_cases_skipped": len(ref.skipped), "skipped": ref.skipped}
+
+
+def _write_verdicts(samples: Sequence[Sample], entries: list[dict[str, Any]], qc_meta: dict[str, Any],
+                    qdir: Optional[Path]) -> list[str]:
+    """``<id>.qc.json`` beside every sample; failing samples moved into ``qdir`` (None: left in place)."""
+    quarantined = []
+    for s, e in zip(samples, entries):
+        e["passed"] = not e["reasons"]
+        verdict = {"format": QC_FORMAT, "id": s.id, "passed": e["passed"], "reasons": e["reasons"],
+                   "image": s.image_path.name,
+                   "image_sha256": sha256_file(s.image_path) if s.image_path.is_file() else None,
+                   "checks": e["checks"], "stats": e["stats"], "artefact": e["artefact"],
+                   "memorisation": e["memorisation"], "qc": qc_meta}
+        write_json(s.qc_path, verdict)
+        if not e["passed"] and qdir is not None:
+            e["quarantined_to"] = [str(Path("quarantine") / f) for f in _quarantine(s, qdir)]
+            quarantined.append(s.id)
+    return quarantined
+
+
+def _memorisation_summary(screen: Any, entries: Sequence[dict[str, Any]],
+                          self_test: Optional[dict[str, Any]]) -> dict[str, Any]:
+    n_screened = sum(1 for e in entries if e["memorisation"])
+    n_flagged = sum(1 for e in entries if e["memorisation"] and e["memorisation"]["flagged"])
+    h_img = np.asarray(screen.calibration.heldout_image)
+    return {"calibration": screen.calibration.to_dict(), "n_screened": n_screened, "n_flagged": n_flagged,
+            "flag_rate": (n_flagged / n_screened) if n_screened else None,
+            "heldout_false_positive_rate": float(np.mean(h_img < screen.calibration.image_threshold)),
+            "self_test": self_test}
+
+
+def _sample_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": e["id"], "file": e["file"], "passed": e["passed"], "reasons": e["reasons"],
+             **({"quarantined_to": e["quarantined_to"]} if "quarantined_to" in e else {}),
+             "artefact_score": e["artefact"].get("score"), "stats": e["stats"],
+             "memorisation": e["memorisation"]} for e in entries]
+
+
 def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
            cfg: Optional[Config] = None, holdout: Optional[str | Path] = None,
            quarantine: bool = True, grid_source: str = "") -> QCOutcome:
@@ -307,233 +597,58 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
     judge anything (no samples, fewer than 3 readable reference cases); a bad sample only fails
     that sample.
     """
-    from medsynth.manifest import load_manifest
-    from medsynth.privacy.memorisation import (
-        MemorisationScreen,
-        holdout_split,
-        prepare_volume,
-    )
+    from medsynth.privacy.memorisation import MemorisationScreen
 
     samples_dir, out_dir = Path(samples_dir), Path(out_dir)
-    qc: QCConfig = cfg.qc if cfg is not None else QCConfig()
-    pc: PrivacyConfig = cfg.privacy if cfg is not None else PrivacyConfig()
-    try:
-        listing = scan_samples(samples_dir)
-    except MedsynthError as exc:
-        raise QCError(exc.message, hint=exc.hint) from None
-    samples = listing.samples
-    broken = [str(b.error) for b in listing.broken]  # claim to be samples but cannot be judged: no verdict
-    for msg in broken:
-        log.warning("sample skipped, no verdict written: %s", msg)
-    if not samples:
-        raise QCError(f"{samples_dir}: none of its {len(broken)} sample sidecar(s) can be read; first: {broken[0]}",
-                      hint="regenerate the samples with 'medsynth generate'")
+    samples, broken = _samples_to_judge(samples_dir)
+    st = _setting(cfg, samples, grid_source)
+    ref = _reference(reference, st)
+    space = _feature_space(st)
+    space.featurise(ref.vols)
+    space.std = Standardiser(np.stack([v.features for v in ref.vols]))
+    hold = _holdout(holdout, ref, st, space)
+    screen = MemorisationScreen(ref.ids, np.stack([v.prepared for v in ref.vols]), space.of(ref.vols),
+                                np.stack([v.prepared for v in hold.vols]), space.of(hold.vols),
+                                st.pc, calibration_train=hold.calibration_train, mode=hold.mode)
 
-    # -- grid ---------------------------------------------------------------------------------
-    if cfg is not None:
-        from medsynth.data.transforms import target_affine
+    judged = _judge_samples(samples, st, ref.ranges)
+    _screen_samples(screen, space, judged)
+    self_test = _self_test(screen, space, ref, hold, st) if st.pc.self_test else None
+    metrics = _metrics(space, ref, judged, st)
 
-        grid, modality = Grid(tuple(cfg.data.shape), target_affine(cfg.data)), cfg.data.modality
-        data_cfg = dataclasses.replace(cfg.data, cache="none")
-    else:
-        grid, modality = infer_grid(samples)
-        data_cfg = _grid_data_config(grid, modality, qc)
-    window = _window(cfg, modality, qc)
-    grid_source = grid_source or ("grid from the config" if cfg is not None else "grid inferred from the samples")
-
-    # -- reference ------------------------------------------------------------------------------
-    manifest = load_manifest(reference)
-    ref_labels: list[Optional[np.ndarray]] = []
-    ref_ids, ref_raw, skipped = resample_cases(manifest.cases, data_cfg, labels_out=ref_labels)
-    if len(ref_ids) < MIN_REFERENCE_CASES:
-        raise QCError(too_few_reference_cases(reference, len(ref_ids), len(manifest.cases)),
-                      hint="fix the unreadable cases (see the log) or give a larger reference manifest"
-                      if skipped else "give a reference manifest with more cases")
-    ref: list[_Vol] = []
-    for arr in ref_raw:
-        a = np.clip(arr, *window) if window else arr
-        ref.append(_Vol(a, body_mask(a, grid.affine, modality, qc.body_threshold_hu)))
-    ranges = learn_ranges([volume_stats(v.array, v.mask, modality, lab) for v, lab in zip(ref, ref_labels)], qc)
-    ref_artefact = [float(artefact_score(v.array, v.mask)["score"]) for v in ref]
-
-    net = None
-    if qc.feature_checkpoint:
-        from medsynth.qc.features import NetworkFeatures
-
-        net = NetworkFeatures(qc.feature_checkpoint, qc.feature_network)
-        space = qc.feature_network
-        space_desc = (f"global-average-pooled activations of a local {qc.feature_network} checkpoint "
-                      f"({Path(qc.feature_checkpoint).name}), z-scored against the reference")
-    else:
-        space = "radiomics"
-        space_desc = ("radiomics-style features (first-order intensity statistics inside the body, tissue "
-                      "fractions, body shape moments, gradient and grey-level co-occurrence texture), "
-                      "z-scored against the reference; no network, no downloaded weights")
-
-    def featurise(vols: Sequence[_Vol]) -> None:
-        if not vols:
-            return
-        if net is not None:
-            fs = net([v.array for v in vols], [v.mask for v in vols])
-            for v, f in zip(vols, fs):
-                v.features = f
-        else:
-            for v in vols:
-                v.features = feature_vector(radiomics_features(v.array, grid.affine, modality, v.mask, window,
-                                                               qc.body_threshold_hu))
-        for v in vols:
-            v.prepared = prepare_volume(v.array, pc, window)
-
-    featurise(ref)
-    std = Standardiser(np.stack([v.features for v in ref]))
-
-    # -- hold-out for calibration -----------------------------------------------------------------
-    hold_info: dict[str, Any]
-    if holdout is not None:
-        hman = load_manifest(holdout)
-        # a hold-out case must not be a training case: same file or same content (ids may repeat
-        # between manifests, so they do not decide)
-        used = {c.id for c in manifest.cases if c.id in set(ref_ids)}
-        seen_paths = {Path(c.image).resolve() for c in manifest.cases if c.id in used}
-        seen_sha = {c.sha256 for c in manifest.cases if c.id in used and c.sha256}
-        hcases = [c for c in hman.cases
-                  if Path(c.image).resolve() not in seen_paths and not (c.sha256 and c.sha256 in seen_sha)]
-        h_ids, h_raw, h_skipped = resample_cases(hcases, data_cfg, desc="hold-out")
-        if not h_ids:
-            raise QCError(f"{holdout}: no readable hold-out case that is not also a reference case",
-                          hint="the hold-out manifest must list real cases the model did not train on")
-        held = []
-        for arr in h_raw:
-            a = np.clip(arr, *window) if window else arr
-            held.append(_Vol(a, body_mask(a, grid.affine, modality, qc.body_threshold_hu)))
-        featurise(held)
-        calib_train, mode = None, "holdout_manifest"
-        hold_info = {"source": Path(holdout).name, "n_cases": len(h_ids), "skipped": h_skipped,
-                     "n_dropped_also_in_reference": len(hman.cases) - len(hcases)}
-    else:
-        tr_idx, ho_idx = holdout_split(ref_ids, pc.holdout_fraction, pc.holdout_seed)
-        held = [ref[i] for i in ho_idx]
-        calib_train, mode = tr_idx, "internal_split"
-        hold_info = {"source": f"internal split: {len(ho_idx)} of {len(ref_ids)} reference cases "
-                               f"(privacy.holdout_fraction {pc.holdout_fraction})",
-                     "ids": [ref_ids[i] for i in ho_idx]}
-    screen = MemorisationScreen(ref_ids, np.stack([v.prepared for v in ref]),
-                                std(np.stack([v.features for v in ref])),
-                                np.stack([v.prepared for v in held]), std(np.stack([v.features for v in held])),
-                                pc, calibration_train=calib_train, mode=mode)
-
-    # -- samples --------------------------------------------------------------------------------
-    entries: list[dict[str, Any]] = []
-    usable: list[tuple[int, _Vol]] = []
-    montage_src: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for n, s in enumerate(progress(samples, desc="qc", total=len(samples))):
-        e: dict[str, Any] = {"id": s.id, "file": s.image_path.name, "passed": True, "reasons": [],
-                             "checks": {}, "stats": {}, "artefact": {}, "memorisation": None}
-        entries.append(e)
-        vol = _judge(s, e, grid, modality, qc, ranges, window)
-        if vol is None:
-            continue
-        arr = np.asarray(vol.array, dtype=np.float64)
-        montage_src[n] = (arr, vol.affine)
-        if vol.shape == grid.shape and np.all(np.isfinite(arr)):
-            a = np.clip(arr, *window) if window else arr
-            usable.append((n, _Vol(a, body_mask(a, vol.affine, modality, qc.body_threshold_hu))))
-
-    usable = _featurise_samples(featurise, usable, entries)
-    if usable:
-        results = screen.screen(np.stack([v.prepared for _, v in usable]),
-                                std(np.stack([v.features for _, v in usable])))
-        for (n, _), r in zip(usable, results):
-            entries[n]["memorisation"] = r.to_dict()
-            if r.flagged:
-                entries[n]["reasons"].append(r.reason)
-
-    # self-test: planted copies of training cases must be flagged
-    self_test = None
-    if pc.self_test:
-        pick = (calib_train or list(range(len(ref))))[:2]
-        planted = _planted_copies([v.array for v in ref], pick, pc.holdout_seed, window)
-        pvols = [_Vol(p, body_mask(p, grid.affine, modality, qc.body_threshold_hu)) for _, _, p in planted]
-        featurise(pvols)
-        pres = screen.screen(np.stack([v.prepared for v in pvols]), std(np.stack([v.features for v in pvols])))
-        self_test = {"description": "copies of training cases (noise 1 % of the intensity span, shift (1, -2, 1) "
-                                    "voxels, intensity x1.05) screened like samples; each must be flagged "
-                                    "and name its source case",
-                     "planted": len(planted),
-                     "flagged": int(sum(r.flagged for r in pres)),
-                     "named_source": int(sum(r.flagged and r.nearest_image_case == ref_ids[j]
-                                             for r, (_, j, _) in zip(pres, planted))),
-                     "copies": [{"kind": k, "source": ref_ids[j], "flagged": r.flagged,
-                                 "image_distance": round(r.image_distance, 6)} for (k, j, _), r in zip(planted, pres)]}
-
-    # -- dataset metrics -----------------------------------------------------------------------------
-    from medsynth.qc.metrics import dataset_metrics
-
-    # the figures describe what export will ship: the samples that passed every check
-    passing = [v for n, v in usable if not entries[n]["reasons"]]
-    fake_feats = std(np.stack([v.features for v in passing])) if passing else np.zeros((0, len(std.mean)))
-    metrics = dataset_metrics(std(np.stack([v.features for v in ref])), fake_feats, space, qc.knn_k,
-                              np.stack([_unit_scale(v.array, window) for v in ref]),
-                              np.stack([_unit_scale(v.array, window) for v in passing]) if passing else None,
-                              qc.max_pairs, qc.seed)
-
-    # -- verdicts, quarantine ----------------------------------------------------------------------
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    ref_info = {"name": manifest.name, "manifest": Path(manifest.path).name if manifest.path else None,
-                "sha256": sha256_file(manifest.path) if manifest.path else None,
-                "n_cases": len(manifest.cases), "n_cases_used": len(ref_ids),
-                "n_cases_skipped": len(skipped), "skipped": skipped}
-    qdir = samples_dir / "quarantine"
-    quarantined: list[str] = []
-    for s, e in zip(samples, entries):
-        e["passed"] = not e["reasons"]
-        verdict = {"format": QC_FORMAT, "id": s.id, "passed": e["passed"], "reasons": e["reasons"],
-                   "image": s.image_path.name,
-                   "image_sha256": sha256_file(s.image_path) if s.image_path.is_file() else None,
-                   "checks": e["checks"], "stats": e["stats"], "artefact": e["artefact"],
-                   "memorisation": e["memorisation"],
-                   "qc": {"created": created, "medsynth_version": __version__, "reference": manifest.name,
-                          "reference_sha256": ref_info["sha256"], "report": str(out_dir / "qc.json")}}
-        write_json(s.qc_path, verdict)
-        if not e["passed"] and quarantine:
-            e["quarantined_to"] = [str(Path("quarantine") / f) for f in _quarantine(s, qdir)]
-            quarantined.append(s.id)
-
-    n_screened = sum(1 for e in entries if e["memorisation"])
-    n_flagged = sum(1 for e in entries if e["memorisation"] and e["memorisation"]["flagged"])
-    cal = screen.calibration.to_dict()
-    h_img = np.asarray(screen.calibration.heldout_image)
+    ref_info = _reference_info(ref)
+    entries = judged.entries
+    quarantined = _write_verdicts(samples, entries, {
+        "created": created, "medsynth_version": __version__, "reference": ref.manifest.name,
+        "reference_sha256": ref_info["sha256"], "report": str(out_dir / "qc.json")},
+        samples_dir / "quarantine" if quarantine else None)
+    n_passed = sum(e["passed"] for e in entries)
     summary: dict[str, Any] = {
         "format": REPORT_FORMAT, "created": created, "medsynth_version": __version__,
         "samples_dir": str(samples_dir),
-        "grid": {**grid.to_dict(), "modality": modality, "source": grid_source,
-                 "analysis_window": list(window) if window else None},
-        "reference": ref_info, "holdout": hold_info,
-        "settings": {"qc": config_to_dict(qc), "privacy": config_to_dict(pc)},
-        "feature_space": {"name": space, "description": space_desc},
-        "reference_ranges": ranges.to_dict(), "reference_artefact_scores": [round(x, 4) for x in ref_artefact],
-        "metrics": metrics, "metrics_n_synthetic": len(passing),
-        "memorisation": {"calibration": cal, "n_screened": n_screened, "n_flagged": n_flagged,
-                         "flag_rate": (n_flagged / n_screened) if n_screened else None,
-                         "heldout_false_positive_rate": float(np.mean(h_img < screen.calibration.image_threshold)),
-                         "self_test": self_test},
-        "counts": {"samples": len(entries), "passed": sum(e["passed"] for e in entries),
-                   "failed": sum(not e["passed"] for e in entries), "quarantined": len(quarantined),
-                   "unreadable_sidecars": len(broken)},
+        "grid": {**st.grid.to_dict(), "modality": st.modality, "source": st.source,
+                 "analysis_window": list(st.window) if st.window else None},
+        "reference": ref_info, "holdout": hold.info,
+        "settings": {"qc": config_to_dict(st.qc), "privacy": config_to_dict(st.pc)},
+        "feature_space": {"name": space.name, "description": space.description},
+        "reference_ranges": ref.ranges.to_dict(),
+        "reference_artefact_scores": [round(x, 4) for x in ref.artefact_scores],
+        "metrics": metrics, "metrics_n_synthetic": len(judged.passing()),
+        "memorisation": _memorisation_summary(screen, entries, self_test),
+        "counts": {"samples": len(entries), "passed": n_passed, "failed": len(entries) - n_passed,
+                   "quarantined": len(quarantined), "unreadable_sidecars": len(broken)},
         "unreadable_sidecars": broken,
-        "samples": [{"id": e["id"], "file": e["file"], "passed": e["passed"], "reasons": e["reasons"],
-                     **({"quarantined_to": e["quarantined_to"]} if "quarantined_to" in e else {}),
-                     "artefact_score": e["artefact"].get("score"), "stats": e["stats"],
-                     "memorisation": e["memorisation"]} for e in entries],
+        "samples": _sample_rows(entries),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     qc_json = write_json(out_dir / "qc.json", summary)
-    html = _render(summary, ref, ref_ids, entries, montage_src, usable, window, grid, modality, qc, screen)
+    html = _render(summary, ref.vols, ref.ids, entries, judged.montage_src, judged.usable, st.window, st.grid,
+                   st.modality, st.qc, screen)
     report = write_text(out_dir / "report.html", html)
-    log.info("qc: %d samples, %d passed, %d failed%s", len(entries), summary["counts"]["passed"],
-             summary["counts"]["failed"], f" ({len(quarantined)} quarantined)" if quarantined else "")
-    return QCOutcome(len(entries), summary["counts"]["passed"], summary["counts"]["failed"], quarantined,
-                     qc_json, report, summary)
+    log.info("qc: %d samples, %d passed, %d failed%s", len(entries), n_passed, len(entries) - n_passed,
+             f" ({len(quarantined)} quarantined)" if quarantined else "")
+    return QCOutcome(len(entries), n_passed, len(entries) - n_passed, quarantined, qc_json, report, summary)
 
 
 def _quarantine(s: Sample, qdir: Path) -> list[str]:
