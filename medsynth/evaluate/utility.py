@@ -197,15 +197,15 @@ def _check_cases(m: Manifest, task: str, role: str) -> None:
                                 hint="segmentation needs a label on every case; build the manifest with --labels DIR")
 
 
-def load_tensors(cases: Sequence[Case], data_cfg: Any, task: str, role: str,
-                 notes: list[str]) -> Tensors:
-    """Run every case through the config's MONAI chain; a case that fails is reported and skipped."""
+def load_tensors(cases: Sequence[Case], data_cfg: Any, task: str, role: str) -> tuple[Tensors, list[str]]:
+    """Run every case through the config's MONAI chain; a case that fails is reported (the notes
+    returned beside the tensors) and skipped."""
     from medsynth.data.transforms import build_transforms, case_dict
     from medsynth.progress import progress
 
     seg = task == "segment"
     tf = build_transforms(data_cfg, with_label=seg)
-    ids, xs, ys = [], [], []
+    ids, xs, ys, notes = [], [], [], []
     for c in progress(cases, desc=f"load {role}", total=len(cases)):
         try:
             d = tf(case_dict(c, with_label=seg))
@@ -222,7 +222,7 @@ def load_tensors(cases: Sequence[Case], data_cfg: Any, task: str, role: str,
             ys.append(torch.tensor(int(c.class_label)))
     if not ids:
         raise ManifestError(f"no {role} case could be loaded", hint="run 'medsynth manifest verify' on the manifest")
-    return Tensors(ids, torch.stack(xs), torch.stack(ys))
+    return Tensors(ids, torch.stack(xs), torch.stack(ys)), notes
 
 
 def _synthetic_cases(samples: Sequence[Any]) -> list[Case]:
@@ -250,6 +250,181 @@ def reduced_indices(y_class: Optional[np.ndarray], n: int, fraction: float, seed
 # --------------------------------------------------------------------------------------------
 
 
+def _check_options(opts: UtilityOptions) -> list[str]:
+    """The arms to run, after checking every option (before any data is read)."""
+    if opts.task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {opts.task!r}")
+    arms = opts.chosen_arms()
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ConfigError(f"unknown arm(s) {bad}; choose from {', '.join(ARMS)}")
+    if len(set(arms)) != len(arms):
+        raise ConfigError(f"arms listed twice: {arms}")
+    if any(a.startswith("reduced") for a in arms) and (
+            opts.reduced_fraction is None or not 0.0 < opts.reduced_fraction < 1.0):
+        raise ConfigError("the reduced arms need --reduced-fraction between 0 and 1 (e.g. 0.25), "
+                          f"got {opts.reduced_fraction}")
+    if opts.repeats < 1 or opts.n_synthetic < 1 or opts.budget.steps < 1 or opts.budget.batch_size < 1:
+        raise ConfigError("--repeats, --n-synthetic, --steps and --batch-size must be >= 1")
+    if opts.bootstrap < 100:
+        raise ConfigError(f"--bootstrap must be >= 100 resamples, got {opts.bootstrap}")
+    return arms
+
+
+def _train_classes(train_m: Manifest, test_m: Manifest) -> list[int]:
+    """The classes of a classification: both sets need two, and the test set none the train set lacks."""
+    classes = sorted({int(c.class_label) for c in train_m.cases})
+    test_classes = sorted({int(c.class_label) for c in test_m.cases})
+    if len(test_classes) < 2:
+        raise ManifestError(f"{test_m.path}: the test set holds one class only ({test_classes}); "
+                            "AUC needs both", hint="split with 'medsynth evaluate split' (stratified)")
+    unknown = sorted(set(test_classes) - set(classes))
+    if unknown:
+        raise ManifestError(f"{test_m.path}: test class(es) {unknown} never occur in the train manifest")
+    if len(classes) < 2:
+        raise ManifestError(f"{train_m.path}: the train set holds one class only ({classes})")
+    return classes
+
+
+def _check_generator(cfg: Any, run_dir: Path, seg: bool) -> None:
+    """The run can make what the synthetic arms need: classes (classify) or label maps (segment)."""
+    if not seg and cfg.model.unet.num_class_embeds is None:
+        raise ConfigError(f"{run_dir}: the run's model is unconditional (model.unet.num_class_embeds is "
+                          "null), so its samples carry no class",
+                          hint="train a class-conditional model (set model.unet.num_class_embeds)")
+    if seg and not cfg.data.use_labels:
+        raise ConfigError(f"{run_dir}: the run does not generate labels (data.use_labels is false), "
+                          "so the synthetic segmentation arms have no ground truth",
+                          hint="train with data.use_labels: true for paired image + label synthesis, "
+                               "or run --task segment with --arms real,reduced")
+
+
+def _synthetic_set(run_dir: Path, out_dir: Path, cfg: Any, train_m: Manifest, classes: list[int],
+                   opts: UtilityOptions) -> tuple[Any, list[str]]:
+    """The QC-passed synthetic training set (given samples, or generated and judged here) and notes."""
+    from medsynth.evaluate.synthetic import generate_set, select_samples
+
+    seg = opts.task == "segment"
+    _check_generator(cfg, run_dir, seg)
+    want = classes if not seg else _label_classes(cfg, train_m)
+    if opts.samples is not None:
+        synth_set = select_samples(Path(opts.samples), want, opts.n_synthetic, need_labels=seg,
+                                   include_failed=opts.include_qc_failed)
+    else:
+        synth_set = generate_set(run_dir, out_dir / "synthetic", want, opts.n_synthetic, opts.seed,
+                                 qc_reference=Path(train_m.path), qc_out=out_dir / "synthetic_qc",
+                                 steps=opts.sampling_steps, guidance=opts.guidance,
+                                 device=None if opts.device == "auto" else opts.device, need_labels=seg,
+                                 include_failed=opts.include_qc_failed)
+    notes = list(synth_set.notes)
+    if opts.include_qc_failed:
+        bypass = synth_set.summary()["used_without_passing_verdict"]
+        notes.append(f"QC filter bypassed (--include-qc-failed): {bypass} of {len(synth_set.samples)} "
+                     "synthetic training samples have no passing QC verdict")
+    empty = [k for k, v in synth_set.by_class.items() if not v]
+    if empty and not seg:
+        raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample of class(es) {empty} "
+                            f"({synth_set.n_failed_qc} failed QC, {synth_set.n_no_verdict} without verdict)",
+                            hint="see the QC report for the reasons; train the generator longer, or "
+                                 "measure the unfiltered samples with --include-qc-failed")
+    if not synth_set.samples:
+        raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample to train on")
+    short = {k: len(v) for k, v in synth_set.by_class.items() if len(v) < opts.n_synthetic}
+    if short:
+        notes.append(f"fewer QC-passed synthetic samples than requested ({opts.n_synthetic} per class): "
+                     + ", ".join(f"class {k}: {n}" for k, n in short.items()))
+    return synth_set, notes
+
+
+@dataclass
+class _Sets:
+    """The evaluation's volumes in model space, and what the networks predict."""
+
+    real: Tensors
+    test: Tensors
+    synth: Optional[Tensors]
+    n_out: int              # network outputs: classes, or label values + background
+    seg_labels: list[int]   # the foreground labels Dice is reported for (segment)
+
+
+def _outputs(seg: bool, classes: list[int], real: Tensors, test: Tensors, synth: Optional[Tensors],
+             opts: UtilityOptions) -> tuple[int, list[int]]:
+    if not seg:
+        return max(classes) + 1, []
+    present = sorted({int(v) for t in (real, test) for v in torch.unique(t.y).tolist()})
+    n_out = max([*present, 1]) + 1
+    if synth is not None:
+        n_out = max(n_out, int(synth.y.max()) + 1)
+    seg_labels = list(opts.seg_labels) if opts.seg_labels else [v for v in present if v > 0]
+    if not seg_labels:
+        raise ManifestError("the label maps hold no foreground label")
+    return n_out, seg_labels
+
+
+def _run_arms(sets: _Sets, arms: Sequence[str], opts: UtilityOptions, device: torch.device
+              ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[int]]]:
+    """Train every arm ``repeats`` times (same initialisation per repeat across arms) and predict the
+    test set: per arm, the predictions (classify) or per-case Dice (segment) of each repeat, and
+    the training-set sizes."""
+    seg = opts.task == "segment"
+    real, synth, test = sets.real, sets.synth, sets.test
+    preds: dict[str, list[np.ndarray]] = {a: [] for a in arms}
+    n_train: dict[str, list[int]] = {a: [] for a in arms}
+    y_real = real.y.numpy() if not seg else None
+    for r in range(opts.repeats):
+        init_seed = stats.derive_seed(opts.seed, "init", r)
+        red = None
+        if any(a.startswith("reduced") for a in arms):
+            red = real.subset(reduced_indices(y_real, len(real), float(opts.reduced_fraction),
+                                              stats.derive_seed(opts.seed, "reduced", r)))
+        for arm in arms:
+            parts = {"real": [real], "synthetic": [synth], "real+synthetic": [real, synth],
+                     "reduced": [red], "reduced+synthetic": [red, synth]}[arm]
+            pool = Tensors.concat(parts)  # type: ignore[arg-type]
+            n_train[arm].append(len(pool))
+            log.info("repeat %d/%d, arm %s: %d training volume(s)", r + 1, opts.repeats, arm, len(pool))
+            net = train(opts.task, pool.x, pool.y, sets.n_out, opts.budget, init_seed,
+                        stats.derive_seed(opts.seed, "data", arm, r), device, desc=f"{arm} r{r + 1}")
+            p = predict(opts.task, net, test.x, opts.budget.batch_size, device)
+            if seg:
+                p = stats.dice_per_case(p, test.y[:, 0].numpy(), sets.seg_labels)
+            preds[arm].append(p)
+    return preds, n_train
+
+
+def _arm_rows(preds: dict[str, list[np.ndarray]], n_train: dict[str, list[int]], y_test: np.ndarray,
+              arms: Sequence[str], metrics: dict[str, Any], opts: UtilityOptions) -> list[dict[str, Any]]:
+    """Each arm's metrics with bootstrap CIs and its paired differences to the reference arms."""
+    n_test = len(y_test)
+    rng = np.random.default_rng(stats.derive_seed(opts.seed, "bootstrap"))
+    boot = stats.bootstrap_indices(n_test, opts.bootstrap, rng,
+                                   strata=y_test if opts.task != "segment" else None)
+    est: dict[str, dict[str, Any]] = {a: {} for a in arms}
+    dists: dict[str, dict[str, np.ndarray]] = {a: {} for a in arms}
+    for a in arms:
+        for name, fn in metrics.items():
+            est[a][name], dists[a][name] = stats.estimate(fn, preds[a], y_test, boot)
+    rows = []
+    for a in arms:
+        row = {"name": a, "label": arm_label(a, opts.reduced_fraction), "n_train": n_train[a],
+               "metrics": {m: est[a][m].to_dict() for m in metrics}, "vs": {}}
+        for arm, ref in comparisons(arms):
+            if arm == a:
+                row["vs"][ref] = {m: stats.difference(est[a][m], dists[a][m], est[ref][m], dists[ref][m],
+                                                      ref).to_dict() for m in metrics}
+        rows.append(row)
+    return rows
+
+
+def _model_info(seg: bool, n_out: int, cfg: Any) -> dict[str, Any]:
+    from medsynth.evaluate.classifier import build_classifier, build_segmenter, n_parameters
+
+    net0 = build_classifier(n_out) if not seg else build_segmenter(n_out, tuple(cfg.data.shape))
+    return {"network": "monai.networks.nets.ResNet (basic blocks 1-1-1-1, channels 8-16-32-64, stride-2 stem)"
+            if not seg else (f"monai.networks.nets.UNet (channels {'-'.join(str(c) for c in net0.channels)}, "
+                             "one residual unit per level)"), "parameters": n_parameters(net0), "outputs": n_out}
+
+
 def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manifest: str | Path,
                      out_dir: str | Path, options: Optional[UtilityOptions] = None) -> UtilityResult:
     """Run the train-on-synthetic / test-on-real evaluation; write ``OUT/utility.json`` and ``utility.html``.
@@ -259,29 +434,12 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
     before any training starts.
     """
     from medsynth.evaluate.report import write_report
-    from medsynth.evaluate.synthetic import generate_set, select_samples
 
     opts = options or UtilityOptions()
     t0 = time.time()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if opts.task not in TASKS:
-        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {opts.task!r}")
-    arms = opts.chosen_arms()
-    bad = [a for a in arms if a not in ARMS]
-    if bad:
-        raise ConfigError(f"unknown arm(s) {bad}; choose from {', '.join(ARMS)}")
-    if len(set(arms)) != len(arms):
-        raise ConfigError(f"arms listed twice: {arms}")
-    needs_reduced = any(a.startswith("reduced") for a in arms)
-    if needs_reduced and (opts.reduced_fraction is None or not 0.0 < opts.reduced_fraction < 1.0):
-        raise ConfigError("the reduced arms need --reduced-fraction between 0 and 1 (e.g. 0.25), "
-                          f"got {opts.reduced_fraction}")
+    arms = _check_options(opts)
     needs_synth = any("synthetic" in a for a in arms)
-    if opts.repeats < 1 or opts.n_synthetic < 1 or opts.budget.steps < 1 or opts.budget.batch_size < 1:
-        raise ConfigError("--repeats, --n-synthetic, --steps and --batch-size must be >= 1")
-    if opts.bootstrap < 100:
-        raise ConfigError(f"--bootstrap must be >= 100 resamples, got {opts.bootstrap}")
-
     cfg = load_run_config(run_dir)
     train_m, test_m = load_manifest(train_manifest), load_manifest(test_manifest)
     _check_cases(train_m, opts.task, "train")
@@ -289,125 +447,21 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
     leakage = check_leakage(train_m, test_m, run_dir, cfg, needs_synth)
     device = resolve_device(opts.device, key="device")
     seg = opts.task == "segment"
+    classes = _train_classes(train_m, test_m) if not seg else []
 
-    classes = sorted({int(c.class_label) for c in train_m.cases}) if not seg else []
-    if not seg:
-        test_classes = sorted({int(c.class_label) for c in test_m.cases})
-        if len(test_classes) < 2:
-            raise ManifestError(f"{test_m.path}: the test set holds one class only ({test_classes}); "
-                                "AUC needs both", hint="split with 'medsynth evaluate split' (stratified)")
-        unknown = sorted(set(test_classes) - set(classes))
-        if unknown:
-            raise ManifestError(f"{test_m.path}: test class(es) {unknown} never occur in the train manifest")
-        if len(classes) < 2:
-            raise ManifestError(f"{train_m.path}: the train set holds one class only ({classes})")
-
-    notes: list[str] = []
-    synth_set = None
-    if needs_synth:
-        if not seg and cfg.model.unet.num_class_embeds is None:
-            raise ConfigError(f"{run_dir}: the run's model is unconditional (model.unet.num_class_embeds is "
-                              "null), so its samples carry no class",
-                              hint="train a class-conditional model (set model.unet.num_class_embeds)")
-        if seg and not cfg.data.use_labels:
-            raise ConfigError(f"{run_dir}: the run does not generate labels (data.use_labels is false), "
-                              "so the synthetic segmentation arms have no ground truth",
-                              hint="train with data.use_labels: true for paired image + label synthesis, "
-                                   "or run --task segment with --arms real,reduced")
-        want = classes if not seg else _label_classes(cfg, train_m)
-        if opts.samples is not None:
-            synth_set = select_samples(Path(opts.samples), want, opts.n_synthetic, need_labels=seg,
-                                       include_failed=opts.include_qc_failed)
-        else:
-            synth_set = generate_set(run_dir, out_dir / "synthetic", want, opts.n_synthetic, opts.seed,
-                                     qc_reference=Path(train_m.path), qc_out=out_dir / "synthetic_qc",
-                                     steps=opts.sampling_steps, guidance=opts.guidance,
-                                     device=None if opts.device == "auto" else opts.device, need_labels=seg,
-                                     include_failed=opts.include_qc_failed)
-        notes += synth_set.notes
-        if opts.include_qc_failed:
-            bypass = synth_set.summary()["used_without_passing_verdict"]
-            notes.append(f"QC filter bypassed (--include-qc-failed): {bypass} of {len(synth_set.samples)} "
-                         "synthetic training samples have no passing QC verdict")
-        empty = [k for k, v in synth_set.by_class.items() if not v]
-        if empty and not seg:
-            raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample of class(es) {empty} "
-                                f"({synth_set.n_failed_qc} failed QC, {synth_set.n_no_verdict} without verdict)",
-                                hint="see the QC report for the reasons; train the generator longer, or "
-                                     "measure the unfiltered samples with --include-qc-failed")
-        if not synth_set.samples:
-            raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample to train on")
-        short = {k: len(v) for k, v in synth_set.by_class.items() if len(v) < opts.n_synthetic}
-        if short:
-            notes.append(f"fewer QC-passed synthetic samples than requested ({opts.n_synthetic} per class): "
-                         + ", ".join(f"class {k}: {n}" for k, n in short.items()))
-
+    synth_set, notes = _synthetic_set(run_dir, out_dir, cfg, train_m, classes, opts) if needs_synth else (None, [])
     data_cfg = dataclasses.replace(cfg.data, cache="none")
-    real = load_tensors(train_m.cases, data_cfg, opts.task, "train", notes)
-    test = load_tensors(test_m.cases, data_cfg, opts.task, "test", notes)
-    synth = load_tensors(_synthetic_cases(synth_set.samples), data_cfg, opts.task, "synthetic", notes) \
-        if synth_set is not None else None
+    real, n1 = load_tensors(train_m.cases, data_cfg, opts.task, "train")
+    test, n2 = load_tensors(test_m.cases, data_cfg, opts.task, "test")
+    synth, n3 = load_tensors(_synthetic_cases(synth_set.samples), data_cfg, opts.task, "synthetic") \
+        if synth_set is not None else (None, [])
+    notes += n1 + n2 + n3
+    sets = _Sets(real, test, synth, *_outputs(seg, classes, real, test, synth, opts))
 
-    if seg:
-        present = sorted({int(v) for t in (real, test) for v in torch.unique(t.y).tolist()})
-        n_out = max([*present, 1]) + 1
-        if synth is not None:
-            n_out = max(n_out, int(synth.y.max()) + 1)
-        seg_labels = list(opts.seg_labels) if opts.seg_labels else [v for v in present if v > 0]
-        if not seg_labels:
-            raise ManifestError("the label maps hold no foreground label")
-    else:
-        n_out = max(classes) + 1
-        seg_labels = []
-
+    preds, n_train = _run_arms(sets, arms, opts, device)
     y_test = test.y.numpy() if not seg else np.zeros(len(test))
-    preds: dict[str, list[np.ndarray]] = {a: [] for a in arms}
-    n_train: dict[str, list[int]] = {a: [] for a in arms}
-    y_real = real.y.numpy() if not seg else None
-    for r in range(opts.repeats):
-        init_seed = stats.derive_seed(opts.seed, "init", r)
-        red = None
-        if needs_reduced:
-            red = real.subset(reduced_indices(y_real, len(real), float(opts.reduced_fraction),
-                                              stats.derive_seed(opts.seed, "reduced", r)))
-        for arm in arms:
-            parts = {"real": [real], "synthetic": [synth], "real+synthetic": [real, synth],
-                     "reduced": [red], "reduced+synthetic": [red, synth]}[arm]
-            pool = Tensors.concat(parts)  # type: ignore[arg-type]
-            n_train[arm].append(len(pool))
-            log.info("repeat %d/%d, arm %s: %d training volume(s)", r + 1, opts.repeats, arm, len(pool))
-            net = train(opts.task, pool.x, pool.y, n_out, opts.budget, init_seed,
-                        stats.derive_seed(opts.seed, "data", arm, r), device, desc=f"{arm} r{r + 1}")
-            p = predict(opts.task, net, test.x, opts.budget.batch_size, device)
-            if seg:
-                p = stats.dice_per_case(p, test.y[:, 0].numpy(), seg_labels)
-            preds[arm].append(p)
-
     metrics = {"auc": stats.auc, "accuracy": stats.accuracy} if not seg else {"dice": stats.mean_score}
-    rng = np.random.default_rng(stats.derive_seed(opts.seed, "bootstrap"))
-    boot = stats.bootstrap_indices(len(test), opts.bootstrap, rng, strata=y_test if not seg else None)
-    est: dict[str, dict[str, Any]] = {a: {} for a in arms}
-    dists: dict[str, dict[str, np.ndarray]] = {a: {} for a in arms}
-    for a in arms:
-        for name, fn in metrics.items():
-            est[a][name], dists[a][name] = stats.estimate(fn, preds[a], y_test, boot)
-    arm_rows = []
-    for a in arms:
-        row = {"name": a, "label": arm_label(a, opts.reduced_fraction), "n_train": n_train[a],
-               "metrics": {m: est[a][m].to_dict() for m in metrics}, "vs": {}}
-        for arm, ref in comparisons(arms):
-            if arm == a:
-                row["vs"][ref] = {m: stats.difference(est[a][m], dists[a][m], est[ref][m], dists[ref][m],
-                                                      ref).to_dict() for m in metrics}
-        arm_rows.append(row)
-
-    from medsynth.evaluate.classifier import (
-        build_classifier,
-        build_segmenter,
-        n_parameters,
-    )
-
-    net0 = build_classifier(n_out) if not seg else build_segmenter(n_out, tuple(cfg.data.shape))
+    arm_rows = _arm_rows(preds, n_train, y_test, arms, metrics, opts)
     report: dict[str, Any] = {
         "format": UTILITY_FORMAT,
         "task": opts.task,
@@ -416,10 +470,7 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
         "test_manifest": str(test_m.path),
         "grid": {"shape": list(cfg.data.shape), "spacing": list(cfg.data.spacing),
                  "orientation": cfg.data.orientation, "intensity": _norm_dict(cfg.data)},
-        "model": {"network": "monai.networks.nets.ResNet (basic blocks 1-1-1-1, channels 8-16-32-64, stride-2 stem)" if not seg
-                  else (f"monai.networks.nets.UNet (channels {'-'.join(str(c) for c in net0.channels)}, "
-                        "one residual unit per level)"), "parameters": n_parameters(net0),
-                  "outputs": n_out},
+        "model": _model_info(seg, sets.n_out, cfg),
         "budget": {**opts.budget.to_dict(), "optimizer": "AdamW", "same_steps_every_arm": True,
                    "sampling": "class-balanced batches with replacement" if not seg else "uniform with replacement"},
         "seed": opts.seed,
@@ -429,17 +480,8 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
                       "statistic": "mean over repeats of the metric on the resampled test set"},
         "metrics": list(metrics),
         "threshold": "arg-max class (0.5 for two classes), fixed in advance" if not seg else None,
-        "seg_labels": seg_labels if seg else None,
-        "data": {
-            "train": _counts(real, seg),
-            "test": _counts(test, seg),
-            "synthetic": ({**synth_set.summary(), "requested_per_class": opts.n_synthetic,
-                           "qc": ("QC verdicts ignored (--include-qc-failed)" if opts.include_qc_failed
-                                  else "only samples with a passing QC verdict")}
-                          if synth_set is not None else None),
-            "reduced": ({"fraction": opts.reduced_fraction, "n": n_train.get("reduced", [None])[0],
-                         "stratified": not seg, "resampled_each_repeat": True} if needs_reduced else None),
-        },
+        "seg_labels": sets.seg_labels if seg else None,
+        "data": _data_info(sets, synth_set, n_train, opts),
         "leakage": leakage,
         "arms": arm_rows,
         "comparisons": [{"arm": a, "reference": ref} for a, ref in comparisons(arms)],
@@ -454,6 +496,21 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
     }
     json_path, html_path = write_report(report, out_dir)
     return UtilityResult(report, json_path, html_path)
+
+
+def _data_info(sets: _Sets, synth_set: Any, n_train: dict[str, list[int]], opts: UtilityOptions) -> dict[str, Any]:
+    seg = opts.task == "segment"
+    reduced = any(a.startswith("reduced") for a in n_train)
+    return {
+        "train": _counts(sets.real, seg),
+        "test": _counts(sets.test, seg),
+        "synthetic": ({**synth_set.summary(), "requested_per_class": opts.n_synthetic,
+                       "qc": ("QC verdicts ignored (--include-qc-failed)" if opts.include_qc_failed
+                              else "only samples with a passing QC verdict")}
+                      if synth_set is not None else None),
+        "reduced": ({"fraction": opts.reduced_fraction, "n": n_train.get("reduced", [None])[0],
+                     "stratified": not seg, "resampled_each_repeat": True} if reduced else None),
+    }
 
 
 def _label_classes(cfg: Any, train_m: Manifest) -> Optional[list[int]]:
