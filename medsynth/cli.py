@@ -713,6 +713,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the run's sampling.steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sampling.guidance_scale)")
     p.add_argument("--scheduler", choices=("ddpm", "ddim", "rflow"), help="default: sampling.scheduler")
+    p.add_argument("--eta", type=float, help="stochasticity: DDIM's eta, or the rectified flow's share of fresh "
+                   "noise per step, 0..1 (default: sampling.eta)")
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the results)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's training.device")
@@ -760,7 +762,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                  " x ".join(map(str, est.latent_tile)), est.peak)
     res = generate(args.run, args.out, range(args.start, args.start + args.n), seed=args.seed,
                    class_label=args.class_label, steps=args.steps, guidance=args.guidance,
-                   batch_size=args.batch_size, scheduler=args.scheduler,
+                   batch_size=args.batch_size, scheduler=args.scheduler, eta=args.eta,
                    use_ema=False if args.no_ema else None, device=args.device, sampler=sampler)
     print(f"wrote {len(res.written)} samples to {res.out_dir}"
           + (f" ({len(res.skipped)} already there, kept)" if res.skipped else ""))

@@ -503,7 +503,10 @@ class TilingConfig:
 class SamplingConfig:
     """Defaults of ``medsynth generate`` (each can be overridden on the command line).
 
-    ``eta`` is DDIM's stochasticity (0 = deterministic); ``guidance_scale`` is classifier-free
+    ``eta`` is the sampler's stochasticity (0 = deterministic): DDIM's, and for the rectified flow
+    the share of fresh noise per step (0..1; 1 = ancestral: the clean estimate re-noised, which on
+    the wavelet demo model brought lung HU and background fraction into the gate's ranges where
+    the ODE did not, docs/generator.md); ``guidance_scale`` is classifier-free
     guidance (1 = plain conditional, 0 = unconditional).
 
     The inference fast path (see ``medsynth/model/fastpath.py`` and ``benchmarks/``):
@@ -538,6 +541,8 @@ class SamplingConfig:
             errs.append(f"{path}.guidance_scale: must be >= 0, got {self.guidance_scale}")
         if self.eta < 0:
             errs.append(f"{path}.eta: must be >= 0, got {self.eta}")
+        if self.scheduler == "rflow" and self.eta > 1:
+            errs.append(f"{path}.eta: the rectified flow's stochasticity is a share of the noise, 0..1; got {self.eta}")
         return errs
 
 
