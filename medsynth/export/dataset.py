@@ -514,6 +514,98 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_arguments(samples_dir: Path, out_dir: Path, reference: Optional[str | os.PathLike],
+                     overwrite: bool) -> None:
+    if reference is not None and not Path(reference).exists():
+        raise ExportError(f"{reference}: reference manifest not found",
+                          hint="pass the manifest the model was trained on")
+    res_in, res_out = samples_dir.resolve(), out_dir.resolve()
+    if res_out == res_in or res_in in res_out.parents or res_out in res_in.parents:
+        raise ExportError(f"{out_dir}: --out must not contain or be inside the samples folder",
+                          hint="export to a separate folder")
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
+        raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
+
+
+def _select(samples: Sequence[Sample], result: ExportResult, force: bool, samples_dir: Path
+            ) -> tuple[list[tuple[Sample, str, Optional[dict[str, Any]]]], str]:
+    """The samples to export, each with its QC status and verdict (the others go into ``result``'s
+    refused or failed), and their one modality; ExportError when there is none or they mix."""
+    todo = []
+    for s in samples:
+        if s.sidecar.get("modality", "CT") not in ("CT", "MR"):
+            result.failed[s.id] = (f"sidecar modality {s.sidecar.get('modality')!r} cannot be exported "
+                                   "(CT or MR only)")
+            continue
+        status, verdict = qc_status(s)
+        if status != "passed" and not force:
+            result.refused[s.id] = _REFUSAL[status]
+            continue
+        if status != "passed":
+            log.warning("%s: exporting without a passing QC verdict (%s) because of --force", s.id, status)
+        todo.append((s, status, verdict))
+    if result.refused:
+        log.debug(refusal_summary(result.refused))
+    if not todo:
+        why = [refusal_summary(result.refused)] if result.refused else []
+        why += [f"{sid}: {msg}" for sid, msg in result.failed.items()]
+        raise ExportError(f"{samples_dir}: nothing to export; " + "; ".join(why))
+    modalities = sorted({str(s.sidecar.get("modality", "CT")) for s, _, _ in todo})
+    if len(modalities) > 1:
+        raise ExportError(f"{samples_dir}: mixes modalities {modalities}; one dataset holds one modality",
+                          hint="export each modality's samples to its own folder")
+    return todo, modalities[0]
+
+
+def _export_all(todo: Sequence[tuple[Sample, str, Optional[dict[str, Any]]]], tmp: Path, fmts: tuple[str, ...],
+                root: str, result: ExportResult, samples_dir: Path) -> list[dict[str, Any]]:
+    """Export each sample into ``tmp``; one that fails is recorded in ``result.failed`` and removed."""
+    records: list[dict[str, Any]] = []
+    for s, status, verdict in progress(todo, desc="export", total=len(todo)):
+        if s.id in {r["id"] for r in records}:
+            result.failed[f"{s.id} ({s.sidecar_path.name})"] = "duplicate sample id; the first one was exported"
+            continue
+        try:
+            records.append(_export_one(s, tmp, fmts, root, status, verdict))
+        except MedsynthError as exc:
+            result.failed[s.id] = exc.message
+            _remove_case(tmp, s.id)
+        except Exception as exc:  # one bad sample never sinks the batch
+            log.debug("%s: export failed", s.id, exc_info=True)
+            result.failed[s.id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _remove_case(tmp, s.id)
+    for sid, msg in result.failed.items():
+        log.debug("%s: export failed: %s", sid, msg)
+    if not records:
+        raise ExportError(f"{samples_dir}: every sample failed to export",
+                          hint="see the messages above; rerun with --debug for details")
+    result.exported = [r["id"] for r in records]
+    result.n_dicom_files = sum(r.get("n_dicom_files", 0) for r in records)
+    result.n_seg = sum(1 for r in records if (r["provenance"]["dicom"] or {}).get("seg"))
+    return records
+
+
+def _export_report(result: ExportResult, fmts: tuple[str, ...], root: str, force: bool,
+                   licenses: list[dict[str, Any]]) -> dict[str, Any]:
+    """The content of ``export.json`` (its ``phi_scan`` is filled in once the scan has run)."""
+    return {
+        "format": EXPORT_REPORT_FORMAT,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom")),
+        "formats": list(fmts),
+        "uid_root": root,
+        "uid_scheme": "deterministic: 2.25.<uuid5> or <root>.<sha256 digits> of (medsynth version, "
+                      "sample id, source image sha256, object)",
+        "dicom_dates": "fixed synthetic date 20000101 (no date relates to a person or event)",
+        "force": force,
+        "phi_scan": None,
+        "weights_licenses": licenses,
+        "exported": result.exported,
+        "refused": result.refused,
+        "failed": result.failed,
+    }
+
+
 def export_samples(
     samples_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -544,88 +636,19 @@ def export_samples(
     samples_dir, out_dir = Path(samples_dir), Path(out_dir)
     fmts = parse_formats(formats)
     root = check_uid_root(uid_root)
-    if reference is not None and not Path(reference).exists():
-        raise ExportError(f"{reference}: reference manifest not found",
-                          hint="pass the manifest the model was trained on")
-    res_in, res_out = samples_dir.resolve(), out_dir.resolve()
-    if res_out == res_in or res_in in res_out.parents or res_out in res_in.parents:
-        raise ExportError(f"{out_dir}: --out must not contain or be inside the samples folder",
-                          hint="export to a separate folder")
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
-
+    _check_arguments(samples_dir, out_dir, reference, overwrite)
     samples, broken = collect_samples(samples_dir)
     licenses = weights_licenses(run, samples)
     result = ExportResult(out_dir=out_dir, formats=fmts, failed=dict(broken))
-    todo: list[tuple[Sample, str, Optional[dict[str, Any]]]] = []
-    for s in samples:
-        if s.sidecar.get("modality", "CT") not in ("CT", "MR"):
-            result.failed[s.id] = (f"sidecar modality {s.sidecar.get('modality')!r} cannot be exported "
-                                   "(CT or MR only)")
-            continue
-        status, verdict = qc_status(s)
-        if status != "passed" and not force:
-            result.refused[s.id] = _REFUSAL[status]
-            continue
-        if status != "passed":
-            log.warning("%s: exporting without a passing QC verdict (%s) because of --force", s.id, status)
-        todo.append((s, status, verdict))
-    if result.refused:
-        log.debug(refusal_summary(result.refused))
-    if not todo:
-        why = [refusal_summary(result.refused)] if result.refused else []
-        why += [f"{sid}: {msg}" for sid, msg in result.failed.items()]
-        raise ExportError(f"{samples_dir}: nothing to export; " + "; ".join(why))
-
-    modalities = sorted({str(s.sidecar.get("modality", "CT")) for s, _, _ in todo})
-    if len(modalities) > 1:
-        raise ExportError(f"{samples_dir}: mixes modalities {modalities}; one dataset holds one modality",
-                          hint="export each modality's samples to its own folder")
-    modality = modalities[0]
+    todo, modality = _select(samples, result, force, samples_dir)
 
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        records = []
-        for s, status, verdict in progress(todo, desc="export", total=len(todo)):
-            if s.id in {r["id"] for r in records}:
-                result.failed[f"{s.id} ({s.sidecar_path.name})"] = "duplicate sample id; the first one was exported"
-                continue
-            try:
-                records.append(_export_one(s, tmp, fmts, root, status, verdict))
-            except MedsynthError as exc:
-                result.failed[s.id] = exc.message
-                _remove_case(tmp, s.id)
-            except Exception as exc:  # one bad sample never sinks the batch
-                log.debug("%s: export failed", s.id, exc_info=True)
-                result.failed[s.id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                _remove_case(tmp, s.id)
-        for sid, msg in result.failed.items():
-            log.debug("%s: export failed: %s", sid, msg)
-        if not records:
-            raise ExportError(f"{samples_dir}: every sample failed to export",
-                              hint="see the messages above; rerun with --debug for details")
-        result.exported = [r["id"] for r in records]
-        result.n_dicom_files = sum(r.get("n_dicom_files", 0) for r in records)
-        result.n_seg = sum(1 for r in records if (r["provenance"]["dicom"] or {}).get("seg"))
+        records = _export_all(todo, tmp, fmts, root, result, samples_dir)
         _write_dataset_files(tmp, name or out_dir.name, modality, records, result, licenses)
-        report = {
-            "format": EXPORT_REPORT_FORMAT,
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": package_versions(("numpy", "nibabel", "SimpleITK", "pydicom", "highdicom")),
-            "formats": list(fmts),
-            "uid_root": root,
-            "uid_scheme": "deterministic: 2.25.<uuid5> or <root>.<sha256 digits> of (medsynth version, "
-                          "sample id, source image sha256, object)",
-            "dicom_dates": "fixed synthetic date 20000101 (no date relates to a person or event)",
-            "force": force,
-            "phi_scan": None,
-            "weights_licenses": licenses,
-            "exported": result.exported,
-            "refused": result.refused,
-            "failed": result.failed,
-        }
+        report = _export_report(result, fmts, root, force, licenses)
         write_json(tmp / "export.json", report)
         if reference is not None:  # scans every file, this report included
             result.phi_scan = _phi_scan(tmp, Path(reference))
