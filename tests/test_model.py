@@ -232,7 +232,7 @@ def test_perceptual_loss_loads_only_a_local_weights_file(tmp_path):
 
 def test_diffusion_targets_follow_the_objective():
     from medsynth.model.networks import build_scheduler
-    from medsynth.model.train import diffusion_batch
+    from medsynth.model.objectives import diffusion_batch
 
     cfg = config_from_dict(tiny_config(None, training={"diffusion": {"prediction_type": "v_prediction"}}))
     mu, sigma = torch.randn(4, 2, 8, 8, 8), torch.zeros(4, 2, 8, 8, 8)

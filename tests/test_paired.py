@@ -119,7 +119,7 @@ def test_exported_pairs_pass_nnunet_integrity_check(paired_run, tmp_path):
 def test_label_dice_is_zero_at_the_target_and_pulls_a_stuck_small_label():
     """The stage-1 label Dice: 0 for a perfect decode; a small label whose channel sits at -1 (where
     L1 leaves a 0.1 %-of-volume lesion) still gets a gradient and costs as much as a large one."""
-    from medsynth.model.train import label_dice
+    from medsynth.model.objectives import label_dice
 
     lab = torch.zeros(1, 1, 8, 8, 8)
     lab[0, 0, :4] = 1

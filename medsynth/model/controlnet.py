@@ -157,7 +157,7 @@ def _latents_and_masks(run: Any, cfg: Config, values: Sequence[int], labels: dic
                        dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Posterior (mu, sigma) of every training case under the run's frozen autoencoder, its one-hot
     mask in {0, 1} at image resolution, and its class (-1: none)."""
-    from medsynth.model.train import prepare_data
+    from medsynth.model.training_data import prepare_data
 
     rc = run.cfg
     data_cfg = dataclasses.replace(rc, data=dataclasses.replace(
@@ -185,7 +185,8 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
     mask), on the same latents, noise and timesteps of ``cfg.data.manifest``'s cases.  A ControlNet
     that uses the mask predicts the noise better: ``controlnet`` < ``unet``."""
     from medsynth.model.checkpoint import load_run
-    from medsynth.model.train import diffusion_batch, batch_indices
+    from medsynth.model.objectives import diffusion_batch
+    from medsynth.model.training_data import batch_indices
 
     run = load_run(run_dir)
     rc = run.cfg
@@ -232,7 +233,9 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     (training.seed, "controlnet", s), so a resumed stage continues exactly.
     """
     from medsynth.model.checkpoint import load_run
-    from medsynth.model.train import MetricsLog, diffusion_batch, batch_indices
+    from medsynth.model.bookkeeping import MetricsLog
+    from medsynth.model.objectives import diffusion_batch
+    from medsynth.model.training_data import batch_indices
 
     run = load_run(run_dir)
     paths = RunPaths(run.root)
