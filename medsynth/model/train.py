@@ -86,8 +86,22 @@ log = logging.getLogger("medsynth.model.train")
 # --------------------------------------------------------------------------------------------
 
 
+class _Resumable:
+    """A stage's training state: ``STATE`` maps each checkpoint entry to the attribute whose
+    ``state_dict`` it holds; :meth:`state` and :meth:`load` resume the stage exactly."""
+
+    STATE: dict[str, str] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()}
+
+    def load(self, ck: dict[str, Any]) -> None:
+        for key, attr in self.STATE.items():
+            getattr(self, attr).load_state_dict(ck[key])
+
+
 @dataclass
-class _Stage1:
+class _Stage1(_Resumable):
     """Stage 1's autoencoder, discriminator, their optimizers, LR schedulers and gradient scalers,
     the losses, and the initial weights it started from (None: random)."""
 
@@ -104,18 +118,9 @@ class _Stage1:
     adv_loss: Any
     init: Optional[InitWeights]
 
-    _STATE = ("opt_g", "opt_d", "sched_g", "sched_d", "scaler_g", "scaler_d")
-
-    def state(self) -> dict[str, Any]:
-        """The checkpoint entries that resume this stage exactly."""
-        return {"model": self.ae.state_dict(), "discriminator": self.disc.state_dict(),
-                **{k: getattr(self, k).state_dict() for k in self._STATE}}
-
-    def load(self, ck: dict[str, Any]) -> None:
-        self.ae.load_state_dict(ck["model"])
-        self.disc.load_state_dict(ck["discriminator"])
-        for k in self._STATE:
-            getattr(self, k).load_state_dict(ck[k])
+    # checkpoint entry -> attribute, in the checkpoint's order
+    STATE = {"model": "ae", "discriminator": "disc", "opt_g": "opt_g", "opt_d": "opt_d", "sched_g": "sched_g",
+             "sched_d": "sched_d", "scaler_g": "scaler_g", "scaler_d": "scaler_d"}
 
 
 def _build_stage1(cfg: Config, paths: RunPaths, device: torch.device, precision: str, resume: bool) -> _Stage1:
@@ -396,7 +401,7 @@ def _frozen_latents(cfg: Config, paths: RunPaths, data: TrainingData, device: to
 
 
 @dataclass
-class _Stage2:
+class _Stage2(_Resumable):
     """Stage 2's UNet (and its training forward), EMA copy, optimizer, LR scheduler, gradient scaler,
     memory format, noise scheduler, and the initial weights it started from (None: random)."""
 
@@ -410,15 +415,7 @@ class _Stage2:
     noise_sched: Any
     init: Optional[InitWeights]
 
-    _STATE = ("ema", "opt", "sched", "scaler")
-
-    def state(self) -> dict[str, Any]:
-        return {"model": self.unet.state_dict(), **{k: getattr(self, k).state_dict() for k in self._STATE}}
-
-    def load(self, ck: dict[str, Any]) -> None:
-        self.unet.load_state_dict(ck["model"])
-        for k in self._STATE:
-            getattr(self, k).load_state_dict(ck[k])
+    STATE = {"model": "unet", "ema": "ema", "opt": "opt", "sched": "sched", "scaler": "scaler"}
 
 
 def _build_stage2(cfg: Config, paths: RunPaths, device: torch.device, precision: str, resume: bool) -> _Stage2:
