@@ -372,6 +372,90 @@ def _content_hash(case: Case, vol) -> str:
     return vol.meta.get("sha256") if case.image.is_dir() else volume_sha256(case.image)
 
 
+@dataclass
+class _Duplicates:
+    """Ids used twice, and two cases of one image (duplicates leak between training and validation)."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    images: dict[tuple, str] = field(default_factory=dict)
+
+    def problems(self, index: int, case: Case) -> list[Problem]:
+        out = []
+        if case.id in self.ids:
+            out.append(Problem(case.id, "id", f"id already used by case #{self.ids[case.id] + 1}",
+                               "give every case a unique id"))
+        else:
+            self.ids[case.id] = index
+        img_key = (str(case.image), tuple(case.extra.get("series_files") or ()))
+        if img_key in self.images:
+            out.append(Problem(case.id, "image", f"same image as case {self.images[img_key]!r}",
+                               "remove the duplicate case (duplicates leak between training and validation)"))
+        else:
+            self.images[img_key] = case.id
+        return out
+
+
+def _recorded_problems(case: Case, vol, out: list[Problem]) -> None:
+    """The DICOM Modality, shape, spacing and sha256 the manifest records, against the image read."""
+    if case.image.is_dir() and case.modality and vol.modality != case.modality:
+        out.append(Problem(case.id, "modality", f"DICOM Modality is {vol.modality} but the manifest "
+                           f"says {case.modality}", "correct the case's modality"))
+    if case.shape is not None and tuple(case.shape) != vol.shape:
+        out.append(Problem(case.id, "shape", f"recorded {list(case.shape)} but the image is "
+                           f"{list(vol.shape)}", _FIX_REBUILD))
+    if case.spacing is not None and not np.allclose(case.spacing, vol.spacing, rtol=1e-3, atol=1e-4):
+        out.append(Problem(case.id, "spacing", f"recorded {[round(s, 4) for s in case.spacing]} mm "
+                           f"but the image has {[round(s, 4) for s in vol.spacing]} mm", _FIX_REBUILD))
+    if case.sha256 is not None:
+        try:
+            actual = _content_hash(case, vol)
+        except MedsynthError as exc:
+            actual = None
+            out.append(Problem(case.id, "sha256", exc.message, exc.hint or _FIX_UNREADABLE))
+        if actual is not None and actual != case.sha256:
+            out.append(Problem(case.id, "sha256", f"{case.image}: content changed since the "
+                               "manifest was built (sha256 differs)",
+                               "restore the original file(s) or rebuild the manifest"))
+
+
+def _case_problems(case: Case, default_modality: Optional[str], out: list[Problem]) -> Optional[str]:
+    """Open one case's image and label and add their problems to ``out``; returns its modality."""
+    modality = case.modality or default_modality
+    vol = _check_volume(case, "image", case.image, modality, case.extra, out)
+    if vol is not None:
+        _recorded_problems(case, vol, out)
+        modality = modality or (vol.modality if case.image.is_dir() else None)
+    if modality is None:
+        out.append(Problem(case.id, "modality", "modality unknown (not set for the case or the manifest)",
+                           "set 'modality' to CT or MR"))
+    if case.label is not None:
+        lab = _check_volume(case, "label", case.label, "SEG" if not case.label.is_dir() else None, {}, out)
+        if lab is not None:
+            _label_problems(case, lab, vol, out)
+    return modality
+
+
+def _mixed_modality_problems(modalities: list[tuple[str, str]], declared: Optional[str]) -> list[Problem]:
+    counts: dict[str, int] = {}
+    for _, m in modalities:
+        counts[m] = counts.get(m, 0) + 1
+    if len(counts) <= 1:
+        return []
+    majority = declared or max(sorted(counts), key=lambda m: counts[m])
+    summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+    return [Problem(cid, "modality", f"{m} in a {majority} manifest (mixed modality: {summary})",
+                    "keep one modality per manifest (split CT and MR into two manifests)")
+            for cid, m in modalities if m != majority]
+
+
+def _class_label_problems(cases: Sequence[Case]) -> list[Problem]:
+    with_class = [c for c in cases if c.class_label is not None]
+    if not with_class or len(with_class) == len(cases):
+        return []
+    return [Problem(c.id, "class_label", f"missing while {len(with_class)} other case(s) have one",
+                    "give every case a class_label, or none") for c in cases if c.class_label is None]
+
+
 def verify_manifest(manifest: Manifest) -> list[Problem]:
     """Open every case of ``manifest`` and return ALL problems found, in case order.
 
@@ -384,79 +468,19 @@ def verify_manifest(manifest: Manifest) -> list[Problem]:
     """
     from medsynth.progress import progress
 
-    problems: list[Problem] = []
     cases = manifest.cases
     if not cases:
         return [Problem("(manifest)", "cases", "the manifest lists no cases", "add cases or rebuild it")]
-
-    seen_ids: dict[str, int] = {}
-    seen_images: dict[tuple, str] = {}
+    problems: list[Problem] = []
+    duplicates = _Duplicates()
     modalities: list[tuple[str, str]] = []  # (case id, modality), per case even if ids repeat
     for index, case in enumerate(progress(cases, desc="verifying cases", total=len(cases))):
-        if case.id in seen_ids:
-            problems.append(Problem(case.id, "id", f"id already used by case #{seen_ids[case.id] + 1}",
-                                    "give every case a unique id"))
-        else:
-            seen_ids[case.id] = index
-        files_key = tuple(case.extra.get("series_files") or ())
-        img_key = (str(case.image), files_key)
-        if img_key in seen_images:
-            problems.append(Problem(case.id, "image", f"same image as case {seen_images[img_key]!r}",
-                                    "remove the duplicate case (duplicates leak between training and validation)"))
-        else:
-            seen_images[img_key] = case.id
-
-        modality = case.modality or manifest.modality
-        vol = _check_volume(case, "image", case.image, modality, case.extra, problems)
-        if vol is not None:
-            if case.image.is_dir() and case.modality and vol.modality != case.modality:
-                problems.append(Problem(case.id, "modality", f"DICOM Modality is {vol.modality} but the manifest "
-                                        f"says {case.modality}", "correct the case's modality"))
-            modality = modality or (vol.modality if case.image.is_dir() else None)
-            if case.shape is not None and tuple(case.shape) != vol.shape:
-                problems.append(Problem(case.id, "shape", f"recorded {list(case.shape)} but the image is "
-                                        f"{list(vol.shape)}", _FIX_REBUILD))
-            if case.spacing is not None and not np.allclose(case.spacing, vol.spacing, rtol=1e-3, atol=1e-4):
-                problems.append(Problem(case.id, "spacing", f"recorded {[round(s, 4) for s in case.spacing]} mm "
-                                        f"but the image has {[round(s, 4) for s in vol.spacing]} mm", _FIX_REBUILD))
-            if case.sha256 is not None:
-                try:
-                    actual = _content_hash(case, vol)
-                except MedsynthError as exc:
-                    actual = None
-                    problems.append(Problem(case.id, "sha256", exc.message, exc.hint or _FIX_UNREADABLE))
-                if actual is not None and actual != case.sha256:
-                    problems.append(Problem(case.id, "sha256", f"{case.image}: content changed since the "
-                                            "manifest was built (sha256 differs)",
-                                            "restore the original file(s) or rebuild the manifest"))
-        if modality is None:
-            problems.append(Problem(case.id, "modality", "modality unknown (not set for the case or the manifest)",
-                                    "set 'modality' to CT or MR"))
-        else:
+        problems += duplicates.problems(index, case)
+        modality = _case_problems(case, manifest.modality, problems)
+        if modality is not None:
             modalities.append((case.id, modality))
-
-        if case.label is not None:
-            lab = _check_volume(case, "label", case.label, "SEG" if not case.label.is_dir() else None, {}, problems)
-            if lab is not None:
-                _label_problems(case, lab, vol, problems)
-        del vol
-
-    counts: dict[str, int] = {}
-    for _, m in modalities:
-        counts[m] = counts.get(m, 0) + 1
-    if len(counts) > 1:
-        majority = manifest.modality or max(sorted(counts), key=lambda m: counts[m])
-        summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
-        for cid, m in modalities:
-            if m != majority:
-                problems.append(Problem(cid, "modality", f"{m} in a {majority} manifest (mixed modality: {summary})",
-                                        "keep one modality per manifest (split CT and MR into two manifests)"))
-    with_class = [c for c in cases if c.class_label is not None]
-    if with_class and len(with_class) < len(cases):
-        for c in cases:
-            if c.class_label is None:
-                problems.append(Problem(c.id, "class_label", f"missing while {len(with_class)} other case(s) "
-                                        "have one", "give every case a class_label, or none"))
+    problems += _mixed_modality_problems(modalities, manifest.modality)
+    problems += _class_label_problems(cases)
     order = {c.id: i for i, c in reversed(list(enumerate(cases)))}
     problems.sort(key=lambda p: order.get(p.case, -1))
     return problems
