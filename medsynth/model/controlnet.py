@@ -224,39 +224,27 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
     return {"unet": float(np.mean(plain)), "controlnet": float(np.mean(controlled)), "batches": n_batches}
 
 
-def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, device: Optional[str] = None,
-                     callback: Optional[Any] = None) -> dict[str, Any]:
-    """Train the ControlNet of a finished run on the cases (image + label) of ``cfg.data.manifest``.
+@dataclass
+class _ControlNetTraining:
+    """The frozen UNet, the ControlNet being trained, its optimizer and the noise scheduler."""
 
-    The run's own config fixes the grid and networks; ``cfg`` gives the manifest and
-    ``training.controlnet``.  All randomness of step ``s`` comes from generators seeded by
-    (training.seed, "controlnet", s), so a resumed stage continues exactly.
-    """
-    from medsynth.model.checkpoint import load_run
-    from medsynth.model.bookkeeping import MetricsLog
-    from medsynth.model.objectives import diffusion_batch
-    from medsynth.model.training_data import batch_indices
+    unet: nn.Module
+    cn: nn.Module
+    opt: Any
+    noise_sched: Any
+    ema: bool               # the frozen UNet's weights are its EMA weights
+    init: Any               # the ControlNet's initial weights (None: copied from the UNet)
 
-    run = load_run(run_dir)
-    paths = RunPaths(run.root)
-    rc = run.cfg
-    if not cfg.data.manifest:
-        raise ConfigError("data.manifest: not set; ControlNet training needs a manifest with label maps",
-                          hint="pass --manifest PATH")
-    labels = _label_set(rc, cfg)
-    values = sorted(labels.values())
-    t = cfg.training.controlnet
-    seed, kind = rc.training.seed, rc.training.scheduler
-    dev = resolve_device(device or cfg.training.device)
-    mu, sigma, cond, classes = _latents_and_masks(run, cfg, values, labels, dev)
 
+def _build_controlnet_training(run: Any, cfg: Config, n_values: int, dev: torch.device, ck_path: Path,
+                               resume: bool) -> _ControlNetTraining:
+    rc, t = run.cfg, cfg.training.controlnet
     unet = build_unet(rc)
     ema = rc.sampling.use_ema and run.ema_state is not None
     unet.load_state_dict(run.ema_state if ema else run.unet_state)
     unet.to(dev).eval().requires_grad_(False)
-    with seeded_init(derive_seed(seed, "init", STAGE)):
-        cn = build_controlnet(rc, len(values))
-    ck_path = RunPaths(run.root).checkpoint(STAGE)
+    with seeded_init(derive_seed(rc.training.seed, "init", STAGE)):
+        cn = build_controlnet(rc, n_values)
     cn_init = None if (resume and ck_path.is_file()) else _controlnet_init(cfg)
     if cn_init is not None:  # local ControlNet weights (training.controlnet.init), matched strictly
         load_into(cn, cn_init)
@@ -267,52 +255,93 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
         log.debug("controlnet: %d tensors copied from the UNet, %d kept", len(copied), len(kept))
     cn.to(dev).train()
     opt = torch.optim.Adam(cn.parameters(), lr=t.lr)
-    noise_sched = build_scheduler(kind, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
-    null_class = rc.model.unet.num_class_embeds
+    noise_sched = build_scheduler(rc.training.scheduler, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
+    return _ControlNetTraining(unet, cn, opt, noise_sched, bool(ema), cn_init)
 
-    step, ck = 0, None
-    if ck_path.is_file():
-        if not resume:
-            raise CheckpointError(f"{ck_path}: exists; this run already trained its ControlNet",
-                                  hint="pass --resume to continue it")
-        ck = load_checkpoint(ck_path, STAGE)
-        if ck.get("diffusion_sha256") != run.diffusion_sha256:
-            raise CheckpointError(f"{ck_path}: was trained on a different diffusion model",
-                                  hint="remove RUN/controlnet and train it again")
-        cn.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        step = int(ck["step"])
-    elif resume:
-        raise CheckpointError(f"{ck_path}: no ControlNet to resume", hint="drop --resume")
+
+def _resume_controlnet(ck_path: Path, run: Any, tr: _ControlNetTraining, resume: bool) -> tuple[int, Any]:
+    """(step, checkpoint) to continue from; (0, None) for a fresh stage."""
+    if not ck_path.is_file():
+        if resume:
+            raise CheckpointError(f"{ck_path}: no ControlNet to resume", hint="drop --resume")
+        return 0, None
+    if not resume:
+        raise CheckpointError(f"{ck_path}: exists; this run already trained its ControlNet",
+                              hint="pass --resume to continue it")
+    ck = load_checkpoint(ck_path, STAGE)
+    if ck.get("diffusion_sha256") != run.diffusion_sha256:
+        raise CheckpointError(f"{ck_path}: was trained on a different diffusion model",
+                              hint="remove RUN/controlnet and train it again")
+    tr.cn.load_state_dict(ck["model"])
+    tr.opt.load_state_dict(ck["opt"])
+    return int(ck["step"]), ck
+
+
+def _controlnet_step(tr: _ControlNetTraining, run: Any, cfg: Config, data: tuple, step: int,
+                     dev: torch.device) -> float:
+    """One optimizer step of the ControlNet on the frozen UNet; returns the loss."""
+    from medsynth.model.objectives import diffusion_batch
+    from medsynth.model.training_data import batch_indices
+
+    rc, t = run.cfg, cfg.training.controlnet
+    mu, sigma, cond, classes = data
+    seed, kind, d = rc.training.seed, rc.training.scheduler, rc.training.diffusion
+    g = generator(seed, STAGE, "step", step)
+    idx = batch_indices(seed, STAGE, step, len(mu), t.batch_size)
+    x_t, tt, target, cls = diffusion_batch(kind, tr.noise_sched, mu, sigma, classes, idx, run.scale_factor,
+                                           g, t.cond_drop_prob, rc.model.unet.num_class_embeds, d.timestep_dist)
+    pred = controlled_prediction(tr.unet, tr.cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
+                                 None if cls is None else cls.to(dev), t.conditioning_scale)
+    loss = diffusion_loss(kind, d.prediction_type, pred.float(), x_t.to(dev), tt.to(dev), target.to(dev),
+                          d.num_train_timesteps)
+    tr.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    tr.opt.step()
+    return float(loss.item())
+
+
+def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, device: Optional[str] = None,
+                     callback: Optional[Any] = None) -> dict[str, Any]:
+    """Train the ControlNet of a finished run on the cases (image + label) of ``cfg.data.manifest``.
+
+    The run's own config fixes the grid and networks; ``cfg`` gives the manifest and
+    ``training.controlnet``.  All randomness of step ``s`` comes from generators seeded by
+    (training.seed, "controlnet", s), so a resumed stage continues exactly.
+    """
+    from medsynth.model.bookkeeping import MetricsLog
+    from medsynth.model.checkpoint import load_run
+
+    run = load_run(run_dir)
+    paths = RunPaths(run.root)
+    rc = run.cfg
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest: not set; ControlNet training needs a manifest with label maps",
+                          hint="pass --manifest PATH")
+    labels = _label_set(rc, cfg)
+    values = sorted(labels.values())
+    t = cfg.training.controlnet
+    dev = resolve_device(device or cfg.training.device)
+    data = _latents_and_masks(run, cfg, values, labels, dev)
+    ck_path = paths.checkpoint(STAGE)
+    tr = _build_controlnet_training(run, cfg, len(values), dev, ck_path, resume)
+    step, ck = _resume_controlnet(ck_path, run, tr, resume)
 
     def save() -> None:
         save_checkpoint(ck_path, {
             "format": CHECKPOINT_FORMAT, "stage": STAGE, "config": _plain(rc), "config_hash": config_hash(rc),
-            "step": step, "steps": t.steps, "model": cn.state_dict(), "opt": opt.state_dict(),
+            "step": step, "steps": t.steps, "model": tr.cn.state_dict(), "opt": tr.opt.state_dict(),
             "labels": labels, "conditioning_channels": list(conditioning_channels(rc)),
             "conditioning_scale": t.conditioning_scale, "diffusion_sha256": run.diffusion_sha256,
-            "use_ema": bool(ema), "train": dataclasses.asdict(t), "versions": versions(),
-            "n_train": len(mu),
-            "init": cn_init.provenance() if cn_init is not None else (ck or {}).get("init"),
+            "use_ema": tr.ema, "train": dataclasses.asdict(t), "versions": versions(),
+            "n_train": len(data[0]),
+            "init": tr.init.provenance() if tr.init is not None else (ck or {}).get("init"),
         })
 
     metrics = MetricsLog(paths.metrics(STAGE), step)
-    n, t0, last = len(mu), time.perf_counter(), None
+    t0, last = time.perf_counter(), None
     for _ in progress(range(step, t.steps), desc=STAGE, total=t.steps - step):
-        g = generator(seed, STAGE, "step", step)
-        idx = batch_indices(seed, STAGE, step, n, t.batch_size)
-        d = rc.training.diffusion
-        x_t, tt, target, cls = diffusion_batch(kind, noise_sched, mu, sigma, classes, idx, run.scale_factor,
-                                                g, t.cond_drop_prob, null_class, d.timestep_dist)
-        pred = controlled_prediction(unet, cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
-                                     None if cls is None else cls.to(dev), t.conditioning_scale)
-        loss = diffusion_loss(kind, d.prediction_type, pred.float(), x_t.to(dev), tt.to(dev), target.to(dev),
-                              d.num_train_timesteps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        last = _controlnet_step(tr, run, cfg, data, step, dev)
         step += 1
-        last = float(loss.item())
         if step % t.log_every == 0 or step == t.steps:
             metrics.write({"stage": STAGE, "step": step, "loss": last, "time_s": round(time.perf_counter() - t0, 3)})
         if step % cfg.training.checkpoint_every == 0 or step == t.steps:
@@ -321,11 +350,11 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
             callback(STAGE, step)
     if not ck_path.is_file():
         save()
-    if cn_init is not None:  # the model card names every network's initial weights and licence
+    if tr.init is not None:  # the model card names every network's initial weights and licence
         from medsynth.model.checkpoint import write_model_card
 
         inits = {**(run.card.get("initial_weights") or {}),
-                 "controlnet": {**cn_init.provenance(), "frozen": False, "fine_tuned_steps": t.steps}}
+                 "controlnet": {**tr.init.provenance(), "frozen": False, "fine_tuned_steps": t.steps}}
         write_model_card(paths, {**run.card, "initial_weights": inits})
     log.info("controlnet: %d steps, last loss %s", step, last)
     return {"stage": STAGE, "steps": step, "val": {"loss": last} if last is not None else None,
