@@ -227,55 +227,59 @@ def run_shard(run_dir: Path, manifest: Path, out_dir: Path, slots: list[Optional
 # ---------------------------------------------------------------------------------------------
 
 
-def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> ExpandResult:
-    """Join the shards of a job folder: export the accepted samples and write the combined manifest.
+@dataclass
+class _Job:
+    """A job folder's record and what its shards accepted."""
 
-    Refuses (:class:`JobError`) while a shard has not finished.  Safe to rerun.
-    """
-    from medsynth.export.dataset import export_samples
-    from medsynth.manifest import Case, Manifest, load_manifest, save_manifest
+    record: dict[str, Any]
+    manifest: Path
+    n_shards: int
+    n_slots: int
+    accepted: dict[int, Path] = field(default_factory=dict)   # slot -> the accepted sample's sidecar
+    exhausted: list[int] = field(default_factory=list)        # slots that ran out of tries
 
-    out_dir = Path(out_dir)
+
+def _read_job(out_dir: Path) -> _Job:
+    """The job record and every shard's accepted samples; JobError while a shard has not finished."""
     job_path = out_dir / "job.json"
     if not job_path.is_file():
         raise JobError(f"{out_dir}: not an expand job folder (no job.json)",
                        hint="pass the --out folder of 'medsynth expand'")
-    job = _read_record(job_path, "the job record")
+    record = _read_record(job_path, "the job record")
     try:
-        n_shards = int(job["n_shards"])
-        manifest_path = Path(job["manifest"])
-        n_slots = len(job["slots"])
+        job = _Job(record, Path(record["manifest"]), int(record["n_shards"]), len(record["slots"]))
     except (KeyError, TypeError, ValueError):
         raise JobError(f"{job_path}: not an expand job record (needs n_shards, manifest, slots)",
                        hint="rerun 'medsynth expand' with the original arguments into a new --out folder") from None
-    accepted: dict[int, Path] = {}
-    exhausted: list[int] = []
     missing = []
-    for i in range(n_shards):
-        sdir = out_dir / "shards" / f"{i}-of-{n_shards}"
+    for i in range(job.n_shards):
+        sdir = out_dir / "shards" / f"{i}-of-{job.n_shards}"
         rec_path = sdir / "accepted.json"
         if not rec_path.is_file():
-            missing.append(f"{i}/{n_shards}")
+            missing.append(f"{i}/{job.n_shards}")
             continue
         shard_accepted, shard_exhausted = _accepted(_read_record(rec_path, "the shard record"), rec_path)
         for k, v in shard_accepted.items():
-            accepted[k] = sdir / v
-        exhausted += shard_exhausted
+            job.accepted[k] = sdir / v
+        job.exhausted += shard_exhausted
     if missing:
         raise JobError(f"{out_dir}: shard(s) {', '.join(missing)} have not finished",
                        hint="run the missing shards (same command with --shard i/n), then --merge again")
+    return job
 
-    # gather accepted samples (hard links, or copies across filesystems) into one folder, fresh
-    stage = out_dir / "work" / "accepted"
+
+def _gather(job: _Job, stage: Path, out_dir: Path) -> list[int]:
+    """Link the accepted samples into ``stage`` (fresh; copies across filesystems); the slots whose
+    sample is damaged are left out and returned."""
+    from medsynth.samples import read_sample
+
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    from medsynth.samples import read_sample
-
     broken: list[int] = []
-    for slot in sorted(accepted):
+    for slot in sorted(job.accepted):
         try:
-            s = read_sample(accepted[slot])
+            s = read_sample(job.accepted[slot])
         except MedsynthError as exc:  # one broken sample is left out, never the whole merge
             log.warning("slot %d: accepted sample left out: %s", slot, exc.message)
             broken.append(slot)
@@ -283,41 +287,59 @@ def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> Expan
         for p in (s.image_path, s.label_path, s.qc_path, s.sidecar_path):
             if p is not None and p.is_file():
                 _link(p, stage / p.name)
-    if accepted and len(broken) == len(accepted):
+    if job.accepted and len(broken) == len(job.accepted):
         raise JobError(f"{out_dir}: every accepted sample is damaged ({len(broken)}); nothing to export",
                        hint="delete the shards' accepted.json files and rerun to generate and judge them again")
-    dataset = out_dir / "dataset"
-    fmts = formats or job["formats"]
-    if accepted:
-        # the export runs the PHI scan against the training manifest and publishes only if clean
-        export_samples(stage, dataset, formats=fmts, uid_root=job.get("uid_root"),
-                       reference=manifest_path, overwrite=True, name=job.get("name"))
-    # combined manifest: real cases (paths back to the originals) + synthetic cases from the export
-    real = load_manifest(manifest_path)
-    cases: list[Case] = []
-    for c in real.cases:
-        c2 = Case(c.id, c.image, c.label, c.class_label, c.modality, c.shape, c.spacing, c.sha256,
-                  {**c.extra, "synthetic": False})
-        cases.append(c2)
+    return broken
+
+
+def _combined_manifest(job: _Job, dataset: Path) -> tuple[Any, int, int]:
+    """Real cases (paths back to the originals) + the exported synthetic cases; (manifest, n real, n synthetic)."""
+    from medsynth.manifest import Case, Manifest, load_manifest
+
+    real = load_manifest(job.manifest)
+    cases = [Case(c.id, c.image, c.label, c.class_label, c.modality, c.shape, c.spacing, c.sha256,
+                  {**c.extra, "synthetic": False}) for c in real.cases]
     n_syn = 0
     syn_manifest = dataset / "manifest.json"
     if syn_manifest.is_file():
-        syn = load_manifest(syn_manifest)
-        for c in syn.cases:
+        for c in load_manifest(syn_manifest).cases:
             c.extra["synthetic"] = True
             cases.append(c)
             n_syn += 1
+    rec = job.record
     combined = Manifest(cases, name=f"{real.name}+synthetic", modality=real.modality,
                         extra={"description": "real training cases plus QC-passed synthetic cases from medsynth expand",
-                               "job": {k: job[k] for k in ("run", "seed", "n_slots") if k in job}})
+                               "job": {k: rec[k] for k in ("run", "seed", "n_slots") if k in rec}})
+    return combined, len(real.cases), n_syn
+
+
+def merge(out_dir: str | Path, formats: Optional[Sequence[str]] = None) -> ExpandResult:
+    """Join the shards of a job folder: export the accepted samples and write the combined manifest.
+
+    Refuses (:class:`JobError`) while a shard has not finished.  Safe to rerun.
+    """
+    from medsynth.export.dataset import export_samples
+    from medsynth.manifest import save_manifest
+
+    out_dir = Path(out_dir)
+    job = _read_job(out_dir)
+    stage = out_dir / "work" / "accepted"
+    broken = _gather(job, stage, out_dir)
+    dataset = out_dir / "dataset"
+    if job.accepted:
+        # the export runs the PHI scan against the training manifest and publishes only if clean
+        export_samples(stage, dataset, formats=formats or job.record["formats"], uid_root=job.record.get("uid_root"),
+                       reference=job.manifest, overwrite=True, name=job.record.get("name"))
+    combined, n_real, n_syn = _combined_manifest(job, dataset)
     dataset.mkdir(parents=True, exist_ok=True)
     save_manifest(combined, dataset / "combined_manifest.json")
     _write_combined_datalist(combined, dataset / "combined_datalist.json")
-    summary = {"format": "medsynth-expand/1", "n_real": len(real.cases), "n_synthetic": n_syn,
-               "n_slots": n_slots, "exhausted_slots": sorted(exhausted), "broken_slots": broken,
-               "dataset": "dataset", "shards": n_shards}
+    summary = {"format": "medsynth-expand/1", "n_real": n_real, "n_synthetic": n_syn,
+               "n_slots": job.n_slots, "exhausted_slots": sorted(job.exhausted), "broken_slots": broken,
+               "dataset": "dataset", "shards": job.n_shards}
     write_json(out_dir / "expand.json", summary)
-    return ExpandResult(out_dir, [], True, dataset, n_syn, len(real.cases), summary)
+    return ExpandResult(out_dir, [], True, dataset, n_syn, n_real, summary)
 
 
 def _link(src: Path, dst: Path) -> None:
