@@ -545,13 +545,19 @@ def read_series(source: str | os.PathLike | Sequence[str | os.PathLike],
         return _read_files(folder, files, modality, strict=series_files is not None or not folder.is_dir())
 
 
-def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], strict: bool) -> Volume:
-    """Headers of all files first (grouping, geometry, hashes), then pixels one file at a time, so
-    peak memory is the output volume plus one file, not every file's pixel data at once."""
-    datasets: dict[Path, Any] = {}
-    digests: dict[Path, bytes] = {}
-    groups: dict[str, list[Path]] = {}
-    frames: list[_Frame] = []
+@dataclass
+class _Headers:
+    """The headers of one series' files: datasets, content digests, image frames, series UIDs seen."""
+
+    datasets: dict[Path, Any] = field(default_factory=dict)
+    digests: dict[Path, bytes] = field(default_factory=dict)
+    groups: dict[str, list[Path]] = field(default_factory=dict)
+    frames: list[_Frame] = field(default_factory=list)
+
+
+def _read_headers(folder: Path, files: Sequence[Path], strict: bool) -> _Headers:
+    """Parse every file's header (``strict``: a non-DICOM or non-image file is an error, else skipped)."""
+    h = _Headers()
     for path in files:
         try:
             data = path.read_bytes()
@@ -575,30 +581,34 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
         except Exception as exc:  # malformed values
             raise ImageReadError(f"{path}: malformed DICOM header ({_header_error(exc)})",
                                  hint="check the file; remove it if it is not needed") from None
-        groups.setdefault(uid, []).append(path)
-        datasets[path] = ds
-        digests[path] = hashlib.sha256(data).digest()
-        frames.extend(fr)
-    if not frames:
+        h.groups.setdefault(uid, []).append(path)
+        h.datasets[path] = ds
+        h.digests[path] = hashlib.sha256(data).digest()
+        h.frames.extend(fr)
+    if not h.frames:
         raise ImageReadError(f"{folder}: no DICOM image files found",
                              hint="point 'image' at the folder that directly holds the series files")
-    if len(groups) > 1:
-        raise ImageReadError(f"{folder}: holds {len(groups)} DICOM series; a case must name one",
+    if len(h.groups) > 1:
+        raise ImageReadError(f"{folder}: holds {len(h.groups)} DICOM series; a case must name one",
                              hint="list the series' files in the case's 'series_files' key "
                                   "('medsynth manifest build' does this)")
-    try:
-        geom = _geometry(frames)
-    except _Rejected as exc:
-        raise ImageReadError(f"{folder}: not one regular 3D grid: {exc}", hint=_FIX_IRREGULAR) from None
+    return h
 
-    first = datasets[geom.frames[0].path]
+
+def _series_modality(folder: Path, first: Any, path: Path, modality: Optional[str]) -> str:
     try:
         mod = (modality or str(first.get("Modality", "") or "").upper())
     except Exception as exc:  # noqa: BLE001 - an undecodable Modality element
-        raise ImageReadError(f"{geom.frames[0].path}: malformed DICOM header ({_header_error(exc)})",
+        raise ImageReadError(f"{path}: malformed DICOM header ({_header_error(exc)})",
                              hint="check the file; remove it if it is not needed") from None
     if mod not in IMAGE_MODALITIES:
         raise ImageReadError(f"{folder}: modality {mod or 'missing'} is not supported (CT and MR only)")
+    return mod
+
+
+def _read_pixels(folder: Path, geom: _Geometry, datasets: dict[Path, Any]) -> np.ndarray:
+    """The volume (i, j, k) in physical units, read one file at a time: int16 when every value fits
+    exactly, else float32."""
     pixel_cache: dict[Path, np.ndarray] = {}
     # Filled slice-major (k, row, column) so each slice is one contiguous write; transposed to
     # (i, j, k) at the end.  float32 holds every int16/uint16 HU exactly; the dtype is chosen below.
@@ -628,9 +638,21 @@ def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], st
                                          and np.array_equal(phys, np.rint(phys)))
         out[k] = phys
     arr = out.astype(np.int16) if fits_int16 else out
-    arr = arr.transpose(2, 1, 0)  # (k, row, column) -> (i = column, j = row, k)
+    return arr.transpose(2, 1, 0)  # (k, row, column) -> (i = column, j = row, k)
+
+
+def _read_files(folder: Path, files: Sequence[Path], modality: Optional[str], strict: bool) -> Volume:
+    """Headers of all files first (grouping, geometry, hashes), then pixels one file at a time, so
+    peak memory is the output volume plus one file, not every file's pixel data at once."""
+    h = _read_headers(folder, files, strict)
+    try:
+        geom = _geometry(h.frames)
+    except _Rejected as exc:
+        raise ImageReadError(f"{folder}: not one regular 3D grid: {exc}", hint=_FIX_IRREGULAR) from None
+    mod = _series_modality(folder, h.datasets[geom.frames[0].path], geom.frames[0].path, modality)
+    arr = _read_pixels(folder, geom, h.datasets)
     ordered = list(dict.fromkeys(fr.path for fr in geom.frames))
-    sha = hashlib.sha256(b"".join(digests[p] for p in ordered)).hexdigest()
+    sha = hashlib.sha256(b"".join(h.digests[p] for p in ordered)).hexdigest()
     return Volume(arr, _ras_affine(geom), modality=mod, units="HU" if mod == "CT" else "a.u.",
                   meta={"source": "dicom", "n_files": len(ordered), "sha256": sha})
 
