@@ -235,27 +235,9 @@ def _swatch(rgb: tuple[int, int, int], label: str) -> str:
     return f'<span class="sw" style="background:rgb{rgb}"></span>{_e(label)}'
 
 
-def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
-                histograms: dict[str, Any], distance_plot: Optional[dict[str, Any]]) -> str:
-    """The report page.  ``summary`` is the content of qc.json; ``montages`` a list of
-    ``{"title", "kind" ("real"|"synthetic"), "passed", "reasons", "png"}``; ``histograms``
-    ``{"png", "range", "units"}``; ``distance_plot`` ``{"png", "x_max", "threshold"}`` or None."""
-    s = summary
-    counts = s["counts"]
-    head = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>medsynth QC report</title><style>{_CSS}</style></head><body>")
-    parts = [head, "<h1>medsynth quality gate and memorisation screen</h1>",
-             ("<p class=\"warn\">This report shows slices of real reference cases (and of any sample that may copy "
-              "one): treat it as patient data and keep it where the training data is allowed to be.</p>"),
-             f"<p>{counts['samples']} samples: <span class=\"pass\">{counts['passed']} passed</span>, "
-             f"<span class=\"fail\">{counts['failed']} failed</span>"
-             + (" (moved to <code>quarantine/</code>)" if counts.get("quarantined") else "")
-             + f". Reference: {_e(s['reference']['name'])} ({s['reference']['n_cases_used']} cases used"
-             + (f", {s['reference']['n_cases_skipped']} unreadable and skipped" if s['reference']['n_cases_skipped'] else "")
-             + f"). Grid: {_e(s['grid']['shape'])} voxels, spacing {_e(s['grid']['spacing'])} mm, "
-             f"{_e(s['grid']['orientation'])}; {_e(s['grid']['source'])}.</p>"]
-
-    # metrics
+def _metrics_section(s: dict[str, Any]) -> list[str]:
+    """The dataset metrics table and the feature space they were computed in."""
+    parts: list[str] = []
     parts.append("<h2>Dataset metrics</h2><table><tr><th>figure</th><th>value</th><th>what it is</th></tr>")
     for name, m in s["metrics"].items():
         parts.append(f"<tr><td><code>{_e(name)}</code></td><td>{_num(m.get('value'))}</td><td>{_e(m.get('description', ''))}</td></tr>")
@@ -263,8 +245,12 @@ def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
     parts.append(f"<p class=\"note\">Feature space: {_e(s['feature_space']['name'])} — {_e(s['feature_space']['description'])}. "
                  f"Computed on the {s['metrics_n_synthetic']} samples that passed QC (what export ships), "
                  f"against {s['reference']['n_cases_used']} real cases resampled onto the sample grid.</p>")
+    return parts
 
-    # memorisation
+
+def _memorisation_section(s: dict[str, Any], distance_plot: Optional[dict[str, Any]]) -> list[str]:
+    """The memorisation screen's calibration, flags and distance plot."""
+    parts: list[str] = []
     mem = s.get("memorisation")
     if mem:
         cal = mem["calibration"]
@@ -285,16 +271,24 @@ def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
                          f"(farther samples are drawn at the right edge): "
                          f"top strip held-out real cases{_swatch(REAL_RGB, '')}, bottom strip samples{_swatch(SYNTH_RGB, '')}"
                          f"(flagged{_swatch(FAIL_RGB, '')}); red line: threshold {_num(distance_plot['threshold'])}.</div></div>")
+    return parts
 
-    # histograms
+
+def _histogram_section(histograms: dict[str, Any]) -> list[str]:
+    """The pooled intensity histograms inside the body."""
+    parts: list[str] = []
     if histograms:
         lo, hi = histograms["range"]
         parts.append("<h2>Intensity histograms (inside the body)</h2>")
         parts.append(f"<div class=\"fig\">{_img(histograms['png'], 'intensity histograms')}"
                      f"<div class=\"cap\">x: {_num(lo)} to {_num(hi)} {_e(histograms['units'])} (grid lines at quarters); "
                      f"y: density, pooled over volumes.{_swatch(REAL_RGB, 'real')}{_swatch(SYNTH_RGB, 'synthetic (passed QC)')}</div></div>")
+    return parts
 
-    # montages
+
+def _montage_section(montages: Sequence[dict[str, Any]]) -> list[str]:
+    """Orthogonal mid-slices of real cases, then of synthetic samples."""
+    parts: list[str] = []
     parts.append("<h2>Orthogonal mid-slices: real vs synthetic</h2>")
     parts.append("<p class=\"note\">Each row: axial (anterior up, patient right on image left), coronal (superior up, "
                  "patient right on left), sagittal (superior up, anterior on left); square pixels from the voxel spacing.</p>")
@@ -309,8 +303,12 @@ def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
                 verdict = (' — <span class="pass">passed</span>' if m["passed"] else
                            ' — <span class="fail">failed</span>: ' + _e("; ".join(m["reasons"])))
             parts.append(f"<div class=\"fig\">{_img(m['png'], m['title'])}<div class=\"cap\">{_e(m['title'])}{verdict}</div></div>")
+    return parts
 
-    # per-sample verdicts
+
+def _verdict_table(s: dict[str, Any]) -> list[str]:
+    """One row per sample: verdict, reasons, artefact score, nearest training case."""
+    parts: list[str] = []
     parts.append("<h2>Per-sample verdicts</h2><table><tr><th>sample</th><th>verdict</th><th>reasons</th>"
                  "<th>artefact score</th><th>nearest training case (1 − NCC)</th></tr>")
     for smp in s["samples"]:
@@ -323,8 +321,12 @@ def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
                      f"<td class=\"{'pass' if ok else 'fail'}\">{'passed' if ok else 'failed'}</td>"
                      f"<td>{_e('; '.join(smp['reasons'])) or '—'}</td><td>{_num(art)}</td><td>{near}</td></tr>")
     parts.append("</table>")
+    return parts
 
-    # ranges
+
+def _ranges_section(s: dict[str, Any]) -> list[str]:
+    """The ranges learned from the reference, and its artefact scores."""
+    parts: list[str] = []
     rr = s.get("reference_ranges")
     if rr:
         parts.append("<h2>Ranges learned from the reference</h2><table><tr><th>statistic</th>"
@@ -337,5 +339,34 @@ def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
         if ra:
             parts.append(f"<p class=\"note\">Artefact score of the real cases: max {_num(max(ra))}, "
                          f"median {_num(float(np.median(ra)))}; threshold {_num(s['settings']['qc']['artefact_threshold'])}.</p>")
+    return parts
+
+
+def render_html(summary: dict[str, Any], montages: Sequence[dict[str, Any]],
+                histograms: dict[str, Any], distance_plot: Optional[dict[str, Any]]) -> str:
+    """The report page.  ``summary`` is the content of qc.json; ``montages`` a list of
+    ``{"title", "kind" ("real"|"synthetic"), "passed", "reasons", "png"}``; ``histograms``
+    ``{"png", "range", "units"}``; ``distance_plot`` ``{"png", "x_max", "threshold"}`` or None."""
+    s = summary
+    counts = s["counts"]
+    head = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>medsynth QC report</title><style>{_CSS}</style></head><body>")
+    parts = [head, "<h1>medsynth quality gate and memorisation screen</h1>",
+             ("<p class=\"warn\">This report shows slices of real reference cases (and of any sample that may copy "
+              "one): treat it as patient data and keep it where the training data is allowed to be.</p>"),
+             f"<p>{counts['samples']} samples: <span class=\"pass\">{counts['passed']} passed</span>, "
+             f"<span class=\"fail\">{counts['failed']} failed</span>"
+             + (" (moved to <code>quarantine/</code>)" if counts.get("quarantined") else "")
+             + f". Reference: {_e(s['reference']['name'])} ({s['reference']['n_cases_used']} cases used"
+             + (f", {s['reference']['n_cases_skipped']} unreadable and skipped" if s['reference']['n_cases_skipped'] else "")
+             + f"). Grid: {_e(s['grid']['shape'])} voxels, spacing {_e(s['grid']['spacing'])} mm, "
+             f"{_e(s['grid']['orientation'])}; {_e(s['grid']['source'])}.</p>"]
+
+    parts += _metrics_section(s)
+    parts += _memorisation_section(s, distance_plot)
+    parts += _histogram_section(histograms)
+    parts += _montage_section(montages)
+    parts += _verdict_table(s)
+    parts += _ranges_section(s)
     parts.append(f"<p class=\"note\">medsynth {_e(s['medsynth_version'])}, {_e(s['created'])}.</p></body></html>\n")
     return "\n".join(parts)
