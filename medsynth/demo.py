@@ -108,24 +108,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     real = [Volume.load_nifti(c.image, modality="CT") for c in load_manifest(manifest).cases]
     trained = [s for s in list_samples(samples) if s.sidecar.get("index") in indices]
     trained_vols = [s.load() for s in trained]
-    label_info: dict[str, Any] = {}
-    if cfg.data.use_labels:
-        by_class: dict[str, dict[str, Any]] = {}
-        for s in trained:
-            lab = s.load_label()
-            cls = by_class.setdefault(str(s.sidecar.get("class")), {"n_samples": 0, "samples_with_value": {},
-                                                                    "voxels": {}})
-            cls["n_samples"] += 1
-            values, n_vox = np.unique(np.asarray(lab.array), return_counts=True) if lab is not None else ([], [])
-            for v, n in zip(values, n_vox):
-                key = str(int(v))
-                cls["samples_with_value"][key] = cls["samples_with_value"].get(key, 0) + 1
-                cls["voxels"].setdefault(key, []).append(int(n))
-        counts: dict[str, int] = {}
-        for cls in by_class.values():
-            for key, n in cls["samples_with_value"].items():
-                counts[key] = counts.get(key, 0) + n
-        label_info = {"samples_with_value": counts, "n_samples": len(trained), "by_class": by_class}
+    label_info = _label_info(trained) if cfg.data.use_labels else {}
     untrained_vols = [s.load() for s in list_samples(untrained_dir) if s.sidecar.get("index") in indices]
     fig = fidelity(real, {"trained": trained_vols, "untrained": untrained_vols})
     table = format_table(fig)
@@ -136,6 +119,27 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     timings["fidelity"] = time.perf_counter() - t
     return DemoResult(out, manifest, run_dir, samples, untrained_dir, preview, fig, table, n_cases,
                       len(trained_vols), timings, label_info)
+
+
+def _label_info(trained: Sequence[Any]) -> dict[str, Any]:
+    """Which label values the samples hold: per value the number of samples, overall and per class
+    (with each sample's voxel count)."""
+    by_class: dict[str, dict[str, Any]] = {}
+    for s in trained:
+        lab = s.load_label()
+        cls = by_class.setdefault(str(s.sidecar.get("class")), {"n_samples": 0, "samples_with_value": {},
+                                                                "voxels": {}})
+        cls["n_samples"] += 1
+        values, n_vox = np.unique(np.asarray(lab.array), return_counts=True) if lab is not None else ([], [])
+        for v, n in zip(values, n_vox):
+            key = str(int(v))
+            cls["samples_with_value"][key] = cls["samples_with_value"].get(key, 0) + 1
+            cls["voxels"].setdefault(key, []).append(int(n))
+    counts: dict[str, int] = {}
+    for cls in by_class.values():
+        for key, n in cls["samples_with_value"].items():
+            counts[key] = counts.get(key, 0) + n
+    return {"samples_with_value": counts, "n_samples": len(trained), "by_class": by_class}
 
 
 def format_summary(res: DemoResult) -> str:
@@ -150,7 +154,7 @@ def format_summary(res: DemoResult) -> str:
     lines = [
         f"medsynth demo finished in {mins} min {secs:02d} s ({parts})",
         f"  data      {res.manifest}  ({res.n_cases} CT phantoms; class 0 no lesion, class 1 lesion)",
-        f"  run       {res.run_dir}  (model card {res.run_dir / 'model_card.json'}, metrics */metrics.jsonl)",
+        f"  run       {res.run_dir}  (model card {RunPaths(res.run_dir).card}, metrics */metrics.jsonl)",
         f"  samples   {res.samples}  ({res.n_samples} volumes, classes in turn; NIfTI in HU + JSON sidecars)",
         *(["  labels    <id>_label.nii.gz beside each sample (0 background, 1 lung, 2 lesion); samples holding "
            "each value: " + ", ".join(f"{v}: {n}/{res.labels['n_samples']}"
