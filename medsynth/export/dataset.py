@@ -248,7 +248,7 @@ def _write_dicom(c: _Case) -> None:
 def _write_seg(c: _Case) -> None:
     import numpy as np
 
-    from medsynth.export import dicom as dcm
+    from medsynth.export.seg import write_seg
 
     if c.label_arr is None:
         return
@@ -256,7 +256,7 @@ def _write_seg(c: _Case) -> None:
         log.warning("%s: label map is empty; no DICOM SEG written", c.sid)
         return
     seg_path = c.tmp / "dicom_seg" / f"{c.sid}.dcm"
-    seg_uid, n_seg = dcm.write_seg(c.vol.with_array(c.label_arr, modality="SEG", units="label"), c.datasets,
+    seg_uid, n_seg = write_seg(c.vol.with_array(c.label_arr, modality="SEG", units="label"), c.datasets,
                                    seg_path, uid_key=c.uid_key, uid_root=c.uid_root, label_names=c.names)
     c.dicom_info["seg"] = {"file": seg_path.relative_to(c.tmp).as_posix(), "series_uid": seg_uid,
                            "n_segments": n_seg}
