@@ -124,8 +124,9 @@ class AutoencoderConfig:
     except at boundaries, and unit variance would blow those sparse bands up.
     ``wavelet_detail_gain`` multiplies the image's high-pass bands after standardising: their
     signal-to-noise ratio at every diffusion time rises by that factor (the diffusion settles
-    them earlier and weighs them gain² more).  On the wavelet demo, 2 took body p99 from 703-783
-    to 887-986 HU (real 913; docs/generator.md).  The
+    them earlier and weighs them gain² more).  On the wavelet demo, 2 raised body p99 from 703-783
+    to 887-986 HU (real 913), but through bright speckle noise, not bone (air std 184 -> 252 HU;
+    docs/generator.md): it stays 1 in the shipped configs.  The
     network keys (``channels``, ``attention_levels``, ...) apply to "monai" and "maisi" only.
 
     ``with_nonlocal_attn`` adds a full self-attention block at the latent level of encoder and
