@@ -1,6 +1,7 @@
 """What every training loop does besides the step: the metrics log, checks that a resumed stage
-was made with the same config, the common checkpoint fields, and :class:`StepBook`, which logs,
-validates, saves and reports after each optimizer step."""
+was made with the same config, the common checkpoint fields, :class:`StepBook` (which logs,
+validates, saves and reports after each optimizer step), a stage's resumable state and its
+initial weights."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from medsynth.errors import CheckpointError
 from medsynth.jobs import RunPaths, write_text
 from medsynth.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, versions
 from medsynth.model.distributed import is_main
+from medsynth.model.init_weights import InitWeights, config_init
 
 log = logging.getLogger("medsynth.model.train")
 
@@ -160,3 +162,25 @@ class StepBook:
     @property
     def seconds(self) -> float:
         return round(time.perf_counter() - self.t0, 1)
+
+
+class Resumable:
+    """A stage's training state: ``STATE`` maps each checkpoint entry to the attribute whose
+    ``state_dict`` it holds; :meth:`state` and :meth:`load` resume the stage exactly."""
+
+    STATE: dict[str, str] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {key: getattr(self, attr).state_dict() for key, attr in self.STATE.items()}
+
+    def load(self, ck: dict[str, Any]) -> None:
+        for key, attr in self.STATE.items():
+            getattr(self, attr).load_state_dict(ck[key])
+
+
+def initial_weights_for(cfg: Config, role: str, ck_path: Path, resume: bool) -> Optional[InitWeights]:
+    """The config's initial weights for ``role``, read only when the stage starts afresh (a resumed
+    stage continues from its checkpoint, which records the file's sha256)."""
+    if resume and ck_path.is_file():
+        return None
+    return config_init(cfg, role)
