@@ -67,7 +67,7 @@ def _run_env(args: argparse.Namespace) -> int:
 
     print(f"medsynth   {__version__}")
     print(f"python     {platform.python_version()} ({platform.platform()})")
-    for dist in ("torch", "monai", "numpy", "scipy", "nibabel", "SimpleITK", "pydicom", "highdicom", "pyyaml"):
+    for dist in ("torch", "monai", "numpy", "scipy", "nibabel", "SimpleITK", "pydicom", "highdicom", "pynetdicom", "pyyaml"):
         try:
             v = md.version(dist)
         except md.PackageNotFoundError:
