@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from medsynth.errors import ManifestError
+from medsynth.jobs import RunPaths
 from medsynth.manifest import Case, Manifest, load_manifest, save_manifest
 
 log = logging.getLogger("medsynth.evaluate.split")
@@ -137,3 +138,69 @@ def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path, test_fr
         paths.append(save_manifest(m, out / f"{name}.json"))
     log.info("split %d cases: %d train, %d test", len(manifest.cases), len(train), len(test))
     return paths[0], paths[1]
+
+
+# --------------------------------------------------------------------------------------------
+# what the utility evaluation checks before any compute
+# --------------------------------------------------------------------------------------------
+
+
+def generator_manifest(run_dir: Path, cfg: Any) -> Optional[Path]:
+    """The manifest the generator was trained on, as the run records it (config, else model card)."""
+    import json
+
+    if cfg.data.manifest:
+        return Path(cfg.data.manifest)
+    card = RunPaths(Path(run_dir)).card
+    if card.is_file():
+        try:
+            meta = json.loads(card.read_text())
+        except (OSError, ValueError):
+            return None
+        for key in ("manifest", "data_manifest", "train_manifest"):
+            v = meta.get(key) if isinstance(meta, dict) else None
+            if isinstance(v, dict):
+                v = v.get("path")
+            if isinstance(v, str) and v:
+                p = Path(v)
+                return p if p.is_absolute() else (Path(run_dir) / p)
+    return None
+
+
+def check_leakage(train: Manifest, test: Manifest, run_dir: Path, cfg: Any, needs_generator: bool) -> dict[str, str]:
+    """Refuse overlapping train/test sets and a generator trained on test cases; returns what was checked."""
+    check_disjoint(train, test, "train manifest")
+    out = {"train_vs_test": "disjoint (case ids and image sha256)"}
+    if not needs_generator:
+        out["generator"] = "not used"
+        return out
+    gm = generator_manifest(run_dir, cfg)
+    if gm is None:
+        out["generator"] = "unverified: the run records no training manifest"
+        log.warning("the run does not record the manifest it was trained on; cannot check that the "
+                    "generator never saw the test cases")
+    elif not Path(gm).exists():
+        out["generator"] = f"unverified: the run's training manifest {gm} is not readable"
+        log.warning("the run's training manifest %s is missing; cannot check it against the test set", gm)
+    else:
+        gen = load_manifest(gm)
+        check_disjoint(gen, test, "generator's training manifest")
+        out["generator"] = "disjoint from the test set (case ids and image sha256)"
+    return out
+
+
+def check_cases(m: Manifest, task: str, role: str) -> None:
+    """Every case of the ``role`` manifest carries what ``task`` needs: a class_label (classify) or a label map."""
+    if not m.cases:
+        raise ManifestError(f"{m.path}: the {role} manifest has no cases")
+    if task == "classify":
+        missing = [c.id for c in m.cases if c.class_label is None]
+        if missing:
+            raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no class_label (e.g. {missing[0]})",
+                                hint="classification needs a class_label on every case; build the manifest "
+                                     "with --classes CSV")
+    else:
+        missing = [c.id for c in m.cases if c.label is None]
+        if missing:
+            raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no label map (e.g. {missing[0]})",
+                                hint="segmentation needs a label on every case; build the manifest with --labels DIR")

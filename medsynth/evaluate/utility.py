@@ -36,8 +36,8 @@ import torch
 from medsynth.errors import ConfigError, ManifestError, MedsynthError
 from medsynth.evaluate import stats
 from medsynth.evaluate.classifier import Budget, predict, train
-from medsynth.evaluate.split import check_disjoint
-from medsynth.jobs import RunPaths, load_run_config
+from medsynth.evaluate.split import check_cases, check_leakage
+from medsynth.jobs import load_run_config
 from medsynth.manifest import Case, Manifest, load_manifest
 from medsynth.model.networks import resolve_device
 from medsynth.versions import package_versions
@@ -135,66 +135,6 @@ def comparisons(arms: Sequence[str]) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------
 # inputs and checks
 # --------------------------------------------------------------------------------------------
-
-
-def generator_manifest(run_dir: Path, cfg: Any) -> Optional[Path]:
-    """The manifest the generator was trained on, as the run records it (config, else model card)."""
-    import json
-
-    if cfg.data.manifest:
-        return Path(cfg.data.manifest)
-    card = RunPaths(Path(run_dir)).card
-    if card.is_file():
-        try:
-            meta = json.loads(card.read_text())
-        except (OSError, ValueError):
-            return None
-        for key in ("manifest", "data_manifest", "train_manifest"):
-            v = meta.get(key) if isinstance(meta, dict) else None
-            if isinstance(v, dict):
-                v = v.get("path")
-            if isinstance(v, str) and v:
-                p = Path(v)
-                return p if p.is_absolute() else (Path(run_dir) / p)
-    return None
-
-
-def check_leakage(train: Manifest, test: Manifest, run_dir: Path, cfg: Any, needs_generator: bool) -> dict[str, str]:
-    """Refuse overlapping train/test sets and a generator trained on test cases; returns what was checked."""
-    check_disjoint(train, test, "train manifest")
-    out = {"train_vs_test": "disjoint (case ids and image sha256)"}
-    if not needs_generator:
-        out["generator"] = "not used"
-        return out
-    gm = generator_manifest(run_dir, cfg)
-    if gm is None:
-        out["generator"] = "unverified: the run records no training manifest"
-        log.warning("the run does not record the manifest it was trained on; cannot check that the "
-                    "generator never saw the test cases")
-    elif not Path(gm).exists():
-        out["generator"] = f"unverified: the run's training manifest {gm} is not readable"
-        log.warning("the run's training manifest %s is missing; cannot check it against the test set", gm)
-    else:
-        gen = load_manifest(gm)
-        check_disjoint(gen, test, "generator's training manifest")
-        out["generator"] = "disjoint from the test set (case ids and image sha256)"
-    return out
-
-
-def _check_cases(m: Manifest, task: str, role: str) -> None:
-    if not m.cases:
-        raise ManifestError(f"{m.path}: the {role} manifest has no cases")
-    if task == "classify":
-        missing = [c.id for c in m.cases if c.class_label is None]
-        if missing:
-            raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no class_label (e.g. {missing[0]})",
-                                hint="classification needs a class_label on every case; build the manifest "
-                                     "with --classes CSV")
-    else:
-        missing = [c.id for c in m.cases if c.label is None]
-        if missing:
-            raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no label map (e.g. {missing[0]})",
-                                hint="segmentation needs a label on every case; build the manifest with --labels DIR")
 
 
 def load_tensors(cases: Sequence[Case], data_cfg: Any, task: str, role: str) -> tuple[Tensors, list[str]]:
@@ -442,8 +382,8 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
     needs_synth = any("synthetic" in a for a in arms)
     cfg = load_run_config(run_dir)
     train_m, test_m = load_manifest(train_manifest), load_manifest(test_manifest)
-    _check_cases(train_m, opts.task, "train")
-    _check_cases(test_m, opts.task, "test")
+    check_cases(train_m, opts.task, "train")
+    check_cases(test_m, opts.task, "test")
     leakage = check_leakage(train_m, test_m, run_dir, cfg, needs_synth)
     device = resolve_device(opts.device, key="device")
     seg = opts.task == "segment"
