@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from medsynth import __version__
 from medsynth.errors import MedsynthError
+from medsynth.registry import SCHEDULERS
 
 log = logging.getLogger("medsynth.cli")
 
@@ -712,7 +713,7 @@ def _add_generate(sub) -> None:
                    help="class of every sample (default: classes in turn, index mod n_classes)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the run's sampling.steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sampling.guidance_scale)")
-    p.add_argument("--scheduler", choices=("ddpm", "ddim", "rflow"), help="default: sampling.scheduler")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="default: sampling.scheduler")
     p.add_argument("--eta", type=float, help="stochasticity: DDIM's eta, or the rectified flow's share of fresh "
                    "noise per step, 0..1 (default: sampling.eta)")
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the results)")
