@@ -49,7 +49,8 @@ def test_monai_bundle_run_samples_what_generate_samples(run_dir, tmp_path, run_c
         assert (bundle / rel).is_file(), rel
     assert "$" not in (bundle / "configs" / "inference.json").read_text()  # no code in the config
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same thread count as this process's generate: a different one changes fp32 summation order
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                            "--meta_file", "configs/metadata.json", "--num_samples", "2", "--start", "1",
                            "--seed", "3", "--device", "cpu"],
@@ -64,7 +65,8 @@ def test_monai_bundle_run_samples_what_generate_samples(run_dir, tmp_path, run_c
         va, vb = a.load(), b.load()
         np.testing.assert_array_equal(va.affine, vb.affine)
         assert vb.units == "HU"
-        np.testing.assert_allclose(vb.array, va.array, rtol=0, atol=1e-3)  # HU; fp32 rounding at most
+        # HU; fp32 rounding at most (0.0026 HU measured when the two ran with 1 vs 2 threads)
+        np.testing.assert_allclose(vb.array, va.array, rtol=0, atol=1e-2)
         la, lb = a.load_label(), b.load_label()
         np.testing.assert_array_equal(la.array, lb.array)
         assert b.sidecar["checkpoint_sha256"] == a.sidecar["checkpoint_sha256"]
