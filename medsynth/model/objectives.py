@@ -59,6 +59,17 @@ def label_dice(recon: torch.Tensor, x: torch.Tensor, eps: float = 1.0) -> torch.
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
+def diffusion_target(kind: str, scheduler: Any, z0: torch.Tensor, noise: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+    """What stage 2 regresses at ``x_t = add_noise(z0, noise, t)``: the flow's velocity (a clean-latent
+    model is judged on it too), or DDPM/DDIM's v, clean latent or noise per ``prediction_type``."""
+    if is_flow(kind):
+        return z0 - noise
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    return z0 if scheduler.prediction_type == "sample" else noise
+
+
 def diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      idx: torch.Tensor, scale: float, g: torch.Generator, drop_prob: float,
                      null_class: Optional[int], timestep_dist: tuple = ("logit-normal", 0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -67,14 +78,7 @@ def diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Te
     noise = torch.randn(z0.shape, generator=g)
     t = sample_train_timesteps(kind, scheduler, len(idx), g, *timestep_dist)
     x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-    if is_flow(kind):
-        target = z0 - noise  # the flow's velocity (a clean-latent model is judged on it too)
-    elif scheduler.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(z0, noise, t)
-    elif scheduler.prediction_type == "sample":
-        target = z0
-    else:
-        target = noise
+    target = diffusion_target(kind, scheduler, z0, noise, t)
     labels = None
     if null_class is not None:
         labels = classes[idx].clone()

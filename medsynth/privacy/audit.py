@@ -177,6 +177,7 @@ def denoising_losses(sampler: Any, items: Sequence[torch.Tensor], classes: Seque
     """Per-case loss of the model's training objective, shape (n_cases, n_timesteps), each entry the
     mean over ``settings.draws`` noise draws shared by every case."""
     from medsynth.model.networks import build_scheduler, generator, latent_shape, rflow_velocity
+    from medsynth.model.objectives import diffusion_target
 
     cfg = sampler.cfg
     d, kind = cfg.training.diffusion, cfg.training.scheduler
@@ -197,13 +198,8 @@ def denoising_losses(sampler: Any, items: Sequence[torch.Tensor], classes: Seque
         x_t = sched.add_noise(original_samples=z0, noise=noise, timesteps=tt)
         pred = sampler.predict(x_t, t, labels, 1.0)
         if kind == "rflow":
-            pred, target = rflow_velocity(pred, x_t, tt, d.num_train_timesteps, d.prediction_type), z0 - noise
-        elif sched.prediction_type == "v_prediction":
-            target = sched.get_velocity(z0, noise, tt)
-        elif sched.prediction_type == "sample":
-            target = z0
-        else:
-            target = noise
+            pred = rflow_velocity(pred, x_t, tt, d.num_train_timesteps, d.prediction_type)
+        target = diffusion_target(kind, sched, z0, noise, tt)
         out[:, i] += ((pred.float() - target) ** 2).flatten(1).mean(1).cpu().numpy() / settings.draws
     return out
 
