@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 from medsynth import __version__
 from medsynth.errors import MedsynthError
 from medsynth.registry import SCHEDULERS
+from medsynth.runtime import is_rank_zero, passive_openmp_waits
 
 log = logging.getLogger("medsynth.cli")
 
@@ -559,7 +560,7 @@ def _add_audit(sub) -> None:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    _passive_openmp_waits()
+    passive_openmp_waits()
     from medsynth.privacy.audit import AuditSettings, run_audit
 
     st = AuditSettings(draws=args.draws, seed=args.seed, n_synthetic=args.n_synthetic)
@@ -596,7 +597,7 @@ def _add_release(sub) -> None:
 
 
 def _run_release(args: argparse.Namespace) -> int:
-    _passive_openmp_waits()
+    passive_openmp_waits()
     from medsynth.export.release import release_export
 
     res = release_export(args.export, args.run, args.manifest, args.out, holdout=args.holdout, force=args.force,
@@ -633,28 +634,6 @@ def _run_send(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _passive_openmp_waits() -> None:
-    """On a busy CPU, let torch's OpenMP threads sleep, not spin, while they wait for each other.
-
-    Must run before torch is first imported (libgomp reads it once).  On a CPU shared with other
-    processes, spinning threads burn the time slices their partners need: measured on a busy 2-core
-    machine, one autoencoder step took 13.6 s with the default policy and 1.5 s with PASSIVE (1.9 s
-    with one thread).  On a quiet machine PASSIVE costs instead: the whole demo trained in 339 s
-    with it and 191 s with libgomp's default (same bytes).  So PASSIVE is set only when the load
-    average already reaches the number of CPUs; an explicit OMP_WAIT_POLICY in the environment wins.
-    """
-    import os
-
-    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
-        return
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform
-        busy = False
-    if busy:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-
 def _add_train(sub) -> None:
     p = _verb(sub, "train", "train the autoencoder and/or the latent diffusion model into a run folder",
               "medsynth train configs/demo.yaml --run runs/demo --manifest phantoms/manifest.json", _run_train)
@@ -673,7 +652,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    _passive_openmp_waits()
+    passive_openmp_waits()
     from medsynth.config import load_config
     from medsynth.model.train import train
 
@@ -689,9 +668,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     res = train(cfg, args.run, stage=args.stage, resume=args.resume, device=args.device,
                 max_steps=getattr(args, "max_steps", None))
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank_zero():
         return 0  # under torchrun only rank 0 reports
     for s in res.summaries:
         val = " ".join(f"{k} {v:.4g}" for k, v in (s.get("val") or {}).items())
@@ -727,7 +704,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    _passive_openmp_waits()
+    passive_openmp_waits()
     from medsynth.errors import ConfigError
     from medsynth.model.sample import generate
 
@@ -787,7 +764,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    _passive_openmp_waits()
+    passive_openmp_waits()
     from medsynth.demo import format_summary, run_demo
 
     res = run_demo(args.out, seed=args.seed, n_cases=args.cases, per_class=args.per_class, config_path=args.config,
@@ -830,9 +807,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         level = logging.WARNING
     if getattr(args, "verbose", 0) >= 2 or getattr(args, "debug", False):
         level = logging.DEBUG
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank_zero():
         level = max(level, logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(levelname)s %(name)s: %(message)s"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Iterable, Iterator, Optional, TypeVar
 
@@ -10,6 +9,7 @@ from typing import Iterable, Iterator, Optional, TypeVar
 # that are not the user's to act on go to DEBUG (medsynth.notices).  The CLI imports this module
 # for every verb, before any stage runs.
 import medsynth.notices  # noqa: F401  (installs the filters)
+from medsynth.runtime import is_rank_zero
 
 T = TypeVar("T")
 _ENABLED: Optional[bool] = None
@@ -21,7 +21,7 @@ def set_progress(enabled: bool) -> None:
 
 
 def progress_enabled() -> bool:
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank_zero():
         return False
     if _ENABLED is not None:
         return _ENABLED

@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "medsynth"
 
-CORE = {"config", "errors", "volume", "manifest", "jobs", "samples", "progress", "versions", "notices",
+CORE = {"config", "errors", "volume", "manifest", "jobs", "samples", "progress", "versions", "notices", "runtime",
         "formats", "dicom_series", "callable_module", "registry"}
 STAGES = {"data", "model", "privacy", "qc", "export", "evaluate"}
 ORCHESTRATORS = {"cli", "demo", "expand", "__main__"}
