@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from medsynth import __version__
-from medsynth.errors import MedsynthError
+from medsynth.errors import PARAM, MedsynthError
 from medsynth.registry import SCHEDULERS
 from medsynth.runtime import is_rank_zero, passive_openmp_waits
 
@@ -49,8 +50,57 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
 def _verb(sub, name: str, help: str, example: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}")
     _common(p)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, verb_parser=p)
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# library errors name Python parameters; a CLI user reads the verb's flags
+# --------------------------------------------------------------------------------------------
+
+# The one hand-written part of the table: Python parameters (or ``name=value``) whose flag has another
+# argparse dest.  Every other parameter is found by its dest in the verb's own parser.
+PARAM_DESTS = {"run_dir": "run", "out_dir": "out", "cfg": "config", "limit": "n", "n_cases": "cases",
+               "use_ema=False": "no_ema", "formats": "format"}
+
+
+def _flag_of(action: argparse.Action) -> str:
+    """``--steps`` (the long form where there is one), or the metavar of a positional argument."""
+    if not action.option_strings:
+        return action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
+def _as_flag(match: re.Match, actions: dict[str, list[argparse.Action]]) -> str:
+    """One `name` or `name=value` of a library message as the command line spells it (else unchanged)."""
+    name, value = match[1], match[2]
+    whole = f"{name}={value}"
+    if whole in PARAM_DESTS:
+        found = actions.get(PARAM_DESTS[whole], [])
+        return _flag_of(found[0]) if found else match[0]
+    found = actions.get(PARAM_DESTS.get(name, name)) or actions.get(name, [])
+    if not found:
+        return match[0]
+    if value is None:
+        return _flag_of(found[0])
+    if found[0].nargs == 0:  # a switch: the one of its flags that sets this value, e.g. `resume=True`
+        switch = [a for a in found if str(a.const) == value]
+        return _flag_of(switch[0]) if switch else match[0]
+    plain = value.strip("'\"")  # `scheduler='ddim'` -> --scheduler ddim
+    return f"{_flag_of(found[0])} {plain}"
+
+
+def cli_message(exc: MedsynthError, parser: argparse.ArgumentParser) -> str:
+    """``exc`` as the CLI prints it: each `parameter` of the message and hint as the flag of ``parser``."""
+    actions: dict[str, list[argparse.Action]] = {}
+    for a in parser._actions:
+        if a.dest not in ("help", argparse.SUPPRESS):
+            actions.setdefault(a.dest, []).append(a)
+
+    def flags(text: str) -> str:
+        return PARAM.sub(lambda m: _as_flag(m, actions), text)
+
+    return flags(exc.message) if exc.hint is None else f"{flags(exc.message)}\n  fix: {flags(exc.hint)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -836,7 +886,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MedsynthError as exc:
         if debug:
             raise
-        print(f"medsynth: error: {exc}", file=sys.stderr)
+        print(f"medsynth: error: {cli_message(exc, getattr(args, 'verb_parser', parser))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("medsynth: interrupted", file=sys.stderr)

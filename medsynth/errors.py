@@ -3,9 +3,20 @@
 A message says what was expected, what came, and how to fix it; the CLI prints it as one
 line and exits with ``exit_code``.  Messages must never contain patient data (names, IDs,
 dates, UIDs): name files by their path and cases by their manifest id only.
+
+Library messages name the Python parameter, never a command-line flag, and write it in
+backticks, alone or with the value that caused or fixes the problem: "`steps` must be between 1
+and 20", "`class_label=2`: this model knows classes 0..1", hint "pass `use_ema=False`".  The CLI
+rewrites each backticked name into its flag when it prints the error ("--steps", "--class 2",
+"--no-ema").  A config key (sampling.steps) is not a parameter and is written plainly.
 """
 
 from __future__ import annotations
+
+import re
+
+PARAM = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
+"""A parameter in a message, `name` or `name=value`: group 1 the name, group 2 the value (or None)."""
 
 
 class MedsynthError(Exception):
@@ -13,9 +24,11 @@ class MedsynthError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, param: str | None = None):
         self.message = message
         self.hint = hint
+        #: the Python parameter at fault: given, else the first one the message names
+        self.param = param if param is not None else next((m[1] for m in PARAM.finditer(message)), None)
         super().__init__(message if hint is None else f"{message}\n  fix: {hint}")
 
 
