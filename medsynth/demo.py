@@ -72,7 +72,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     from medsynth.samples import list_samples
 
     if n_cases < 4 or per_class < 1:
-        raise MedsynthError(f"demo needs --cases >= 4 and --per-class >= 1, got {n_cases} and {per_class}")
+        raise MedsynthError(f"demo needs `n_cases` >= 4 and `per_class` >= 1, got {n_cases} and {per_class}")
     out = Path(out_dir)
     cfg_path = Path(config_path) if config_path else demo_config_path()
     probe = load_config(cfg_path)  # the grid of the phantoms
@@ -91,7 +91,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
         train(cfg, run_dir, stage="all", resume=RunPaths(run_dir).has_checkpoint())
     except CheckpointError as exc:
         raise CheckpointError(f"{run_dir}: holds a run this demo cannot continue ({exc.message})",
-                              hint=f"remove {run_dir} or choose another --out folder") from None
+                              hint=f"remove {run_dir} or choose another `out_dir` folder") from None
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()

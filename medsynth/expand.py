@@ -79,33 +79,33 @@ def plan_slots(manifest_cases: Sequence[Any], classes: Optional[list[int]], *, n
     """
     given = [x is not None for x in (n, per_class, factor)]
     if sum(given) != 1:
-        raise JobError("give exactly one of --n, --per-class or --factor")
+        raise JobError("give exactly one of `n`, `per_class` or `factor`")
     if classes is None:
         if per_class is not None:
-            raise JobError("--per-class needs a class-conditional model; this run is unconditional", hint="use --n")
+            raise JobError("`per_class` needs a class-conditional model; this run is unconditional", hint="use `n`")
         total = n if n is not None else int(round(float(factor) * len(manifest_cases)))  # type: ignore[arg-type]
         if total < 1:
             raise JobError(f"the job asks for {total} synthetic cases; need at least 1")
         return [None] * total
     if n is not None:
         if n < 1:
-            raise JobError(f"--n must be >= 1, got {n}")
+            raise JobError(f"`n` must be >= 1, got {n}")
         return [classes[j % len(classes)] for j in range(n)]
     if per_class is not None:
         if per_class < 1:
-            raise JobError(f"--per-class must be >= 1, got {per_class}")
+            raise JobError(f"`per_class` must be >= 1, got {per_class}")
         return [c for _ in range(per_class) for c in classes]
     if factor is None or factor <= 0:
-        raise JobError(f"--factor must be > 0, got {factor}")
+        raise JobError(f"`factor` must be > 0, got {factor}")
     counts = {c: sum(1 for case in manifest_cases if case.class_label == c) for c in classes}
     if not any(counts.values()):
-        raise JobError("--factor: no manifest case has a class label the model knows",
-                       hint="use --n or --per-class, or a manifest with class_label")
+        raise JobError("`factor`: no manifest case has a class label the model knows",
+                       hint="use `n` or `per_class`, or a manifest with class_label")
     out: list[Optional[int]] = []
     for c in classes:
         out += [c] * int(round(float(factor) * counts[c]))
     if not out:
-        raise JobError("--factor gives 0 synthetic cases; use a larger factor")
+        raise JobError("`factor` gives 0 synthetic cases; use a larger one")
     return out
 
 
@@ -244,13 +244,13 @@ def _read_job(out_dir: Path) -> _Job:
     job_path = out_dir / "job.json"
     if not job_path.is_file():
         raise JobError(f"{out_dir}: not an expand job folder (no job.json)",
-                       hint="pass the --out folder of 'medsynth expand'")
+                       hint="pass the folder written by 'medsynth expand ... --out DIR'")
     record = _read_record(job_path, "the job record")
     try:
         job = _Job(record, Path(record["manifest"]), int(record["n_shards"]), len(record["slots"]))
     except (KeyError, TypeError, ValueError):
         raise JobError(f"{job_path}: not an expand job record (needs n_shards, manifest, slots)",
-                       hint="rerun 'medsynth expand' with the original arguments into a new --out folder") from None
+                       hint="rerun 'medsynth expand' with the original arguments into a new `out_dir` folder") from None
     missing = []
     for i in range(job.n_shards):
         sdir = out_dir / "shards" / f"{i}-of-{job.n_shards}"
@@ -264,7 +264,7 @@ def _read_job(out_dir: Path) -> _Job:
         job.exhausted += shard_exhausted
     if missing:
         raise JobError(f"{out_dir}: shard(s) {', '.join(missing)} have not finished",
-                       hint="run the missing shards (same command with --shard i/n), then --merge again")
+                       hint="run the missing shards (the same arguments with `shard='i/n'`), then merge again")
     return job
 
 
@@ -392,7 +392,7 @@ def expand(run_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, n:
     sh = parse_shard(shard)
     fmts = parse_formats(list(formats))
     if max_tries < 1:
-        raise JobError(f"--max-tries must be >= 1, got {max_tries}")
+        raise JobError(f"`max_tries` must be >= 1, got {max_tries}")
     run = load_run(run_dir)
     man = load_manifest(manifest)
     k = run.cfg.model.unet.num_class_embeds
@@ -409,10 +409,10 @@ def expand(run_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, n:
     existing = create_or_check_record(out_dir / "job.json", record, keys)
     if shard is not None and int(existing["n_shards"]) != sh[1]:
         raise JobError(f"{out_dir}: job was split into {existing['n_shards']} shards, not {sh[1]}",
-                       hint=f"use --shard i/{existing['n_shards']}")
+                       hint=f"use `shard='i/{existing['n_shards']}'`")
     if shard is None and int(existing["n_shards"]) != 1:
         raise JobError(f"{out_dir}: this job is sharded ({existing['n_shards']} shards)",
-                       hint="run each shard with --shard i/n, then 'medsynth expand --merge DIR'")
+                       hint="run each shard with `shard='i/n'`, then merge them ('medsynth expand --merge DIR')")
     res = run_shard(run_dir, manifest, out_dir, slots, sh, seed, max_tries, steps=steps, guidance=guidance,
                     batch_size=batch_size, holdout=Path(holdout) if holdout else None, device=device)
     if shard is not None:

@@ -159,7 +159,7 @@ class RunPaths:
 
 
 def load_run_config(run_dir: str | os.PathLike, error: Optional[type] = None,
-                    hint: str = "pass the --run folder of 'medsynth train'") -> Any:
+                    hint: str = "pass the folder written by 'medsynth train CONFIG --run RUN'") -> Any:
     """The config a run was trained with (``RUN/config.yaml``), validated.
 
     A missing run directory or config raises ``error`` (a :class:`~medsynth.errors.MedsynthError`
@@ -192,9 +192,9 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
         i_s, n_s = str(spec).split("/")
         i, n = int(i_s), int(n_s)
     except ValueError:
-        raise JobError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+        raise JobError(f"`shard` must look like i/n (e.g. 0/4), got {spec!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise JobError(f"--shard {spec}: need 0 <= i < n", hint="shards are numbered from 0, e.g. 0/4 ... 3/4")
+        raise JobError(f"`shard={spec!r}`: need 0 <= i < n", hint="shards are numbered from 0, e.g. 0/4 ... 3/4")
     return i, n
 
 
@@ -235,5 +235,5 @@ def create_or_check_record(path: str | os.PathLike, record: dict[str, Any], keys
             != json.loads(json.dumps(record.get(k), default=_json_default))]
     if diff:
         raise JobError(f"{path.parent}: this job folder was started with different arguments ({', '.join(diff)})",
-                       hint="repeat the original command, or use a new --out folder")
+                       hint="repeat the original arguments, or use a new `out_dir` folder")
     return old

@@ -768,7 +768,7 @@ def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes
     if not src.is_dir():
         raise ManifestError(f"{src}: not a folder", hint="pass the folder that holds the image files / DICOM series")
     if modality is not None and modality not in ("CT", "MR"):
-        raise ManifestError(f"--modality must be CT or MR, got {modality!r}")
+        raise ManifestError(f"`modality` must be CT or MR, got {modality!r}")
     label_dir = Path(labels) if labels is not None else None
     if label_dir is not None and not label_dir.is_dir():
         raise ManifestError(f"{label_dir}: labels folder not found", hint="pass the folder that holds the label maps")
@@ -785,7 +785,7 @@ def build_manifest(src: str | Path, labels: Optional[str | Path] = None, classes
         what = f"{modality} " if modality else ""
         raise ManifestError(f"{src}: no readable {what}volume file (NIfTI, NRRD, MetaImage) or DICOM series found"
                             + (f" ({len(notes)} input(s) skipped: {notes[0]})" if notes else ""),
-                            hint="point SRC at the folder holding the images; see 'medsynth manifest build --help'")
+                            hint="point `src` at the folder holding the images; see 'medsynth manifest build --help'")
     if b.guessed:
         notes.append("modality guessed from intensities for NIfTI/NRRD/MetaImage files: "
                      + ", ".join(f"{n} {m}" for m, n in sorted(b.guessed.items()))

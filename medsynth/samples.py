@@ -155,7 +155,7 @@ def scan_samples(samples_dir: Path) -> SampleListing:
     folder if it is missing, is a file, or holds nothing that is (or claims to be) a sample.
     """
     samples_dir = Path(samples_dir)
-    hint = "pass the --out folder of 'medsynth generate'"
+    hint = "pass the folder written by 'medsynth generate RUN --out DIR'"
     if samples_dir.exists() and not samples_dir.is_dir():
         raise MedsynthError(f"{samples_dir}: is a file, not a samples folder", hint=hint)
     if not samples_dir.is_dir():

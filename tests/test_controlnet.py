@@ -112,7 +112,7 @@ def test_generate_masks_needs_a_controlnet(tmp_path, setup, run_cli):
     shutil.copytree(setup["run"], run, ignore=shutil.ignore_patterns("controlnet"))
     code, out, err = run_cli("generate", run, "--masks", setup["manifest"], "--out", tmp_path / "s")
     assert code == CheckpointError.exit_code and "controlnet" in err and "Traceback" not in err
-    with pytest.raises(ManifestError, match="--masks must be a data manifest or a folder"):
+    with pytest.raises(ManifestError, match="`masks` must be a data manifest or a folder"):
         generate_from_masks(setup["run"], tmp_path / "nowhere", tmp_path / "s2")
 
 

@@ -68,7 +68,7 @@ def _same(a: dict, b: dict) -> None:
 def test_shard_parsing_and_partition():
     assert parse_shard(None) == (0, 1) and parse_shard("2/4") == (2, 4)
     for bad in ("4/4", "-1/2", "a/b", "3", "1/0"):
-        with pytest.raises(JobError, match="--shard"):
+        with pytest.raises(JobError, match="`shard"):
             parse_shard(bad)
     items = list(range(11))
     for n in (1, 2, 3, 5):

@@ -100,10 +100,14 @@ def test_class_option_and_resume_skips_existing_samples(run, tmp_path):
 
 
 def test_refusals_before_any_compute(run, tmp_path):
-    with pytest.raises(CheckpointError, match=r"--class 2: this model knows classes 0..1"):
+    with pytest.raises(CheckpointError, match=r"`class_label=2`: this model knows classes 0..1"):
         generate(run, tmp_path / "x", range(1), class_label=2)
     with pytest.raises(ConfigError, match=r"DDPM samples with all 20 training timesteps"):
         generate(run, tmp_path / "x", range(1), scheduler="ddpm", steps=10)
+    steps_0 = r"^`steps` must be between 1 and 20 \(the training timesteps\), got 0$"
+    with pytest.raises(ConfigError, match=steps_0) as exc:
+        generate(run, tmp_path / "x", range(1), steps=0)
+    assert exc.value.param == "steps" and "--steps" not in str(exc.value)  # a Python caller reads the parameter
     with pytest.raises(ConfigError, match=r"trained with objective 'ddpm'"):
         generate(run, tmp_path / "x", range(1), scheduler="rflow")
     with pytest.raises(CheckpointError, match=r"run directory not found"):
@@ -154,7 +158,7 @@ def test_unconditional_model_refuses_class_and_guidance(phantoms, tmp_path):
                       training={"autoencoder": {"steps": 1, "adv_weight": 0.0}, "diffusion": {"steps": 1}},
                       sampling={"guidance_scale": 1.0})
     train(config_from_dict(raw), tmp_path / "u")
-    with pytest.raises(CheckpointError, match=r"--class 0: this model is unconditional"):
+    with pytest.raises(CheckpointError, match=r"`class_label=0`: this model is unconditional"):
         generate(tmp_path / "u", tmp_path / "s", range(1), class_label=0)
     with pytest.raises(CheckpointError, match=r"classifier-free guidance needs a class-conditional model"):
         generate(tmp_path / "u", tmp_path / "s", range(1), guidance=3.0)
@@ -200,5 +204,8 @@ def test_cli_train_then_generate_end_to_end(phantoms, tmp_path, run_cli):
     assert len(list_samples(tmp_path / "s")) == 2
     code, out, err = run_cli("generate", tmp_path / "run", "-n", "1", "--out", tmp_path / "s", "--class", "5")
     assert code == 4 and err.startswith("medsynth: error: --class 5") and "Traceback" not in err
+    code, out, err = run_cli("generate", tmp_path / "run", "-n", "1", "--out", tmp_path / "s", "--steps", "0")
+    assert code == ConfigError.exit_code and err.startswith("medsynth: error: --steps must be between 1 and ")
+    assert "`" not in err and "Traceback" not in err  # a CLI user reads the flag
     code, out, err = run_cli("train", cfg, "--run", tmp_path / "run2")
     assert code == 2 and "data.manifest: not set" in err

@@ -149,7 +149,7 @@ def test_resume_after_interruptions_reproduces_uninterrupted_weights_exactly(pha
 def test_existing_run_refused_without_resume_and_changed_config_refused(phantoms, tmp_path):
     raw = tiny_config(phantoms, training={"diffusion": {"steps": 2}})
     train(config_from_dict(raw), tmp_path / "r", stage="autoencoder")
-    with pytest.raises(CheckpointError, match=r"autoencoder/last.pt: exists.*\n  fix: pass --resume"):
+    with pytest.raises(CheckpointError, match=r"autoencoder/last.pt: exists.*\n  fix: pass `resume=True`"):
         train(config_from_dict(raw), tmp_path / "r", stage="autoencoder")
     changed = tiny_config(phantoms, training={"autoencoder": {"lr": 5e-4}})
     with pytest.raises(CheckpointError, match=r"different config \(training.autoencoder.lr: 0.001 -> 0.0005"):

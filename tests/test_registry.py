@@ -46,4 +46,4 @@ def test_rules_follow_the_table_entries():
     assert parse_formats("seg,dicom") == ("dicom", "seg")
     with pytest.raises(Exception, match="seg needs dicom too: a DICOM SEG references") as exc:
         parse_formats("seg")
-    assert "use --format nifti,dicom,seg" in str(exc.value)
+    assert "use `formats='nifti,dicom,seg'`" in str(exc.value)

@@ -286,7 +286,7 @@ def test_bad_inputs_fail_before_training(data, tmp_path):
         evaluate_utility(tmp_path / "nope", data["train"], data["test"], tmp_path / "o", o)
     with pytest.raises(CheckpointError, match=r"no config\.yaml"):
         evaluate_utility(tmp_path, data["train"], data["test"], tmp_path / "o", o)
-    with pytest.raises(ConfigError, match="reduced arms need --reduced-fraction"):
+    with pytest.raises(ConfigError, match="reduced arms need `reduced_fraction`"):
         evaluate_utility(data["run"], data["train"], data["test"], tmp_path / "o", _opts(arms=["reduced"]))
     with pytest.raises(ConfigError, match="unknown arm"):
         evaluate_utility(data["run"], data["train"], data["test"], tmp_path / "o", _opts(arms=["fake"]))

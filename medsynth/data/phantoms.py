@@ -166,7 +166,7 @@ def write_phantoms(out_dir: str | Path, n: int, seed: int = 0,
     from medsynth.errors import MedsynthError
 
     if n < 1:
-        raise MedsynthError(f"--n must be >= 1, got {n}")
+        raise MedsynthError(f"`n` must be >= 1, got {n}")
     if any(int(s) < 8 for s in shape) or any(float(s) <= 0 for s in spacing):
         raise MedsynthError(f"phantom grid needs every size >= 8 voxels and spacing > 0 mm, "
                             f"got shape {list(shape)} spacing {list(spacing)}")

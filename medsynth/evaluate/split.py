@@ -100,7 +100,7 @@ def split_manifest(manifest: Manifest | str | Path, out_dir: str | Path, test_fr
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     if not 0.0 < test_fraction < 1.0:
-        raise ManifestError(f"--test-fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+        raise ManifestError(f"`test_fraction` must be between 0 and 1 (exclusive), got {test_fraction}")
     if len(manifest.cases) < 2:
         raise ManifestError(f"{manifest.path}: needs at least 2 cases to split, has {len(manifest.cases)}")
     fps = fingerprints(manifest.cases)
@@ -198,9 +198,10 @@ def check_cases(m: Manifest, task: str, role: str) -> None:
         if missing:
             raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no class_label (e.g. {missing[0]})",
                                 hint="classification needs a class_label on every case; build the manifest "
-                                     "with --classes CSV")
+                                     "with a class CSV ('medsynth manifest build SRC -o OUT.json --classes CSV')")
     else:
         missing = [c.id for c in m.cases if c.label is None]
         if missing:
             raise ManifestError(f"{m.path}: {len(missing)} {role} case(s) have no label map (e.g. {missing[0]})",
-                                hint="segmentation needs a label on every case; build the manifest with --labels DIR")
+                                hint="segmentation needs a label on every case; build the manifest with label maps "
+                                     "('medsynth manifest build SRC -o OUT.json --labels DIR')")

@@ -193,7 +193,7 @@ def reduced_indices(y_class: Optional[np.ndarray], n: int, fraction: float, seed
 def _check_options(opts: UtilityOptions) -> list[str]:
     """The arms to run, after checking every option (before any data is read)."""
     if opts.task not in TASKS:
-        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {opts.task!r}")
+        raise ConfigError(f"`task` must be one of {', '.join(TASKS)}, got {opts.task!r}")
     arms = opts.chosen_arms()
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -202,12 +202,12 @@ def _check_options(opts: UtilityOptions) -> list[str]:
         raise ConfigError(f"arms listed twice: {arms}")
     if any(a.startswith("reduced") for a in arms) and (
             opts.reduced_fraction is None or not 0.0 < opts.reduced_fraction < 1.0):
-        raise ConfigError("the reduced arms need --reduced-fraction between 0 and 1 (e.g. 0.25), "
+        raise ConfigError("the reduced arms need `reduced_fraction` between 0 and 1 (e.g. 0.25), "
                           f"got {opts.reduced_fraction}")
     if opts.repeats < 1 or opts.n_synthetic < 1 or opts.budget.steps < 1 or opts.budget.batch_size < 1:
-        raise ConfigError("--repeats, --n-synthetic, --steps and --batch-size must be >= 1")
+        raise ConfigError("`repeats`, `n_synthetic` and the budget's `steps` and `batch_size` must be >= 1")
     if opts.bootstrap < 100:
-        raise ConfigError(f"--bootstrap must be >= 100 resamples, got {opts.bootstrap}")
+        raise ConfigError(f"`bootstrap` must be >= 100 resamples, got {opts.bootstrap}")
     return arms
 
 
@@ -236,7 +236,7 @@ def _check_generator(cfg: Any, run_dir: Path, seg: bool) -> None:
         raise ConfigError(f"{run_dir}: the run does not generate labels (data.use_labels is false), "
                           "so the synthetic segmentation arms have no ground truth",
                           hint="train with data.use_labels: true for paired image + label synthesis, "
-                               "or run --task segment with --arms real,reduced")
+                               "or run `task='segment'` with the arms real and reduced only (`arms`)")
 
 
 def _synthetic_set(run_dir: Path, out_dir: Path, cfg: Any, train_m: Manifest, classes: list[int],
@@ -266,7 +266,7 @@ def _synthetic_set(run_dir: Path, out_dir: Path, cfg: Any, train_m: Manifest, cl
         raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample of class(es) {empty} "
                             f"({synth_set.n_failed_qc} failed QC, {synth_set.n_no_verdict} without verdict)",
                             hint="see the QC report for the reasons; train the generator longer, or "
-                                 "measure the unfiltered samples with --include-qc-failed")
+                                 "measure the unfiltered samples with `include_qc_failed=True`")
     if not synth_set.samples:
         raise MedsynthError(f"{synth_set.source}: no QC-passed synthetic sample to train on")
     short = {k: len(v) for k, v in synth_set.by_class.items() if len(v) < opts.n_synthetic}

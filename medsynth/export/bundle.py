@@ -77,12 +77,13 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
 
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out}: already exists and is not empty", hint="pass --overwrite or another --out")
+        raise ExportError(f"{out}: already exists and is not empty",
+                          hint="pass `overwrite=True` or another `out_dir`")
     run = load_run(run_dir)
     cfg = run.cfg
     ema = cfg.sampling.use_ema if use_ema is None else use_ema
     if ema and run.ema_state is None:
-        raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights", hint="pass --no-ema")
+        raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights", hint="pass `use_ema=False`")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ("configs", "models", "docs"):
@@ -278,7 +279,8 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
         else:
-            raise ExportError(f"{out}: already exists and is not empty", hint="pass --overwrite or another --out")
+            raise ExportError(f"{out}: already exists and is not empty",
+                              hint="pass `overwrite=True` or another `out_dir`")
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

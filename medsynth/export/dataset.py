@@ -62,18 +62,18 @@ def parse_formats(spec: str | Sequence[str]) -> tuple[str, ...]:
             continue
         if f not in FORMATS:
             close = difflib.get_close_matches(f, FORMATS, n=1)
-            raise ExportError(f"--format: unknown format {f!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            raise ExportError(f"`formats`: unknown format {f!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
                               hint=f"choose from {', '.join(FORMATS)}, comma-separated")
         if f not in out:
             out.append(f)
     if not out:
-        raise ExportError("--format is empty", hint=f"choose from {', '.join(FORMATS)}, comma-separated")
+        raise ExportError("`formats` is empty", hint=f"choose from {', '.join(FORMATS)}, comma-separated")
     for f in out:
         missing = [r for r in EXPORT_FORMATS[f].requires if r not in out]
         if missing:
             wanted = [n for n in FORMATS if n in out or n in missing or n in DEFAULT_FORMATS]
-            raise ExportError(f"--format {f} needs {' and '.join(missing)} too: {EXPORT_FORMATS[f].why}",
-                              hint=f"use --format {','.join(wanted)}")
+            raise ExportError(f"`formats` {f} needs {' and '.join(missing)} too: {EXPORT_FORMATS[f].why}",
+                              hint=f"use `formats={','.join(wanted)!r}`")
     return tuple(f for f in FORMATS if f in out)
 
 
@@ -387,7 +387,7 @@ def weights_licenses(run_dir: Optional[str | os.PathLike], samples: Sequence[Sam
             card = json.loads(card_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ExportError(f"{card_path}: cannot read the run's model card ({type(exc).__name__})",
-                              hint="pass the --run folder the samples were generated from") from None
+                              hint="pass `run`, the run folder the samples were generated from") from None
         return card_licenses(card if isinstance(card, dict) else {})
     seen: dict[str, dict[str, Any]] = {}
     for s in samples:
@@ -467,9 +467,9 @@ def _phi_scan(tmp: Path, reference: Path) -> str:
     try:
         from medsynth.privacy.phi_scan import scan_phi
     except ImportError:
-        raise ExportError("--reference needs the PHI scanner (medsynth.privacy.phi_scan), "
+        raise ExportError("`reference` needs the PHI scanner (medsynth.privacy.phi_scan), "
                           "which this installation lacks",
-                          hint="update medsynth, or export without --reference") from None
+                          hint="update medsynth, or export without `reference`") from None
     hits = list(scan_phi(tmp, reference))
     if hits:
         # what could not be searched first: it is why the scan failed closed
@@ -500,7 +500,8 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
         else:  # checked before starting; re-checked because the folder may have appeared meanwhile
-            raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
+            raise ExportError(f"{out_dir}: already exists and is not empty",
+                              hint="pass `overwrite=True` or another `out_dir`")
     os.replace(tmp, out_dir)
     if old is not None:
         if old.is_dir():
@@ -521,10 +522,11 @@ def _check_arguments(samples_dir: Path, out_dir: Path, reference: Optional[str |
                           hint="pass the manifest the model was trained on")
     res_in, res_out = samples_dir.resolve(), out_dir.resolve()
     if res_out == res_in or res_in in res_out.parents or res_out in res_in.parents:
-        raise ExportError(f"{out_dir}: --out must not contain or be inside the samples folder",
+        raise ExportError(f"{out_dir}: `out_dir` must not contain or be inside the samples folder",
                           hint="export to a separate folder")
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise ExportError(f"{out_dir}: already exists and is not empty", hint="pass --overwrite or another --out")
+        raise ExportError(f"{out_dir}: already exists and is not empty",
+                          hint="pass `overwrite=True` or another `out_dir`")
 
 
 def _select(samples: Sequence[Sample], result: ExportResult, force: bool, samples_dir: Path
@@ -578,7 +580,8 @@ def _export_all(todo: Sequence[tuple[Sample, str, Optional[dict[str, Any]]]], tm
         log.debug("%s: export failed: %s", sid, msg)
     if not records:
         raise ExportError(f"{samples_dir}: every sample failed to export",
-                          hint="see the messages above; rerun with --debug for details")
+                          hint="see the messages above; debug logging ('medsynth --debug export ...') "
+                               "shows the details")
     result.exported = [r["id"] for r in records]
     result.n_dicom_files = sum(r.get("n_dicom_files", 0) for r in records)
     result.n_seg = sum(1 for r in records if (r["provenance"]["dicom"] or {}).get("seg"))

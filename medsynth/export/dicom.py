@@ -68,12 +68,12 @@ def check_uid_root(root: Optional[str]) -> str:
     root = DEFAULT_UID_ROOT if root in (None, "") else str(root).strip().rstrip(".")
     if not _UID_ROOT_RE.match(root):
         raise ExportError(
-            f"--uid-root {root!r} is not a DICOM UID root (dotted decimal numbers, no leading zeros)",
+            f"`uid_root={root!r}` is not a DICOM UID root (dotted decimal numbers, no leading zeros)",
             hint="use your organisation's registered root such as 1.2.826.0.1.3680043.10.123, or 2.25",
         )
     if len(root) > 64 - 1 - _MIN_UID_DIGITS:
         raise ExportError(
-            f"--uid-root is {len(root)} characters; at most {64 - 1 - _MIN_UID_DIGITS} leave room for unique UIDs",
+            f"`uid_root` is {len(root)} characters; at most {64 - 1 - _MIN_UID_DIGITS} leave room for unique UIDs",
             hint="use a shorter root, or 2.25 for UUID-derived UIDs",
         )
     return root

@@ -46,7 +46,7 @@ def write_seg(
     values = [int(v) for v in np.unique(label.array) if v != 0]
     if not values:
         raise ExportError("the label map is empty (all zeros): no DICOM SEG to write",
-                          hint="drop 'seg' from --format for unlabelled samples")
+                          hint="drop 'seg' from `formats` for unlabelled samples")
     lut = np.zeros(int(max(values)) + 1, dtype=np.uint16)
     for n, v in enumerate(values, start=1):
         lut[v] = n

@@ -92,15 +92,15 @@ class SendResult:
 def check_ae_title(value: str, option: str) -> str:
     """An AE title as DICOM allows it (1-16 printable ASCII characters, no backslash, not blank)."""
     if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
-        raise ConfigError(f"{option} {value!r} is not a DICOM AE title",
+        raise ConfigError(f"`{option}` {value!r} is not a DICOM AE title",
                           hint="use 1 to 16 printable ASCII characters without backslash, e.g. ORTHANC")
     return value.strip()
 
 
 def check_port(port: int) -> int:
-    """A TCP port number (1..65535), else ConfigError naming ``--port``."""
+    """A TCP port number (1..65535), else ConfigError naming ``port``."""
     if not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(f"--port {port!r} is not a TCP port",
+        raise ConfigError(f"`port` {port!r} is not a TCP port",
                           hint="use the PACS's DICOM port, 1..65535 (often 104 or 4242)")
     return port
 
@@ -137,7 +137,8 @@ def find_dicom_files(directory: str | os.PathLike) -> list[DicomFile]:
                              str(ds.get("SeriesInstanceUID", ""))))
     if not out:
         raise SendError(f"{root}: holds no DICOM instances to send",
-                        hint="export with --format nifti,dicom,seg, then release or send that folder")
+                        hint="export with DICOM ('medsynth export ... --format nifti,dicom,seg'), "
+                             "then release or send that folder")
     return out
 
 
@@ -241,8 +242,8 @@ def _associate(ae, host: str, port: int, called: str, retries: int, backoff: flo
         if attempt < retries:
             log.info("%s; retrying in %.1f s", why, backoff * 2 ** attempt)
             time.sleep(backoff * 2 ** attempt)
-    hint = ("check --called-aet (the PACS's AE title) and that the PACS accepts this --calling-aet"
-            if "rejected" in why else "check --host and --port, and that the PACS is running and reachable")
+    hint = ("check `called_aet` (the PACS's AE title) and that the PACS accepts this `calling_aet`"
+            if "rejected" in why else "check `host` and `port`, and that the PACS is running and reachable")
     raise SendError(why, hint=hint)
 
 
@@ -254,11 +255,11 @@ def send_dicom(directory: str | os.PathLike, host: str, port: int, called_aet: s
     instances that fail are listed in ``SendResult.failed`` (the caller exits non-zero).
     """
     port = check_port(port)
-    called, calling = check_ae_title(called_aet, "--called-aet"), check_ae_title(calling_aet, "--calling-aet")
+    called, calling = check_ae_title(called_aet, "called_aet"), check_ae_title(calling_aet, "calling_aet")
     if retries < 0:
-        raise ConfigError(f"--retries must be >= 0, got {retries}")
+        raise ConfigError(f"`retries` must be >= 0, got {retries}")
     if timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0 seconds, got {timeout}")
+        raise ConfigError(f"`timeout` must be > 0 seconds, got {timeout}")
     root = Path(directory)
     files = find_dicom_files(root)
     destination = f"{called}@{host}:{port}"

@@ -86,7 +86,7 @@ def check_compatible(ck: dict[str, Any], cfg: Config, path: Path, sections: tupl
     if diffs:
         raise CheckpointError(f"{path}: was trained with a different config ({'; '.join(diffs[:6])}"
                               f"{' ...' if len(diffs) > 6 else ''})",
-                              hint="use the run's own config (RUN/config.yaml) or start a new --run folder")
+                              hint="use the run's own config (RUN/config.yaml) or start a new `run_dir` folder")
 
 
 def existing_checkpoint(ck_path: Path, stage: str, cfg: Config, resume: bool, keys: tuple[str, ...],
@@ -97,7 +97,7 @@ def existing_checkpoint(ck_path: Path, stage: str, cfg: Config, resume: bool, ke
         return None
     if not resume:
         raise CheckpointError(f"{ck_path}: exists; this run already {done}",
-                              hint="pass --resume to continue it, or choose a new --run folder")
+                              hint="pass `resume=True` to continue it, or choose a new `run_dir` folder")
     ck = load_checkpoint(ck_path, stage)
     check_compatible(ck, cfg, ck_path, keys)
     return ck

@@ -225,7 +225,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     root = Path(run_dir)
     if not root.is_dir():
         raise CheckpointError(f"{root}: run directory not found",
-                              hint="pass the --run folder of 'medsynth train'")
+                              hint="pass the folder written by 'medsynth train CONFIG --run RUN'")
     paths = RunPaths(root)
     if not paths.card.is_file():
         raise CheckpointError(f"{paths.card}: model card missing, the run is unfinished or not a medsynth run",
@@ -279,4 +279,5 @@ def _check_card(card: dict[str, Any], cfg: Config, diff_ck: dict[str, Any], ae_s
     if problems:
         raise CheckpointError(f"{where}: model card inconsistent with the checkpoints: " + "; ".join(problems),
                               hint="the card or a checkpoint was edited or replaced; rerun the last training "
-                                   "stage with --resume to rewrite the card, or restore the original files")
+                                   "stage ('medsynth train CONFIG --run RUN --resume') to rewrite the card, "
+                                   "or restore the original files")

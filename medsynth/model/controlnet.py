@@ -263,11 +263,11 @@ def _resume_controlnet(ck_path: Path, run: Any, tr: _ControlNetTraining, resume:
     """(step, checkpoint) to continue from; (0, None) for a fresh stage."""
     if not ck_path.is_file():
         if resume:
-            raise CheckpointError(f"{ck_path}: no ControlNet to resume", hint="drop --resume")
+            raise CheckpointError(f"{ck_path}: no ControlNet to resume", hint="drop `resume=True`")
         return 0, None
     if not resume:
         raise CheckpointError(f"{ck_path}: exists; this run already trained its ControlNet",
-                              hint="pass --resume to continue it")
+                              hint="pass `resume=True` to continue it")
     ck = load_checkpoint(ck_path, STAGE)
     if ck.get("diffusion_sha256") != run.diffusion_sha256:
         raise CheckpointError(f"{ck_path}: was trained on a different diffusion model",
@@ -316,7 +316,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
     rc = run.cfg
     if not cfg.data.manifest:
         raise ConfigError("data.manifest: not set; ControlNet training needs a manifest with label maps",
-                          hint="pass --manifest PATH")
+                          hint="set data.manifest in the config (or pass it to 'medsynth train ... --manifest PATH')")
     labels = _label_set(rc, cfg)
     values = sorted(labels.values())
     t = cfg.training.controlnet
@@ -395,7 +395,7 @@ def list_masks(source: str | Path) -> list[MaskSource]:
             raise ManifestError(f"{src}: no NIfTI masks (*.nii, *.nii.gz) in the folder")
         return [MaskSource(f"sha256:{sha256_file(p)[:16]}", p) for p in files]
     if not src.is_file():
-        raise ManifestError(f"{src}: --masks must be a data manifest or a folder of NIfTI masks")
+        raise ManifestError(f"{src}: `masks` must be a data manifest or a folder of NIfTI masks")
     from medsynth.manifest import load_manifest
 
     m = load_manifest(src)
@@ -454,7 +454,7 @@ def generate_from_masks(run_dir: str | Path, masks: str | Path, out_dir: str | P
     ck = load_checkpoint(ck_path, STAGE)
     if ck.get("diffusion_sha256") != sampler.provenance.get("checkpoint_sha256"):
         raise CheckpointError(f"{ck_path}: the ControlNet was trained on a different diffusion model",
-                              hint="retrain it: medsynth train CONFIG --run RUN --stage controlnet")
+                              hint="retrain it: 'medsynth train CONFIG --run RUN --stage controlnet'")
     labels = {str(k): int(v) for k, v in ck["labels"].items()}
     values = sorted(labels.values())
     cn = build_controlnet(sampler.cfg, len(values))

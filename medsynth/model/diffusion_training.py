@@ -70,7 +70,8 @@ def _frozen_latents(cfg: Config, paths: RunPaths, data: TrainingData, device: to
     ae_ck = load_checkpoint(ae_path, "autoencoder")
     if not is_complete(ae_ck):
         raise CheckpointError(f"{ae_path}: the autoencoder is not fully trained (step {ae_ck['step']} of "
-                              f"{ae_ck['steps']})", hint="finish stage 1 first: --stage autoencoder --resume")
+                              f"{ae_ck['steps']})",
+                              hint="finish stage 1 first: `stage='autoencoder'` with `resume=True`")
     check_compatible(ae_ck, cfg, ae_path, AE_KEYS)
     ae_sha = sha256_file(ae_path)
     ae = build_autoencoder(cfg)
@@ -189,7 +190,8 @@ def train_diffusion(cfg: Config, paths: RunPaths, data: TrainingData, device: to
     if ck is not None:
         if ck.get("autoencoder_sha256") != lat.ae_sha:
             raise CheckpointError(f"{ck_path}: was trained on a different autoencoder than "
-                                  f"{paths.checkpoint('autoencoder')}", hint="start stage 2 afresh in a new --run folder")
+                                  f"{paths.checkpoint('autoencoder')}",
+                                  hint="start stage 2 afresh in a new `run_dir` folder")
         s2.load(ck)
         step, val, scale = int(ck["step"]), ck.get("val_metrics"), float(ck["scale_factor"])
         log.info("diffusion: resuming at step %d of %d", step, t.steps)

@@ -136,9 +136,9 @@ def tiling_for(cfg: Config, memory_gb: float) -> tuple[tuple[int, int, int], Mem
         best = est
         if est.peak <= budget:
             return (r, r, r), est
-    raise ConfigError(f"--memory-gb {memory_gb}: even 4³-voxel decode tiles need about {best.peak:.1f} GiB "
+    raise ConfigError(f"`memory_gb={memory_gb}`: even 4³-voxel decode tiles need about {best.peak:.1f} GiB "
                       f"(weights {best.weights:.1f} GiB, UNet {best.unet:.1f} GiB); this card offers {budget:.1f}",
-                      hint="use a card with more memory, or sample on the CPU (--device cpu)")
+                      hint="use a card with more memory, or sample on the CPU (`device='cpu'`)")
 
 
 def preset_text(base_yaml: str, cfg: Config, memory_gb: int, base_name: str) -> str:

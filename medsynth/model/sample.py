@@ -158,7 +158,8 @@ class Sampler:
         ae, unet = build_autoencoder(cfg), build_unet(cfg)
         ae.load_state_dict(run.autoencoder_state)
         if ema and run.ema_state is None:
-            raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights", hint="pass --no-ema")
+            raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights",
+                                  hint="pass `use_ema=False`")
         unet.load_state_dict(run.ema_state if ema else run.unet_state)
         prov = {"checkpoint_sha256": run.diffusion_sha256, "autoencoder_sha256": run.autoencoder_sha256,
                 "config_hash": config_hash(cfg), "use_ema": bool(ema), "versions": versions()}
@@ -189,26 +190,27 @@ class Sampler:
                             scheduler or s.scheduler, float(eta if eta is not None else s.eta))
         T = t.diffusion.num_train_timesteps
         if st.scheduler not in SCHEDULERS:
-            raise ConfigError(f"--scheduler must be {_or(SCHEDULERS)}, got {st.scheduler!r}")
+            raise ConfigError(f"`scheduler` must be {_or(SCHEDULERS)}, got {st.scheduler!r}")
         spec = SCHEDULERS[st.scheduler]
         if spec.flow != SCHEDULERS[t.scheduler].flow:
             flows = [n for n, x in SCHEDULERS.items() if x.flow]
-            raise ConfigError(f"--scheduler {st.scheduler}: this model was trained with objective '{t.scheduler}'",
+            raise ConfigError(f"`scheduler={st.scheduler!r}`: this model was trained with objective '{t.scheduler}'",
                               hint=f"rectified-flow models sample with {_or(flows)}; DDPM models with "
                                    f"{_or([n for n in SCHEDULERS if n not in flows])}")
         if not 1 <= st.steps <= T:
-            raise ConfigError(f"--steps must be between 1 and {T} (the training timesteps), got {st.steps}")
+            raise ConfigError(f"`steps` must be between 1 and {T} (the training timesteps), got {st.steps}")
         if spec.all_steps and st.steps != T:
             fewer = next(n for n, x in SCHEDULERS.items() if x.flow == spec.flow and not x.all_steps)
-            raise ConfigError(f"--steps: {st.scheduler.upper()} samples with all {T} training timesteps, got {st.steps}",
-                              hint=f"use --scheduler {fewer} for fewer steps")
+            raise ConfigError(f"`steps`: {st.scheduler.upper()} samples with all {T} training timesteps, "
+                              f"got {st.steps}",
+                              hint=f"use `scheduler={fewer!r}` for fewer steps")
         if st.guidance < 0 or st.eta < 0:
-            raise ConfigError("--guidance and eta must be >= 0")
+            raise ConfigError("`guidance` and `eta` must be >= 0")
         if spec.flow and st.eta > 1:
-            raise ConfigError(f"eta {st.eta}: the rectified flow's stochasticity is a share of the noise, 0..1")
+            raise ConfigError(f"`eta={st.eta}`: the rectified flow's stochasticity is a share of the noise, 0..1")
         if self.num_classes is None and st.guidance != 1.0:
-            raise CheckpointError(f"--guidance {st.guidance}: classifier-free guidance needs a class-conditional "
-                                  "model; this one is unconditional", hint="drop --guidance")
+            raise CheckpointError(f"`guidance={st.guidance}`: classifier-free guidance needs a class-conditional "
+                                  "model; this one is unconditional", hint="drop `guidance`")
         return st
 
     def check_class(self, class_label: Optional[int]) -> None:
@@ -216,10 +218,10 @@ class Sampler:
         if class_label is None:
             return
         if self.num_classes is None:
-            raise CheckpointError(f"--class {class_label}: this model is unconditional (no classes)",
-                                  hint="drop --class")
+            raise CheckpointError(f"`class_label={class_label}`: this model is unconditional (no classes)",
+                                  hint="drop `class_label`")
         if not 0 <= class_label < self.num_classes:
-            raise CheckpointError(f"--class {class_label}: this model knows classes 0..{self.num_classes - 1}",
+            raise CheckpointError(f"`class_label={class_label}`: this model knows classes 0..{self.num_classes - 1}",
                                   hint="see 'classes' in the run's model_card.json")
 
     def class_of(self, index: int, class_label: Optional[int]) -> Optional[int]:
@@ -380,7 +382,7 @@ def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequen
     sampler.check_class(class_label)
     bs = int(batch_size or sampler.cfg.sampling.batch_size)
     if bs < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {bs}")
+        raise ConfigError(f"`batch_size` must be >= 1, got {bs}")
     idx = [int(i) for i in indices]
     if any(i < 0 for i in idx) or len(set(idx)) != len(idx):
         raise ConfigError("sample indices must be distinct and >= 0")
@@ -397,7 +399,7 @@ def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequen
             diff = [k for k in _SAME if old.get(k) != want.get(k)]
             if diff:
                 raise JobError(f"{side}: sample {i} exists with different settings ({', '.join(diff)})",
-                               hint="use a new --out folder, or repeat the original arguments")
+                               hint="use a new `out_dir` folder, or repeat the original arguments")
             result.skipped.append(sid)
         else:
             todo.append(i)

@@ -58,25 +58,25 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     """
     cfg = as_config(cfg)
     if stage not in ("autoencoder", "diffusion", "all"):
-        raise ConfigError(f"--stage must be autoencoder, diffusion or all, got {stage!r}")
+        raise ConfigError(f"`stage` must be autoencoder, diffusion or all, got {stage!r}")
     paths = RunPaths(Path(run_dir))
     if resume and not paths.root.is_dir():
-        raise CheckpointError(f"{paths.root}: no run to resume", hint="drop --resume to start a new run")
+        raise CheckpointError(f"{paths.root}: no run to resume", hint="drop `resume=True` to start a new run")
     paths.root.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.training.device)
     started_dist = init_from_env(dev.type)  # torchrun: one process per device, gloo or nccl
     if started_dist and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
     if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
+        raise ConfigError(f"`max_steps` must be >= 1, got {max_steps}")
     precision = resolve_precision(cfg.training.precision, dev)
     stages = ["autoencoder", "diffusion"] if stage == "all" else [stage]
     if stage == "diffusion" and not paths.checkpoint("autoencoder").is_file():
         raise CheckpointError(f"{paths.checkpoint('autoencoder')}: stage 2 needs a trained autoencoder",
-                              hint="train it first: --stage autoencoder (or --stage all)")
+                              hint="train it first: `stage='autoencoder'` (or `stage='all'`)")
     if resume and not any(paths.checkpoint(s).is_file() for s in stages):
         raise CheckpointError(f"{paths.root}: nothing to resume (no checkpoint of {' or '.join(stages)})",
-                              hint="drop --resume to start training")
+                              hint="drop `resume=True` to start training")
     log.info("training %s of '%s' on %s (%s) into %s", " + ".join(stages), cfg.name, dev, precision, paths.root)
     data = prepare_data(cfg)
     if cfg.data.use_labels and not cfg.data.labels:

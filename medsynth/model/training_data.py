@@ -44,7 +44,7 @@ def _split(cfg: Config) -> tuple[Any, list[Any], list[Any], list[str]]:
 
     if not cfg.data.manifest:
         raise ConfigError("data.manifest: not set; training needs a data manifest",
-                          hint="set data.manifest in the config or pass --manifest PATH")
+                          hint="set data.manifest in the config (or pass it to 'medsynth train ... --manifest PATH')")
     manifest = load_manifest(cfg.data.manifest)
     if not manifest.cases:
         raise ManifestError(f"{cfg.data.manifest}: the manifest has no cases")

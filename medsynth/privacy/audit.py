@@ -62,11 +62,11 @@ class AuditSettings:
         if not self.timesteps or any(not 0.0 < t < 1.0 for t in self.timesteps):
             raise ConfigError(f"audit timesteps must be fractions strictly between 0 and 1, got {list(self.timesteps)}")
         if self.draws < 1:
-            raise ConfigError(f"--draws must be >= 1, got {self.draws}")
+            raise ConfigError(f"`draws` must be >= 1, got {self.draws}")
         if self.n_synthetic < 1:
-            raise ConfigError(f"--n-synthetic must be >= 1, got {self.n_synthetic}")
+            raise ConfigError(f"`n_synthetic` must be >= 1, got {self.n_synthetic}")
         if self.bootstrap < 100:
-            raise ConfigError(f"--bootstrap must be >= 100, got {self.bootstrap}")
+            raise ConfigError(f"`bootstrap` must be >= 100, got {self.bootstrap}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def audit_membership(sampler: Any, members: RealCases, nonmembers: RealCases, se
     if len(members) < 2 or len(nonmembers) < 2:
         raise ManifestError(f"the membership audit needs at least 2 readable training cases and 2 hold-out cases, "
                             f"got {len(members)} and {len(nonmembers)}",
-                            hint="give a larger --holdout manifest of real cases the model did not train on")
+                            hint="give a larger `holdout` manifest of real cases the model did not train on")
     losses_m = denoising_losses(sampler, members.model, members.classes, settings)
     losses_n = denoising_losses(sampler, nonmembers.model, nonmembers.classes, settings)
     loss = _attack("denoising loss",

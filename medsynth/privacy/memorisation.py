@@ -267,7 +267,7 @@ class MemorisationScreen:
                  calibration_train: Optional[Sequence[int]] = None, mode: str = "holdout_manifest"):
         if len(train_ids) < 1 or len(heldout_images) < 1:
             raise PrivacyError("the memorisation screen needs at least one training and one held-out case",
-                               hint="give a reference manifest with >= 3 cases, or a --holdout manifest")
+                               hint="give a reference manifest with >= 3 cases, or a `holdout` manifest")
         self.cfg = cfg
         self.ids = list(train_ids)
         self.images = np.asarray(train_images, dtype=np.float32)
@@ -328,7 +328,7 @@ def holdout_split(ids: Sequence[str], fraction: float, seed: int) -> tuple[list[
 
     if len(ids) < 2:
         raise PrivacyError("the memorisation screen needs at least 2 reference cases to hold one out",
-                           hint="give more reference cases or a --holdout manifest")
+                           hint="give more reference cases or a `holdout` manifest")
     order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).hexdigest())
     n_hold = min(max(1, math.floor(fraction * len(ids) + 0.5)), len(ids) - 1)
     return sorted(order[n_hold:]), sorted(order[:n_hold])

@@ -91,10 +91,10 @@ def load_qc_config(config: Optional[str | Path] = None, run_dir: Optional[str | 
     from medsynth.jobs import RunPaths, load_run_config
 
     if config is not None and run_dir is not None:
-        raise QCError("give either --config or --run, not both")
+        raise QCError("give either `config` or `run_dir`, not both")
     if run_dir is not None:
         cfg = load_run_config(run_dir, error=QCError,
-                              hint="pass the run directory of 'medsynth train', or --config CONFIG")
+                              hint="pass the run directory of 'medsynth train', or `config=CONFIG`")
         return cfg, f"grid from the run's config ({RunPaths(Path(run_dir)).config.name})"
     if config is not None:
         return load_config(config), f"grid from the config {Path(config).name}"
@@ -126,7 +126,8 @@ def infer_grid(samples: Sequence[Sample]) -> tuple[Grid, str]:
         grids.setdefault(key, (shape, aff))
         mods[str(s.sidecar.get("modality", "CT"))] += 1
     if not keys:
-        raise QCError("could not read the grid of any sample", hint="pass --config CONFIG or --run RUN_DIR")
+        raise QCError("could not read the grid of any sample",
+                      hint="pass `cfg=CONFIG`, the config of the run the samples came from")
     shape, aff = grids[keys.most_common(1)[0][0]]
     return Grid(shape, aff), mods.most_common(1)[0][0]
 
