@@ -35,7 +35,9 @@ from medsynth.errors import CheckpointError, ConfigError, ManifestError, Medsynt
 from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json
 from medsynth.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, versions
 from medsynth.model.init_weights import load_into, read_init
+from medsynth.model.fastpath import prepare_for_training, resolve_training_channels_last, resolve_training_precision
 from medsynth.model.networks import (
+    autocast,
     build_autoencoder,
     build_scheduler,
     build_unet,
@@ -226,7 +228,8 @@ def denoising_gain(run_dir: str | Path, cfg: Config, n_batches: int = 4, device:
 
 @dataclass
 class _ControlNetTraining:
-    """The frozen UNet, the ControlNet being trained, its optimizer and the noise scheduler."""
+    """The frozen UNet, the ControlNet being trained, its optimizer, gradient scaler (fp16 only) and
+    the noise scheduler, and the training fast path: precision, memory format of 5-D inputs."""
 
     unet: nn.Module
     cn: nn.Module
@@ -234,6 +237,9 @@ class _ControlNetTraining:
     noise_sched: Any
     ema: bool               # the frozen UNet's weights are its EMA weights
     init: Any               # the ControlNet's initial weights (None: copied from the UNet)
+    precision: str = "fp32"
+    fmt: torch.memory_format = torch.contiguous_format
+    scaler: Any = None
 
 
 def _build_controlnet_training(run: Any, cfg: Config, n_values: int, dev: torch.device, ck_path: Path,
@@ -254,9 +260,16 @@ def _build_controlnet_training(run: Any, cfg: Config, n_values: int, dev: torch.
         _, copied, kept = copy_model_state(cn, unet.state_dict())
         log.debug("controlnet: %d tensors copied from the UNet, %d kept", len(copied), len(kept))
     cn.to(dev).train()
+    # the training fast path (medsynth.model.fastpath) of this config's `training` section
+    channels_last = resolve_training_channels_last(cfg.training.channels_last, dev)
+    for net in (unet, cn):
+        fmt = prepare_for_training(net, dev, channels_last, cfg.training.fused_attention)
+    precision = resolve_training_precision(cfg.training.precision, dev, math.prod(latent_shape(rc)[1:]))
     opt = torch.optim.Adam(cn.parameters(), lr=t.lr)
     noise_sched = build_scheduler(rc.training.scheduler, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
-    return _ControlNetTraining(unet, cn, opt, noise_sched, bool(ema), cn_init)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    log.info("controlnet: training in %s, %s", precision, "channels-last" if channels_last else "channels-first")
+    return _ControlNetTraining(unet, cn, opt, noise_sched, bool(ema), cn_init, precision, fmt, scaler)
 
 
 def _resume_controlnet(ck_path: Path, run: Any, tr: _ControlNetTraining, resume: bool) -> tuple[int, Any]:
@@ -274,6 +287,8 @@ def _resume_controlnet(ck_path: Path, run: Any, tr: _ControlNetTraining, resume:
                               hint="remove RUN/controlnet and train it again")
     tr.cn.load_state_dict(ck["model"])
     tr.opt.load_state_dict(ck["opt"])
+    if "scaler" in ck:
+        tr.scaler.load_state_dict(ck["scaler"])
     return int(ck["step"]), ck
 
 
@@ -290,13 +305,16 @@ def _controlnet_step(tr: _ControlNetTraining, run: Any, cfg: Config, data: tuple
     idx = batch_indices(seed, STAGE, step, len(mu), t.batch_size)
     x_t, tt, target, cls = diffusion_batch(kind, tr.noise_sched, mu, sigma, classes, idx, run.scale_factor,
                                            g, t.cond_drop_prob, rc.model.unet.num_class_embeds, d.timestep_dist)
-    pred = controlled_prediction(tr.unet, tr.cn, x_t.to(dev), tt.to(dev), cond[idx].to(dev),
-                                 None if cls is None else cls.to(dev), t.conditioning_scale)
+    with autocast(dev, tr.precision):
+        pred = controlled_prediction(tr.unet, tr.cn, x_t.to(dev).contiguous(memory_format=tr.fmt), tt.to(dev),
+                                     cond[idx].to(dev).contiguous(memory_format=tr.fmt),
+                                     None if cls is None else cls.to(dev), t.conditioning_scale)
     loss = diffusion_loss(kind, d.prediction_type, pred.float(), x_t.to(dev), tt.to(dev), target.to(dev),
                           d.num_train_timesteps)
     tr.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    tr.opt.step()
+    tr.scaler.scale(loss).backward()
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
     return float(loss.item())
 
 
@@ -333,7 +351,7 @@ def train_controlnet(cfg: Config, run_dir: str | Path, resume: bool = False, dev
             "labels": labels, "conditioning_channels": list(conditioning_channels(rc)),
             "conditioning_scale": t.conditioning_scale, "diffusion_sha256": run.diffusion_sha256,
             "use_ema": tr.ema, "train": dataclasses.asdict(t), "versions": versions(),
-            "n_train": len(data[0]),
+            "n_train": len(data[0]), **({"scaler": tr.scaler.state_dict()} if tr.scaler.is_enabled() else {}),
             "init": tr.init.provenance() if tr.init is not None else (ck or {}).get("init"),
         })
 

@@ -406,7 +406,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision actually used: bf16 where supported, fp16 only on CUDA, else fp32 (warned)."""
+    """The precision actually used: bf16 where supported, fp16 only on CUDA, else fp32 (warned);
+    ``auto`` as :func:`medsynth.model.fastpath.resolve_sampling_precision` decides it for a large grid."""
+    if precision == "auto":
+        from medsynth.model.fastpath import resolve_sampling_precision
+
+        return resolve_sampling_precision(precision, device)
     if precision == "bf16":
         ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
         if not ok:

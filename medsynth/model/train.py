@@ -28,7 +28,8 @@ from medsynth.model.bookkeeping import StepCallback
 from medsynth.model.checkpoint import checkpoint_config, load_checkpoint, versions
 from medsynth.model.diffusion_training import train_diffusion
 from medsynth.model.distributed import barrier, init_from_env, is_main, shutdown
-from medsynth.model.networks import resolve_device, resolve_precision
+from medsynth.model.fastpath import resolve_training_precision
+from medsynth.model.networks import downsample_factor, resolve_device
 from medsynth.model.training_data import prepare_data
 from medsynth.registry import LATENT_KINDS
 
@@ -69,7 +70,7 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
         dev = torch.device("cuda", torch.cuda.current_device())
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"`max_steps` must be >= 1, got {max_steps}")
-    precision = resolve_precision(cfg.training.precision, dev)
+    precision = {s: training_precision(cfg, s, dev) for s in ("autoencoder", "diffusion")}
     stages = ["autoencoder", "diffusion"] if stage == "all" else [stage]
     if stage == "diffusion" and not paths.checkpoint("autoencoder").is_file():
         raise CheckpointError(f"{paths.checkpoint('autoencoder')}: stage 2 needs a trained autoencoder",
@@ -77,7 +78,8 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     if resume and not any(paths.checkpoint(s).is_file() for s in stages):
         raise CheckpointError(f"{paths.root}: nothing to resume (no checkpoint of {' or '.join(stages)})",
                               hint="drop `resume=True` to start training")
-    log.info("training %s of '%s' on %s (%s) into %s", " + ".join(stages), cfg.name, dev, precision, paths.root)
+    log.info("training %s of '%s' on %s (%s) into %s", " + ".join(stages), cfg.name, dev,
+             ", ".join(f"{s} {precision[s]}" for s in stages), paths.root)
     data = prepare_data(cfg)
     if cfg.data.use_labels and not cfg.data.labels:
         # the label set found in the data becomes part of the run's config (and of every checkpoint)
@@ -91,7 +93,7 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     try:
         for s in stages:
             fn = train_autoencoder if s == "autoencoder" else train_diffusion
-            summaries.append(fn(cfg, paths, data, dev, precision, resume, callback, max_steps))
+            summaries.append(fn(cfg, paths, data, dev, precision[s], resume, callback, max_steps))
             barrier()
             if (s == "autoencoder" and LATENT_KINDS[cfg.model.autoencoder.kind].trained
                     and summaries[-1]["steps"] < cfg.training.autoencoder.steps):
@@ -102,6 +104,17 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
         if started_dist:
             shutdown()
     return TrainResult(paths.root, summaries, round(time.perf_counter() - t0, 1))
+
+
+def training_precision(cfg: Config, stage: str, device: torch.device) -> str:
+    """The precision ``stage`` trains in (:func:`medsynth.model.fastpath.resolve_training_precision`):
+    ``training.precision: auto`` decides by the grid the stage's network sees, the image grid for
+    the autoencoder, the latent grid for the diffusion UNet and the ControlNet."""
+    import math
+
+    f = 1 if stage == "autoencoder" else downsample_factor(cfg)
+    voxels = math.prod(s // f for s in cfg.data.shape)
+    return resolve_training_precision(cfg.training.precision, device, voxels)
 
 
 def load_stage_config(run_dir: Path) -> Config:

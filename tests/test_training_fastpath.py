@@ -1,0 +1,133 @@
+"""The training fast path (issue 16 item 3): which precision ``training.precision: auto`` resolves to
+on each kind of CPU, channels-last and fused attention in all three trained networks, and exact
+resume of the ControlNet with them on (tiny 16³ networks; no timing assertions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsynth.config import ConfigError, config_from_dict
+from medsynth.jobs import RunPaths
+from medsynth.model.fastpath import resolve_training_channels_last, resolve_training_precision
+from medsynth.model.networks import CPU_BF16_ENV
+from medsynth.model.train import train, training_precision
+from tests.helpers import tiny_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_training_precision_auto_is_bf16_only_on_native_bf16_cpus_and_large_grids(monkeypatch, native):
+    """``auto`` on a CPU without native bf16 (MEDSYNTH_CPU_BF16=0) is fp32 for every stage; with it
+    (=1) bf16 from 16³ voxels of the stage's grid, fp32 below; explicit fp32 stays fp32 on both."""
+    monkeypatch.setenv(CPU_BF16_ENV, native)
+    big = "bf16" if native == "1" else "fp32"
+    assert resolve_training_precision("auto", CPU, 16 ** 3) == big
+    assert resolve_training_precision("auto", CPU, 16 ** 3 - 1) == "fp32"
+    assert resolve_training_precision("fp32", CPU, 64 ** 3) == "fp32"
+    # the autoencoder sees the 32³ image grid, the UNet its 8³ latent (4x downsampling)
+    cfg = config_from_dict(tiny_config(None, data={"shape": [32, 32, 32]}, training={"precision": "auto"},
+                                       model={"autoencoder": {"channels": [8, 8, 8],
+                                                              "attention_levels": [False, False, False]}}))
+    assert training_precision(cfg, "autoencoder", CPU) == big
+    assert training_precision(cfg, "diffusion", CPU) == "fp32"
+
+
+def test_training_precision_auto_is_accepted_and_a_typo_named():
+    assert config_from_dict(tiny_config(None, training={"precision": "auto"})).training.precision == "auto"
+    with pytest.raises(ConfigError, match=r"training.precision"):
+        config_from_dict(tiny_config(None, training={"precision": "bfloat"}))
+
+
+def test_training_channels_last_auto_is_cpu_only():
+    assert resolve_training_channels_last("auto", CPU) is True
+    assert resolve_training_channels_last("auto", torch.device("cuda")) is False
+    assert resolve_training_channels_last(False, CPU) is False
+
+
+def _channels_last(net: torch.nn.Module) -> bool:
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+
+
+def _fused(net: torch.nn.Module) -> list[bool]:
+    return [m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")
+            and hasattr(m, "rel_positional_embedding")]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_both_stages_build_in_the_configured_layout_and_attention(tmp_path, fast):
+    """fp32 (this test's precision on any CPU): with the defaults (channels_last auto, fused_attention
+    true) the autoencoder, discriminator, UNet and its EMA copy are channels-last and the UNet's
+    attention fused; with both off, channels-first and MONAI's own attention."""
+    from medsynth.model.autoencoder_training import _build_stage1
+    from medsynth.model.diffusion_training import _build_stage2
+
+    extra = {} if fast else {"channels_last": False, "fused_attention": False}
+    cfg = config_from_dict(tiny_config(None, training=extra))
+    paths = RunPaths(tmp_path / "run")
+    s1 = _build_stage1(cfg, paths, CPU, "fp32", False)
+    s2 = _build_stage2(cfg, paths, CPU, "fp32", False)
+    for net in (s1.ae, s1.disc, s2.unet, s2.ema.model):
+        assert _channels_last(net) is fast, type(net).__name__
+    assert s2.fmt == (torch.channels_last_3d if fast else torch.contiguous_format)
+    for net in (s2.unet, s2.ema.model):
+        flags = _fused(net)
+        assert flags and all(f is fast for f in flags)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from medsynth.data.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("cn-fast")
+    man = write_phantoms(root / "ph", 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+    raw = tiny_config(man, training={"controlnet": {"steps": 4, "batch_size": 2, "lr": 1e-3}})
+    train(config_from_dict(raw), root / "run")
+    return root, raw
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_controlnet_trains_fast_and_resumes_to_the_uninterrupted_weights(finished_run, tmp_path):
+    """fp32 on any CPU (the tiny config's precision): the ControlNet trains channels-last with fused
+    attention, and one interrupted after step 3 (checkpoint at step 2) and resumed ends bitwise equal
+    (weights and optimizer state) to the uninterrupted one."""
+    import shutil
+
+    from medsynth.model.checkpoint import load_checkpoint
+    from medsynth.model.controlnet import STAGE, _build_controlnet_training, train_controlnet
+
+    root, raw = finished_run
+    cfg = config_from_dict(raw)
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = tmp_path / name
+        shutil.copytree(root / "run", runs[name])
+
+    from medsynth.model.checkpoint import load_run
+
+    tr = _build_controlnet_training(load_run(runs["a"]), cfg, 3, CPU, tmp_path / "none.pt", False)
+    assert _channels_last(tr.cn) and _channels_last(tr.unet) and tr.fmt == torch.channels_last_3d
+    assert tr.precision == "fp32" and all(_fused(tr.cn)) and all(_fused(tr.unet))
+
+    train_controlnet(cfg, runs["a"])
+
+    def stop(stage, step):
+        if step == 3:
+            raise _Interrupt()
+
+    with pytest.raises(_Interrupt):
+        train_controlnet(cfg, runs["b"], callback=stop)
+    assert load_checkpoint(RunPaths(runs["b"]).checkpoint(STAGE), STAGE)["step"] == 2
+    train_controlnet(cfg, runs["b"], resume=True)
+    ca, cb = (load_checkpoint(RunPaths(runs[n]).checkpoint(STAGE), STAGE) for n in ("a", "b"))
+    assert ca["step"] == cb["step"] == 4
+    assert ca["model"].keys() == cb["model"].keys()
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    sa, sb = ca["opt"]["state"], cb["opt"]["state"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
