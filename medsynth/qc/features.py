@@ -74,6 +74,9 @@ def body_mask(array: np.ndarray, affine: np.ndarray, modality: str,
               threshold_hu: float = -500.0) -> np.ndarray:
     """The patient's body: threshold, largest connected component, holes filled slice by slice.
 
+    The largest component is found after a one-voxel opening (so noise specks in the air do not
+    count) and then taken whole from the unopened threshold, thin walls included.
+
     CT uses a fixed HU threshold (air is -1000 HU, every tissue is above -500 HU except lung,
     which lies inside the body and is recovered by filling holes in each axial slice).  MR uses
     Otsu's threshold.  Returns a boolean array; empty when nothing exceeds the threshold.
@@ -83,13 +86,18 @@ def body_mask(array: np.ndarray, affine: np.ndarray, modality: str,
     fg = arr > thr
     if not fg.any():
         return fg
-    fg = ndimage.binary_opening(fg, iterations=1) if fg.sum() > 64 else fg
-    lab, n = ndimage.label(fg)
+    # the opening only finds the body (noise specks fall away); the mask is then the body's whole
+    # connected region of the unopened foreground, so a body wall one voxel thick (fat beside a lung
+    # on a coarse grid) is kept and the lung inside it is filled below, instead of leaking out
+    opened = ndimage.binary_opening(fg, iterations=1) if fg.sum() > 64 else fg
+    lab, n = ndimage.label(opened)
     if n == 0:
-        return fg
+        return opened
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    mask = lab == int(np.argmax(sizes))
+    core = lab == int(np.argmax(sizes))
+    full, _ = ndimage.label(fg)
+    mask = full == int(np.bincount(full[core]).argmax())
     ax = si_axis(affine)
     mask = np.moveaxis(mask, ax, 0).copy()
     for k in range(mask.shape[0]):
