@@ -195,11 +195,14 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         step, val = int(ck["step"]), ck.get("val_metrics")
         log.info("autoencoder: resuming at step %d of %d", step, t.steps)
 
+    recon_qc = (ck or {}).get("reconstruction_qc")
+
     def save() -> None:
         save_checkpoint(ck_path, {
             **base_payload(cfg, stage, step, t.steps), **s1.state(),
             "intensity_norm": data.norm, "val_metrics": book.val, "data_info": data.info,
             "init": s1.init.provenance() if s1.init is not None else (ck or {}).get("init"),
+            "reconstruction_qc": recon_qc,
         })
 
     validate = (lambda: _validate_autoencoder(s1.ae, data.val, device, precision, label_values(cfg))) \
@@ -213,7 +216,22 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
         book.after_step(step, end, rec, s1.sched_g.get_last_lr()[0], validate, save)
     if start == t.steps:
         log.info("autoencoder: already trained (%d steps)", step)
-    return {"stage": stage, "steps": step, "val": book.val, "seconds": book.seconds}
+    elif step == t.steps and book.main:  # finished here: judge its reconstructions, then store the verdict
+        recon_qc = _judge_reconstructions(s1.ae, cfg, data, device, precision, book.metrics, step)
+        save()
+    return {"stage": stage, "steps": step, "val": book.val, "seconds": book.seconds, "reconstruction_qc": recon_qc}
+
+
+def _judge_reconstructions(ae: torch.nn.Module, cfg: Config, data: TrainingData, device: torch.device,
+                           precision: str, metrics: Any, step: int) -> dict[str, Any]:
+    """:func:`medsynth.model.recon_check.reconstruction_qc`, logged and written to the metrics log."""
+    from medsynth.model.recon_check import reconstruction_qc, report
+
+    result = reconstruction_qc(ae, cfg, data, device, precision)
+    report(result)
+    if metrics is not None:
+        metrics.write({"stage": "autoencoder", "step": step, "reconstruction_qc": result})
+    return result
 
 
 @torch.no_grad()
@@ -260,13 +278,18 @@ def _store_untrained(cfg: Config, paths: RunPaths, data: TrainingData, net: torc
                      device: torch.device, precision: str, **extra: Any) -> Optional[dict[str, float]]:
     """Validate a stage-1 network that is not trained here and store it as step 0 of 0 (so the stage
     counts as complete), with its one-line metrics log; returns the validation metrics."""
+    from medsynth.model.recon_check import reconstruction_qc, report
+
     stage = "autoencoder"
     val = _validate_autoencoder(net, data.val, device, precision, label_values(cfg)) if len(data.val) else None
     if is_main():
+        rq = reconstruction_qc(net, cfg, data, device, precision)
+        report(rq)
         save_checkpoint(paths.checkpoint(stage), {**base_payload(cfg, stage, 0, 0), "model": net.state_dict(),
                                                   "intensity_norm": data.norm, "val_metrics": val,
-                                                  "data_info": data.info, **extra})
-        write_text(paths.metrics(stage), json.dumps({"stage": stage, "step": 0, "val": val}) + "\n")
+                                                  "data_info": data.info, "reconstruction_qc": rq, **extra})
+        write_text(paths.metrics(stage), json.dumps({"stage": stage, "step": 0, "val": val}) + "\n"
+                   + json.dumps({"stage": stage, "step": 0, "reconstruction_qc": rq}) + "\n")
     return val
 
 

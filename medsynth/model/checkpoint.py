@@ -134,7 +134,8 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
                       "schedule": cfg.training.diffusion.schedule},
         "sampling_defaults": config_to_dict(cfg.sampling),
         "training_data": {k2: data_info.get(k2) for k2 in ("manifest_name", "n_train", "n_val")},
-        "metrics": {"autoencoder_val": ae_ck.get("val_metrics"), "diffusion_val": diff_ck.get("val_metrics")},
+        "metrics": {"autoencoder_val": ae_ck.get("val_metrics"), "diffusion_val": diff_ck.get("val_metrics"),
+                    "autoencoder_reconstruction_qc": _recon_summary(ae_ck.get("reconstruction_qc"))},
         "checkpoints": {
             "autoencoder": {"path": paths.checkpoint_name("autoencoder"), "sha256": sha256_file(paths.checkpoint("autoencoder")),
                             "step": ae_ck["step"]},
@@ -145,6 +146,12 @@ def build_model_card(cfg: Config, paths: RunPaths, ae_ck: dict[str, Any], diff_c
         "versions": diff_ck.get("versions"),
         "initial_weights": initial_weights(ae_ck, diff_ck),
     }
+
+
+def _recon_summary(rq: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The model card's share of stage 1's reconstruction check (medsynth.model.recon_check): counts
+    and failure codes, without the per-case list."""
+    return None if not rq else {k: rq[k] for k in ("n_cases", "n_passed", "reasons") if k in rq}
 
 
 def initial_weights(ae_ck: dict[str, Any], diff_ck: dict[str, Any]) -> dict[str, Any]:
