@@ -36,14 +36,28 @@ def test_training_precision_auto_is_bf16_only_on_native_bf16_cpus_and_large_grid
 
 def test_training_precision_auto_is_accepted_and_a_typo_named():
     assert config_from_dict(tiny_config(None, training={"precision": "auto"})).training.precision == "auto"
+    assert config_from_dict(tiny_config(None)).training.fused_attention == "auto"
     with pytest.raises(ConfigError, match=r"training.precision"):
         config_from_dict(tiny_config(None, training={"precision": "bfloat"}))
 
 
-def test_training_channels_last_auto_is_cpu_only():
-    assert resolve_training_channels_last("auto", CPU) is True
-    assert resolve_training_channels_last("auto", torch.device("cuda")) is False
-    assert resolve_training_channels_last(False, CPU) is False
+def test_training_layout_auto_is_per_stage_and_an_explicit_choice_wins():
+    """``auto`` as measured on an AVX2 CPU in fp32: channels-last for stage 1 and the ControlNet,
+    not for stage 2; channels-last for every stage under bf16; channels-first on CUDA; fused
+    attention on CUDA and in bf16 only."""
+    from medsynth.model.fastpath import resolve_training_fused_attention
+
+    cuda = torch.device("cuda")
+    assert [resolve_training_channels_last("auto", CPU, s, "fp32") for s in ("autoencoder", "diffusion", "controlnet")] \
+        == [True, False, True]
+    assert all(resolve_training_channels_last("auto", CPU, s, "bf16") for s in ("autoencoder", "diffusion"))
+    assert not resolve_training_channels_last("auto", cuda, "autoencoder", "bf16")
+    assert resolve_training_channels_last(True, CPU, "diffusion", "fp32") is True
+    assert resolve_training_channels_last(False, CPU, "autoencoder", "bf16") is False
+    assert resolve_training_fused_attention("auto", CPU, "fp32") is False
+    assert resolve_training_fused_attention("auto", CPU, "bf16") is True
+    assert resolve_training_fused_attention("auto", cuda, "fp32") is True
+    assert resolve_training_fused_attention(True, CPU, "fp32") is True
 
 
 def _channels_last(net: torch.nn.Module) -> bool:
@@ -56,25 +70,56 @@ def _fused(net: torch.nn.Module) -> list[bool]:
             and hasattr(m, "rel_positional_embedding")]
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_both_stages_build_in_the_configured_layout_and_attention(tmp_path, fast):
-    """fp32 (this test's precision on any CPU): with the defaults (channels_last auto, fused_attention
-    true) the autoencoder, discriminator, UNet and its EMA copy are channels-last and the UNet's
-    attention fused; with both off, channels-first and MONAI's own attention."""
+LAYOUTS = {  # training settings -> (stage 1 channels-last, stage 2 channels-last, attention fused)
+    "defaults": ({}, (True, False, False)),  # auto, auto in fp32 on the CPU
+    "fast": ({"channels_last": True, "fused_attention": True}, (True, True, True)),
+    "plain": ({"channels_last": False, "fused_attention": False}, (False, False, False)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_both_stages_build_in_the_configured_layout_and_attention(tmp_path, name):
+    """fp32 (this test's precision on any CPU): the autoencoder, discriminator, UNet and its EMA copy
+    in the layout and attention the training settings resolve to."""
     from medsynth.model.autoencoder_training import _build_stage1
     from medsynth.model.diffusion_training import _build_stage2
 
-    extra = {} if fast else {"channels_last": False, "fused_attention": False}
+    extra, (cl1, cl2, fused) = LAYOUTS[name]
     cfg = config_from_dict(tiny_config(None, training=extra))
     paths = RunPaths(tmp_path / "run")
     s1 = _build_stage1(cfg, paths, CPU, "fp32", False)
     s2 = _build_stage2(cfg, paths, CPU, "fp32", False)
-    for net in (s1.ae, s1.disc, s2.unet, s2.ema.model):
-        assert _channels_last(net) is fast, type(net).__name__
-    assert s2.fmt == (torch.channels_last_3d if fast else torch.contiguous_format)
+    assert _channels_last(s1.ae) is cl1 and _channels_last(s1.disc) is cl1
     for net in (s2.unet, s2.ema.model):
+        assert _channels_last(net) is cl2
         flags = _fused(net)
-        assert flags and all(f is fast for f in flags)
+        assert flags and all(f is fused for f in flags)
+    assert s2.fmt == (torch.channels_last_3d if cl2 else torch.contiguous_format)
+
+
+def test_both_stages_resume_exactly_on_the_fast_path(tmp_path):
+    """fp32 on any CPU: with channels-last and fused attention forced on, a run interrupted in each
+    stage and resumed ends with every weight bitwise equal to the uninterrupted run's."""
+    from medsynth.data.phantoms import write_phantoms
+    from tests.test_model import _Interrupt, _weights
+
+    man = write_phantoms(tmp_path / "ph", 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
+    cfg = config_from_dict(tiny_config(man, training={"channels_last": True, "fused_attention": True}))
+    train(cfg, tmp_path / "a")
+
+    def stop_at(stage):
+        def cb(s, step):
+            if s == stage and step == 3:
+                raise _Interrupt()
+        return cb
+
+    with pytest.raises(_Interrupt):
+        train(cfg, tmp_path / "b", callback=stop_at("autoencoder"))
+    with pytest.raises(_Interrupt):
+        train(cfg, tmp_path / "b", resume=True, callback=stop_at("diffusion"))
+    train(cfg, tmp_path / "b", resume=True)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +139,7 @@ class _Interrupt(Exception):
 
 def test_controlnet_trains_fast_and_resumes_to_the_uninterrupted_weights(finished_run, tmp_path):
     """fp32 on any CPU (the tiny config's precision): the ControlNet trains channels-last with fused
-    attention, and one interrupted after step 3 (checkpoint at step 2) and resumed ends bitwise equal
+    attention (forced on: ``auto`` keeps MONAI's attention in fp32 on the CPU), and one interrupted after step 3 (checkpoint at step 2) and resumed ends bitwise equal
     (weights and optimizer state) to the uninterrupted one."""
     import shutil
 
@@ -102,7 +147,7 @@ def test_controlnet_trains_fast_and_resumes_to_the_uninterrupted_weights(finishe
     from medsynth.model.controlnet import STAGE, _build_controlnet_training, train_controlnet
 
     root, raw = finished_run
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict({**raw, "training": {**raw["training"], "channels_last": True, "fused_attention": True}})
     runs = {}
     for name in ("a", "b"):
         runs[name] = tmp_path / name

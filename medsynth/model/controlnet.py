@@ -35,7 +35,12 @@ from medsynth.errors import CheckpointError, ConfigError, ManifestError, Medsynt
 from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json
 from medsynth.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, versions
 from medsynth.model.init_weights import load_into, read_init
-from medsynth.model.fastpath import prepare_for_training, resolve_training_channels_last, resolve_training_precision
+from medsynth.model.fastpath import (
+    prepare_for_training,
+    resolve_training_channels_last,
+    resolve_training_fused_attention,
+    resolve_training_precision,
+)
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
@@ -261,10 +266,12 @@ def _build_controlnet_training(run: Any, cfg: Config, n_values: int, dev: torch.
         log.debug("controlnet: %d tensors copied from the UNet, %d kept", len(copied), len(kept))
     cn.to(dev).train()
     # the training fast path (medsynth.model.fastpath) of this config's `training` section
-    channels_last = resolve_training_channels_last(cfg.training.channels_last, dev)
+    tc = cfg.training
+    precision = resolve_training_precision(tc.precision, dev, math.prod(latent_shape(rc)[1:]))
+    channels_last = resolve_training_channels_last(tc.channels_last, dev, STAGE, precision)
+    fused = resolve_training_fused_attention(tc.fused_attention, dev, precision)
     for net in (unet, cn):
-        fmt = prepare_for_training(net, dev, channels_last, cfg.training.fused_attention)
-    precision = resolve_training_precision(cfg.training.precision, dev, math.prod(latent_shape(rc)[1:]))
+        fmt = prepare_for_training(net, dev, channels_last, fused)
     opt = torch.optim.Adam(cn.parameters(), lr=t.lr)
     noise_sched = build_scheduler(rc.training.scheduler, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")

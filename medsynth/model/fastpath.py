@@ -119,15 +119,32 @@ def resolve_training_precision(precision: str, device: torch.device, voxels: Opt
     return resolve_sampling_precision(precision, device, voxels)
 
 
-def resolve_training_channels_last(channels_last: bool | str, device: torch.device) -> bool:
-    """``training.channels_last`` for every stage: ``auto`` is channels-last on the CPU only.
+def resolve_training_channels_last(channels_last: bool | str, device: torch.device, stage: str,
+                                   precision: str) -> bool:
+    """``training.channels_last`` of one stage (``autoencoder``, ``diffusion``, ``controlnet``).
 
-    Measured on a 2-core AVX2 EPYC (1 thread, load average 2.8-3.0, 40 interleaved steps each,
-    demo-sized networks and batches; benchmarks/results/training-layout-avx2.json): stage 1
-    0.386 -> 0.333 s a step channels-last, the ControlNet 0.233 -> 0.205 s, stage 2 0.176 vs
-    0.180 s (the same within noise).  On CUDA, cuDNN's 3D convolutions lost channels-last in
-    sampling, so ``auto`` keeps channels-first there until a GPU training run says otherwise."""
-    return resolve_channels_last(channels_last, device)
+    ``auto``: channels-first on CUDA (cuDNN's 3D convolutions lost channels-last in sampling); on
+    the CPU channels-last wherever the stage autocasts to bf16 (oneDNN's bf16 kernels want NDHWC),
+    and in fp32 only for the stages where it measured faster.  On a 2-core AVX2 EPYC (fp32, 1
+    thread, load average 2.3-4, interleaved steps; ``benchmarks/results/cpu-training-speedup.json``
+    and docs/benchmarks.md) channels-last made the demo's stage 1 1.15x and its ControlNet 1.19x
+    faster a step, the demo's stage 2 neither faster nor slower (0.187 vs 0.187 s), and stage 2 of
+    the benchmark UNet at a 16³ latent 6-16 % slower, so fp32 stage 2 stays channels-first."""
+    if channels_last != "auto":
+        return bool(channels_last)
+    if device.type != "cpu":
+        return False
+    return precision == "bf16" or stage != "diffusion"
+
+
+def resolve_training_fused_attention(fused_attention: bool | str, device: torch.device, precision: str) -> bool:
+    """``training.fused_attention``: ``auto`` runs MONAI's attention blocks with the fused kernel on
+    CUDA and under bf16 autocast, and keeps MONAI's einsum attention in fp32 on the CPU, where the
+    fused forward and backward measured no gain (demo UNet: 0.176 vs 0.176 s a step; benchmark
+    UNet at a 16³ latent: 2.07 vs 2.05 s in one run, 1.73 vs 1.90 s in another)."""
+    if fused_attention != "auto":
+        return bool(fused_attention)
+    return device.type != "cpu" or precision == "bf16"
 
 
 def prepare_for_training(net: nn.Module, device: torch.device, channels_last: bool,
