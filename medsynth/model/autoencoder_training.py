@@ -28,7 +28,11 @@ from medsynth.model.bookkeeping import (
 )
 from medsynth.model.checkpoint import save_checkpoint
 from medsynth.model.distributed import AEStep, allreduce_grads, check_batch, ddp, is_main, rank_part
-from medsynth.model.fastpath import prepare_for_training, resolve_training_channels_last
+from medsynth.model.fastpath import (
+    prepare_for_training,
+    resolve_training_channels_last,
+    resolve_training_fused_attention,
+)
 from medsynth.model.init_weights import InitWeights, config_init, load_into
 from medsynth.model.labels import label_values
 from medsynth.model.networks import (
@@ -82,9 +86,10 @@ def _build_stage1(cfg: Config, paths: RunPaths, device: torch.device, precision:
     ae.to(device).train()
     disc.to(device).train()
     # the training fast path (medsynth.model.fastpath): channels-last and fused attention
-    channels_last = resolve_training_channels_last(cfg.training.channels_last, device)
+    channels_last = resolve_training_channels_last(cfg.training.channels_last, device, stage, precision)
+    fused = resolve_training_fused_attention(cfg.training.fused_attention, device, precision)
     for net in (ae, disc):
-        prepare_for_training(net, device, channels_last, cfg.training.fused_attention)
+        prepare_for_training(net, device, channels_last, fused)
     check_batch(t.batch_size, "training.autoencoder.batch_size")
     ae_step = ddp(AEStep(ae), device)  # DistributedDataParallel under torchrun, else the plain module
     opt_g = torch.optim.Adam(ae.parameters(), lr=t.lr)
