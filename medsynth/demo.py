@@ -12,6 +12,7 @@ finished training stages and existing samples are kept.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class DemoResult:
     n_samples: int
     timings: dict[str, float] = field(default_factory=dict)
     labels: dict[str, Any] = field(default_factory=dict)
+    recon_qc: Optional[dict[str, Any]] = None  # stage 1's reconstructions judged by the gate (model card)
 
     @property
     def seconds(self) -> float:
@@ -117,8 +119,10 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     preview = write_preview(out / "preview.png", {"real": real[: len(trained_vols)], "trained": trained_vols,
                                                   "untrained": untrained_vols})
     timings["fidelity"] = time.perf_counter() - t
+    card = json.loads(RunPaths(run_dir).card.read_text())
     return DemoResult(out, manifest, run_dir, samples, untrained_dir, preview, fig, table, n_cases,
-                      len(trained_vols), timings, label_info)
+                      len(trained_vols), timings, label_info,
+                      (card.get("metrics") or {}).get("autoencoder_reconstruction_qc"))
 
 
 def _label_info(trained: Sequence[Any]) -> dict[str, Any]:
@@ -142,6 +146,11 @@ def _label_info(trained: Sequence[Any]) -> dict[str, Any]:
     return {"samples_with_value": counts, "n_samples": len(trained), "by_class": by_class}
 
 
+def _reasons(rq: dict[str, Any]) -> str:
+    top = sorted((rq.get("reasons") or {}).items(), key=lambda x: -x[1])
+    return "; failing: " + ", ".join(f"{c} {n}" for c, n in top) if top else ""
+
+
 def format_summary(res: DemoResult) -> str:
     """What the CLI prints at the end of the demo: where everything is and how to look at it."""
     f = res.fidelity
@@ -155,6 +164,8 @@ def format_summary(res: DemoResult) -> str:
         f"medsynth demo finished in {mins} min {secs:02d} s ({parts})",
         f"  data      {res.manifest}  ({res.n_cases} CT phantoms; class 0 no lesion, class 1 lesion)",
         f"  run       {res.run_dir}  (model card {RunPaths(res.run_dir).card}, metrics */metrics.jsonl)",
+        *([f"  stage 1   {res.recon_qc['n_passed']} of {res.recon_qc['n_cases']} reconstructions of real cases pass "
+           f"the QC gate (the ceiling for samples){_reasons(res.recon_qc)}"] if res.recon_qc else []),
         f"  samples   {res.samples}  ({res.n_samples} volumes, classes in turn; NIfTI in HU + JSON sidecars)",
         *(["  labels    <id>_label.nii.gz beside each sample (0 background, 1 lung, 2 lesion); samples holding "
            "each value: " + ", ".join(f"{v}: {n}/{res.labels['n_samples']}"

@@ -125,6 +125,8 @@ def test_demo_with_labels_writes_a_label_map_per_sample(tmp_path, run_cli):
     info = json.loads((out / "fidelity.json").read_text())["labels"]
     assert info["n_samples"] == 2 and sum(info["samples_with_value"].values()) >= 2
     assert "_label.nii.gz beside each sample" in stdout
+    # stage 1's ceiling: its reconstructions of the 6 phantoms judged by the gate (2 steps: none pass)
+    assert "  stage 1   0 of 6 reconstructions of real cases pass the QC gate (the ceiling for samples); failing: " in stdout
 
 
 def test_demo_no_labels_overrides_a_paired_config(tmp_path, run_cli):
