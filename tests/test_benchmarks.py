@@ -89,6 +89,29 @@ def test_decode_memory_and_training_sections(result):
     assert set(r["targets"]) >= {"sampling_speedup_ge_2", "tiled_decode_peak_le_third_of_full"}
 
 
+def test_training_speedup_records_both_paths_and_what_each_ran_in(result):
+    """``training.speedup``: for each stage the plain fp32 step (fp32, channels-first, MONAI's
+    attention) and medsynth's, in the precision ``training.precision: auto`` resolves to on this CPU
+    (fp32 here without native bf16; MEDSYNTH_CPU_BF16=1 makes it bf16 for the stages that qualify)."""
+    from medsynth.model.fastpath import resolve_training_precision
+    from medsynth.model.networks import cpu_has_native_bf16
+
+    r, md = result
+    sp = r["training"]["speedup"]
+    assert sp["bf16_native"] is cpu_has_native_bf16() and len(sp["load_before"]) == 3
+    assert {c["stage"] for c in sp["cases"]} == {"autoencoder", "diffusion", "controlnet"}
+    for c in sp["cases"]:
+        assert c["baseline"]["precision"] == "fp32" and c["baseline"]["channels_last"] is False
+        assert c["baseline"]["fused_attention"] in (False, None)
+        assert c["medsynth"]["precision"] in ("fp32", "bf16")
+        assert len(c["baseline_steps_s"]) == len(c["medsynth_steps_s"]) == sp["timed_steps"]
+        assert c["speedup"] == pytest.approx(c["baseline_step_s"] / c["medsynth_step_s"], rel=0.01)
+    ae = next(c for c in sp["cases"] if c["stage"] == "autoencoder")
+    assert ae["medsynth"]["precision"] == resolve_training_precision("auto", torch.device("cpu"), 32 * 32 * 24)
+    assert sp["speedup"] == next(c for c in sp["cases"] if c["stage"] == "diffusion")["speedup"]
+    assert "| training step, demo diffusion" in md
+
+
 def test_bad_arguments_are_refused():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
