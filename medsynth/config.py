@@ -461,7 +461,7 @@ class TrainingConfig:
     bf16 is tens of times slower); ``precision: bf16`` autocasts where the device supports bf16
     natively and falls back to fp32 (with a warning) where it does not.  ``channels_last`` trains
     the networks channels-last (NDHWC; ``auto``: on the CPU in bf16, and in fp32 for stage 1 and the
-    ControlNet, 1.15x and 1.19x faster a step on a 2-core AVX2 EPYC; fp32 stage 2 and CUDA stay
+    ControlNet, 1.15x and 1.21x faster a step on a 2-core AVX2 EPYC; fp32 stage 2 and CUDA stay
     channels-first: there it was the same or slower).  ``fused_attention`` runs MONAI's attention
     blocks with PyTorch's fused ``scaled_dot_product_attention`` (the same parameters, so checkpoints
     are interchangeable; ``auto``: on CUDA and in bf16, not in fp32 on the CPU, where it gained nothing).

@@ -126,10 +126,11 @@ def resolve_training_channels_last(channels_last: bool | str, device: torch.devi
     ``auto``: channels-first on CUDA (cuDNN's 3D convolutions lost channels-last in sampling); on
     the CPU channels-last wherever the stage autocasts to bf16 (oneDNN's bf16 kernels want NDHWC),
     and in fp32 only for the stages where it measured faster.  On a 2-core AVX2 EPYC (fp32, 1
-    thread, load average 2.3-4, interleaved steps; ``benchmarks/results/cpu-training-speedup.json``
-    and docs/benchmarks.md) channels-last made the demo's stage 1 1.15x and its ControlNet 1.19x
-    faster a step, the demo's stage 2 neither faster nor slower (0.187 vs 0.187 s), and stage 2 of
-    the benchmark UNet at a 16³ latent 6-16 % slower, so fp32 stage 2 stays channels-first."""
+    thread, load average 2.0-2.9 from another job, steps interleaved;
+    ``benchmarks/results/cpu-training-layouts.json``) channels-last made the demo's stage 1 1.21x
+    (0.456 -> 0.376 s a step) and its ControlNet 1.23x (0.407 -> 0.331 s) faster, the demo's stage 2
+    neither (0.181 vs 0.179 s), and stage 2 of the benchmark UNet at a 16³ latent 13 % slower
+    (1.63 -> 1.85 s), so fp32 stage 2 stays channels-first."""
     if channels_last != "auto":
         return bool(channels_last)
     if device.type != "cpu":
@@ -140,8 +141,8 @@ def resolve_training_channels_last(channels_last: bool | str, device: torch.devi
 def resolve_training_fused_attention(fused_attention: bool | str, device: torch.device, precision: str) -> bool:
     """``training.fused_attention``: ``auto`` runs MONAI's attention blocks with the fused kernel on
     CUDA and under bf16 autocast, and keeps MONAI's einsum attention in fp32 on the CPU, where the
-    fused forward and backward measured no gain (demo UNet: 0.176 vs 0.176 s a step; benchmark
-    UNet at a 16³ latent: 2.07 vs 2.05 s in one run, 1.73 vs 1.90 s in another)."""
+    fused forward and backward measured no gain that held (same run as above: demo stage 2 0.181 vs
+    0.183 s, ControlNet 0.407 vs 0.385 s, benchmark UNet at a 16³ latent 1.63 vs 1.74 s)."""
     if fused_attention != "auto":
         return bool(fused_attention)
     return device.type != "cpu" or precision == "bf16"
