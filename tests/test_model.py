@@ -141,9 +141,11 @@ def test_resume_after_interruptions_reproduces_uninterrupted_weights_exactly(pha
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # the metrics log reads as if never interrupted: one record per logged step
-    steps = [json.loads(x)["step"] for x in RunPaths(tmp_path / "b").metrics("autoencoder").read_text().splitlines()
-             if "val" not in json.loads(x)]
+    recs = [json.loads(x) for x in RunPaths(tmp_path / "b").metrics("autoencoder").read_text().splitlines()]
+    steps = [r["step"] for r in recs if "val" not in r and "reconstruction_qc" not in r]
     assert steps == [1, 2, 3, 4]
+    # stage 1's reconstruction check is written once, when the stage finishes
+    assert [r["step"] for r in recs if "reconstruction_qc" in r] == [4]
 
 
 def test_existing_run_refused_without_resume_and_changed_config_refused(phantoms, tmp_path):
