@@ -418,6 +418,10 @@ def test_generation_goes_through_the_qc_gate(data, tmp_path):
     assert syn["used_per_class"] == {"0": 2, "1": 2} and syn["qc_filter"] is False
     assert syn["used_without_passing_verdict"] == 4 - sum(len(v) for v in s.by_class.values())
     assert any("QC filter bypassed" in n for n in res.report["notes"])
+    # a sampling-step count the run cannot take is named as this function's parameter, not the sampler's
+    with pytest.raises(MedsynthError, match=r"^`sampling_steps` must be between") as bad:
+        evaluate_utility(run, data["train"], data["test"], tmp_path / "bad", _opts(arms=["synthetic"], sampling_steps=10**6))
+    assert bad.value.param == "sampling_steps"
 
 
 def test_segment_arms_with_a_label_generating_run(data, tmp_path):

@@ -251,11 +251,18 @@ def _synthetic_set(run_dir: Path, out_dir: Path, cfg: Any, train_m: Manifest, cl
         synth_set = select_samples(Path(opts.samples), want, opts.n_synthetic, need_labels=seg,
                                    include_failed=opts.include_qc_failed)
     else:
-        synth_set = generate_set(run_dir, out_dir / "synthetic", want, opts.n_synthetic, opts.seed,
-                                 qc_reference=Path(train_m.path), qc_out=out_dir / "synthetic_qc",
-                                 steps=opts.sampling_steps, guidance=opts.guidance,
-                                 device=None if opts.device == "auto" else opts.device, need_labels=seg,
-                                 include_failed=opts.include_qc_failed)
+        try:
+            synth_set = generate_set(run_dir, out_dir / "synthetic", want, opts.n_synthetic, opts.seed,
+                                     qc_reference=Path(train_m.path), qc_out=out_dir / "synthetic_qc",
+                                     steps=opts.sampling_steps, guidance=opts.guidance,
+                                     device=None if opts.device == "auto" else opts.device, need_labels=seg,
+                                     include_failed=opts.include_qc_failed)
+        except MedsynthError as exc:
+            if exc.param != "steps":
+                raise
+            # the sampler's `steps` is this function's `sampling_steps` (`steps` trains the classifier)
+            raise type(exc)(exc.message.replace("`steps`", "`sampling_steps`", 1), hint=exc.hint,
+                            param="sampling_steps") from None
     notes = list(synth_set.notes)
     if opts.include_qc_failed:
         bypass = synth_set.summary()["used_without_passing_verdict"]
