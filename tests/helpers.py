@@ -49,6 +49,25 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+class Interrupt(Exception):
+    """Raised from a training callback to stop a run as a kill would (tests of resume)."""
+
+
+def run_weights(run: Path) -> dict:
+    """Every weight tensor of a finished run: autoencoder, discriminator, UNet and EMA."""
+    from medsynth.jobs import RunPaths
+    from medsynth.model.checkpoint import load_checkpoint
+
+    paths = RunPaths(run)
+    ae = load_checkpoint(paths.checkpoint("autoencoder"), "autoencoder")
+    diff = load_checkpoint(paths.checkpoint("diffusion"), "diffusion")
+    out = {f"ae.{k}": v for k, v in ae["model"].items()}
+    out.update({f"disc.{k}": v for k, v in ae["discriminator"].items()})
+    out.update({f"unet.{k}": v for k, v in diff["model"].items()})
+    out.update({f"ema.{k}": v for k, v in diff["ema"]["model"].items()})
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # DICOM series
 # --------------------------------------------------------------------------------------------

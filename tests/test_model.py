@@ -13,7 +13,7 @@ from medsynth.errors import CheckpointError, ManifestError
 from medsynth.model.checkpoint import CARD_FORMAT, INTENDED_USE, RunPaths, load_checkpoint
 from medsynth.model.networks import build_autoencoder, build_unet, latent_shape
 from medsynth.model.train import prepare_data, train
-from tests.helpers import tiny_config
+from tests.helpers import Interrupt, run_weights, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,21 +103,6 @@ def test_train_writes_complete_run_directory(phantoms, tmp_path):
     assert versions["torch"] and versions["monai"]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    paths = RunPaths(run)
-    ae = load_checkpoint(paths.checkpoint("autoencoder"), "autoencoder")
-    diff = load_checkpoint(paths.checkpoint("diffusion"), "diffusion")
-    out = {f"ae.{k}": v for k, v in ae["model"].items()}
-    out.update({f"disc.{k}": v for k, v in ae["discriminator"].items()})
-    out.update({f"unet.{k}": v for k, v in diff["model"].items()})
-    out.update({f"ema.{k}": v for k, v in diff["ema"]["model"].items()})
-    return out
-
-
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_after_interruptions_reproduces_uninterrupted_weights_exactly(phantoms, tmp_path):
     """Killed after step 2 of each stage, resumed twice: every weight tensor (autoencoder,
     discriminator, UNet, EMA) is bitwise equal (torch.equal) to the uninterrupted run's."""
@@ -127,17 +112,17 @@ def test_resume_after_interruptions_reproduces_uninterrupted_weights_exactly(pha
     def stop_at(stage):
         def cb(s, step):
             if s == stage and step == 3:  # step 3 is done but not checkpointed: the resume redoes it
-                raise _Interrupt()
+                raise Interrupt()
         return cb
 
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         train(cfg, tmp_path / "b", callback=stop_at("autoencoder"))
     assert load_checkpoint(RunPaths(tmp_path / "b").checkpoint("autoencoder"), "autoencoder")["step"] == 2
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         train(cfg, tmp_path / "b", resume=True, callback=stop_at("diffusion"))
     train(cfg, tmp_path / "b", resume=True)
 
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    wa, wb = run_weights(tmp_path / "a"), run_weights(tmp_path / "b")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # the metrics log reads as if never interrupted: one record per logged step

@@ -12,7 +12,7 @@ from medsynth.jobs import RunPaths
 from medsynth.model.fastpath import resolve_training_channels_last, resolve_training_precision
 from medsynth.model.networks import CPU_BF16_ENV
 from medsynth.model.train import train, training_precision
-from tests.helpers import tiny_config
+from tests.helpers import Interrupt, run_weights, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -101,7 +101,6 @@ def test_both_stages_resume_exactly_on_the_fast_path(tmp_path):
     """fp32 on any CPU: with channels-last and fused attention forced on, a run interrupted in each
     stage and resumed ends with every weight bitwise equal to the uninterrupted run's."""
     from medsynth.data.phantoms import write_phantoms
-    from tests.test_model import _Interrupt, _weights
 
     man = write_phantoms(tmp_path / "ph", 8, 0, (16, 16, 16), (20.0, 20.0, 20.0))
     cfg = config_from_dict(tiny_config(man, training={"channels_last": True, "fused_attention": True}))
@@ -110,15 +109,15 @@ def test_both_stages_resume_exactly_on_the_fast_path(tmp_path):
     def stop_at(stage):
         def cb(s, step):
             if s == stage and step == 3:
-                raise _Interrupt()
+                raise Interrupt()
         return cb
 
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         train(cfg, tmp_path / "b", callback=stop_at("autoencoder"))
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         train(cfg, tmp_path / "b", resume=True, callback=stop_at("diffusion"))
     train(cfg, tmp_path / "b", resume=True)
-    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    wa, wb = run_weights(tmp_path / "a"), run_weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -131,10 +130,6 @@ def finished_run(tmp_path_factory):
     raw = tiny_config(man, training={"controlnet": {"steps": 4, "batch_size": 2, "lr": 1e-3}})
     train(config_from_dict(raw), root / "run")
     return root, raw
-
-
-class _Interrupt(Exception):
-    pass
 
 
 def test_controlnet_trains_fast_and_resumes_to_the_uninterrupted_weights(finished_run, tmp_path):
@@ -163,9 +158,9 @@ def test_controlnet_trains_fast_and_resumes_to_the_uninterrupted_weights(finishe
 
     def stop(stage, step):
         if step == 3:
-            raise _Interrupt()
+            raise Interrupt()
 
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         train_controlnet(cfg, runs["b"], callback=stop)
     assert load_checkpoint(RunPaths(runs["b"]).checkpoint(STAGE), STAGE)["step"] == 2
     train_controlnet(cfg, runs["b"], resume=True)
