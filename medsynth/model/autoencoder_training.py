@@ -28,11 +28,7 @@ from medsynth.model.bookkeeping import (
 )
 from medsynth.model.checkpoint import save_checkpoint
 from medsynth.model.distributed import AEStep, allreduce_grads, check_batch, ddp, is_main, rank_part
-from medsynth.model.fastpath import (
-    prepare_for_training,
-    resolve_training_channels_last,
-    resolve_training_fused_attention,
-)
+from medsynth.model.fastpath import prepare_stage_for_training
 from medsynth.model.init_weights import InitWeights, config_init, load_into
 from medsynth.model.labels import label_values
 from medsynth.model.networks import (
@@ -86,10 +82,7 @@ def _build_stage1(cfg: Config, paths: RunPaths, device: torch.device, precision:
     ae.to(device).train()
     disc.to(device).train()
     # the training fast path (medsynth.model.fastpath): channels-last and fused attention
-    channels_last = resolve_training_channels_last(cfg.training.channels_last, device, stage, precision)
-    fused = resolve_training_fused_attention(cfg.training.fused_attention, device, precision)
-    for net in (ae, disc):
-        prepare_for_training(net, device, channels_last, fused)
+    prepare_stage_for_training((ae, disc), device, cfg.training, stage, precision)
     check_batch(t.batch_size, "training.autoencoder.batch_size")
     ae_step = ddp(AEStep(ae), device)  # DistributedDataParallel under torchrun, else the plain module
     opt_g = torch.optim.Adam(ae.parameters(), lr=t.lr)
@@ -228,8 +221,9 @@ def train_autoencoder(cfg: Config, paths: RunPaths, data: TrainingData, device: 
 
 
 def _judge_reconstructions(ae: torch.nn.Module, cfg: Config, data: TrainingData, device: torch.device,
-                           precision: str, metrics: Any, step: int) -> dict[str, Any]:
-    """:func:`medsynth.model.recon_check.reconstruction_qc`, logged and written to the metrics log."""
+                           precision: str, metrics: Any = None, step: int = 0) -> dict[str, Any]:
+    """:func:`medsynth.model.recon_check.reconstruction_qc`, logged, and written to ``metrics`` (a
+    MetricsLog) when given."""
     from medsynth.model.recon_check import reconstruction_qc, report
 
     result = reconstruction_qc(ae, cfg, data, device, precision)
@@ -283,13 +277,10 @@ def _store_untrained(cfg: Config, paths: RunPaths, data: TrainingData, net: torc
                      device: torch.device, precision: str, **extra: Any) -> Optional[dict[str, float]]:
     """Validate a stage-1 network that is not trained here and store it as step 0 of 0 (so the stage
     counts as complete), with its one-line metrics log; returns the validation metrics."""
-    from medsynth.model.recon_check import reconstruction_qc, report
-
     stage = "autoencoder"
     val = _validate_autoencoder(net, data.val, device, precision, label_values(cfg)) if len(data.val) else None
     if is_main():
-        rq = reconstruction_qc(net, cfg, data, device, precision)
-        report(rq)
+        rq = _judge_reconstructions(net, cfg, data, device, precision)
         save_checkpoint(paths.checkpoint(stage), {**base_payload(cfg, stage, 0, 0), "model": net.state_dict(),
                                                   "intensity_norm": data.norm, "val_metrics": val,
                                                   "data_info": data.info, "reconstruction_qc": rq, **extra})

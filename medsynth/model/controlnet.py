@@ -35,12 +35,7 @@ from medsynth.errors import CheckpointError, ConfigError, ManifestError, Medsynt
 from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json
 from medsynth.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, versions
 from medsynth.model.init_weights import load_into, read_init
-from medsynth.model.fastpath import (
-    prepare_for_training,
-    resolve_training_channels_last,
-    resolve_training_fused_attention,
-    resolve_training_precision,
-)
+from medsynth.model.fastpath import prepare_stage_for_training, resolve_training_precision
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
@@ -268,14 +263,12 @@ def _build_controlnet_training(run: Any, cfg: Config, n_values: int, dev: torch.
     # the training fast path (medsynth.model.fastpath) of this config's `training` section
     tc = cfg.training
     precision = resolve_training_precision(tc.precision, dev, math.prod(latent_shape(rc)[1:]))
-    channels_last = resolve_training_channels_last(tc.channels_last, dev, STAGE, precision)
-    fused = resolve_training_fused_attention(tc.fused_attention, dev, precision)
-    for net in (unet, cn):
-        fmt = prepare_for_training(net, dev, channels_last, fused)
+    fmt = prepare_stage_for_training((unet, cn), dev, tc, STAGE, precision)
     opt = torch.optim.Adam(cn.parameters(), lr=t.lr)
     noise_sched = build_scheduler(rc.training.scheduler, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    log.info("controlnet: training in %s, %s", precision, "channels-last" if channels_last else "channels-first")
+    log.info("controlnet: training in %s, %s", precision,
+             "channels-last" if fmt == torch.channels_last_3d else "channels-first")
     return _ControlNetTraining(unet, cn, opt, noise_sched, bool(ema), cn_init, precision, fmt, scaler)
 
 

@@ -29,11 +29,7 @@ from medsynth.model.bookkeeping import (
 from medsynth.model.checkpoint import build_model_card, is_complete, load_checkpoint, save_checkpoint, write_model_card
 from medsynth.model.distributed import barrier, check_batch, ddp, is_main, rank_part
 from medsynth.model.ema import EMA
-from medsynth.model.fastpath import (
-    prepare_for_training,
-    resolve_training_channels_last,
-    resolve_training_fused_attention,
-)
+from medsynth.model.fastpath import prepare_stage_for_training
 from medsynth.model.init_weights import InitWeights, load_into
 from medsynth.model.networks import (
     autocast,
@@ -114,9 +110,7 @@ def _build_stage2(cfg: Config, paths: RunPaths, device: torch.device, precision:
         load_into(unet, init)
     unet.to(device).train()
     # the training fast path (medsynth.model.fastpath): channels-last and fused attention
-    tc = cfg.training
-    fmt = prepare_for_training(unet, device, resolve_training_channels_last(tc.channels_last, device, stage, precision),
-                               resolve_training_fused_attention(tc.fused_attention, device, precision))
+    fmt = prepare_stage_for_training((unet,), device, cfg.training, stage, precision)
     check_batch(t.batch_size, "training.diffusion.batch_size")
     net = ddp(unet, device)
     ema = EMA(unet, t.ema_decay)

@@ -24,7 +24,7 @@ kernels, hence the same bytes, as MONAI's ``LatentDiffusionInferer.sample``.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -159,6 +159,18 @@ def prepare_for_training(net: nn.Module, device: torch.device, channels_last: bo
         log.debug("%s: %d attention blocks fused", type(net).__name__, n)
     fmt = memory_format(channels_last)
     net.to(device=device, memory_format=fmt)
+    return fmt
+
+
+def prepare_stage_for_training(nets: Sequence[nn.Module], device: torch.device, training: Any, stage: str,
+                               precision: str) -> torch.memory_format:
+    """The training fast path of one stage: ``training.channels_last`` and ``training.fused_attention``
+    resolved for ``stage`` and ``precision`` and applied to each of ``nets`` (:func:`prepare_for_training`);
+    returns the memory format the stage's 5-D inputs should have."""
+    channels_last = resolve_training_channels_last(training.channels_last, device, stage, precision)
+    fused = resolve_training_fused_attention(training.fused_attention, device, precision)
+    for net in nets:
+        fmt = prepare_for_training(net, device, channels_last, fused)
     return fmt
 
 
