@@ -147,8 +147,10 @@ def _label_info(trained: Sequence[Any]) -> dict[str, Any]:
 
 
 def _reasons(rq: dict[str, Any]) -> str:
-    top = sorted((rq.get("reasons") or {}).items(), key=lambda x: -x[1])
-    return "; failing: " + ", ".join(f"{c} {n}" for c, n in top) if top else ""
+    from medsynth.model.recon_check import failing
+
+    why = failing(rq)
+    return f"; failing: {why}" if why else ""
 
 
 def format_summary(res: DemoResult) -> str:

@@ -30,13 +30,11 @@ log = logging.getLogger("medsynth.model.train")
 WARN_BELOW = 0.9
 
 
-def _physical(cfg: Config, norm: Any, x: torch.Tensor, values: Sequence[int]) -> tuple[Any, Any]:
-    """One model-space output ``[1 + K, X, Y, Z]`` -> (image Volume, label Volume or None)."""
-    from medsynth.data.transforms import target_affine
+def _physical(cfg: Config, norm: Any, affine: np.ndarray, x: torch.Tensor, values: Sequence[int]) -> tuple[Any, Any]:
+    """One model-space output ``[1 + K, X, Y, Z]`` -> (image Volume, label Volume or None) on ``affine``."""
     from medsynth.model.labels import decode
     from medsynth.volume import Volume
 
-    affine = target_affine(cfg.data)
     arr = norm.inverse(x[:1].clamp(-1.0, 1.0)[0].double()).cpu().numpy().astype(np.float32)
     units = "HU" if cfg.data.modality == "CT" else "a.u."
     img = Volume(arr, affine.copy(), modality=cfg.data.modality, units=units)
@@ -58,13 +56,15 @@ def reconstruction_qc(ae: torch.nn.Module, cfg: Config, data: Any, device: torch
     from medsynth.model.training_data import batch_images
     from medsynth.qc.checks import Grid, check_volume, learn_ranges, volume_stats
     from medsynth.qc.features import body_mask
+    from medsynth.qc.gate import analysis_window
 
     norm, values = IntensityNorm.from_dict(data.norm), label_values(cfg)
-    window = tuple(cfg.data.intensity.window) if cfg.data.intensity.window is not None else None
+    window = analysis_window(cfg, cfg.data.modality, cfg.qc)
     grid = Grid(tuple(int(s) for s in cfg.data.shape), target_affine(cfg.data))
     ref = []
     for i in range(len(data.train)):
-        img, lab = _physical(cfg, norm, batch_images(data.train, torch.tensor([i]), torch.device("cpu"))[0], values)
+        x = batch_images(data.train, torch.tensor([i]), torch.device("cpu"))[0]
+        img, lab = _physical(cfg, norm, grid.affine, x, values)
         arr = img.array if window is None else np.clip(img.array, *window)
         mask = body_mask(arr, img.affine, img.modality, cfg.qc.body_threshold_hu)
         ref.append(volume_stats(arr, mask, img.modality, None if lab is None else lab.array))
@@ -78,7 +78,7 @@ def reconstruction_qc(ae: torch.nn.Module, cfg: Config, data: Any, device: torch
         x = batch_images(items, torch.tensor([i]), device)
         with autocast(device, precision):
             recon = ae.decode(ae.encode(x)[0]).float()
-        img, lab = _physical(cfg, norm, recon[0].cpu(), values)
+        img, lab = _physical(cfg, norm, grid.affine, recon[0].cpu(), values)
         res = check_volume(img, grid, cfg.qc, ranges, label=lab, window=window)
         codes = sorted({_code(r) for r in res.reasons})
         reasons.update(codes)
@@ -91,12 +91,17 @@ def reconstruction_qc(ae: torch.nn.Module, cfg: Config, data: Any, device: torch
             "reference_cases": len(ref), "cases": cases}
 
 
+def failing(result: dict[str, Any]) -> str:
+    """The failure codes of a result, most frequent first: ``body_p99_out_of_range 16, ...``."""
+    return ", ".join(f"{c} {m}" for c, m in sorted((result.get("reasons") or {}).items(), key=lambda x: -x[1]))
+
+
 def report(result: dict[str, Any]) -> None:
     """Log the result: one line, a warning when fewer than :data:`WARN_BELOW` pass."""
     n, k = result["n_cases"], result["n_passed"]
     if n == 0:
         return
-    why = ", ".join(f"{c} {m}" for c, m in sorted(result["reasons"].items(), key=lambda x: -x[1]))
+    why = failing(result)
     if k < WARN_BELOW * n:
         log.warning("autoencoder: %d of %d reconstructions pass the QC gate (%s); samples decoded by this "
                     "autoencoder cannot pass more often: train stage 1 longer or with more capacity before "

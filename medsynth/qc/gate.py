@@ -219,7 +219,9 @@ class _Vol:
     prepared: Optional[np.ndarray] = None
 
 
-def _window(cfg: Optional[Config], modality: str, qc: QCConfig) -> Optional[tuple[float, float]]:
+def analysis_window(cfg: Optional[Config], modality: str, qc: QCConfig) -> Optional[tuple[float, float]]:
+    """The intensity window the gate clips to before its statistics: for CT the model's HU window
+    (``cfg.data.intensity.window``), else the physical range ``qc.ct_range``; None for MR."""
     if modality != "CT":
         return None
     if cfg is not None and cfg.data.intensity.window is not None:
@@ -389,7 +391,7 @@ def _setting(cfg: Optional[Config], samples: Sequence[Sample], grid_source: str)
         grid, modality = infer_grid(samples)
         data_cfg = _grid_data_config(grid, modality, qc)
     source = grid_source or ("grid from the config" if cfg is not None else "grid inferred from the samples")
-    return _Setting(grid, modality, data_cfg, _window(cfg, modality, qc), source, qc, pc)
+    return _Setting(grid, modality, data_cfg, analysis_window(cfg, modality, qc), source, qc, pc)
 
 
 def _reference(reference: str | Path, st: _Setting) -> _Reference:
