@@ -74,8 +74,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(stored: dict[str, Any], current: Config, sections: tuple[str, ...]) -> list[str]:
     """Keys under ``sections`` (key prefixes) whose values differ between a stored config and ``current``,
-    ignoring the keys that may legitimately change on resume."""
-    a, b = _flatten(stored), _flatten(config_to_dict(current))
+    ignoring the keys that may legitimately change on resume.  A key the stored config lacks (it was
+    written before the key existed) counts as its default, which keeps the behaviour of the version
+    that wrote it."""
+    a, b = {**_flatten(config_to_dict(Config())), **_flatten(stored)}, _flatten(config_to_dict(current))
     keys = sorted(k for k in set(a) | set(b)
                   if any(k == s or k.startswith(s + ".") for s in sections) and k not in RESUMABLE)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

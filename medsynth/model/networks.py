@@ -211,6 +211,21 @@ def with_fixed_class(net: nn.Module, cfg: Config) -> nn.Module:
     return net
 
 
+class _GatedSkip:
+    """Mixin for a MONAI UNet built with twice the latent channels as outputs (``model.unet.gated_skip``):
+    the first half ``a`` and the second ``g`` give ``a + g * x``, a per-voxel, per-channel gain on the
+    input.  MONAI zero-initialises the output layer, so the untrained network still returns 0; the
+    state dict is the UNet's own."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
+                class_labels: Optional[torch.Tensor] = None, down_block_additional_residuals: Any = None,
+                mid_block_additional_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = super().forward(x, timesteps, context, class_labels,  # type: ignore[misc]
+                              down_block_additional_residuals, mid_block_additional_residual)
+        c = x.shape[1]
+        return out[:, :c] + out[:, c:] * x
+
+
 class _FixedSpacing:
     """Mixin for MAISI's UNet built with ``include_spacing_input``: every call gets the run's voxel
     spacing (mm x 100, MAISI's convention) unless one is passed, so medsynth calls it like any UNet.
@@ -251,12 +266,15 @@ def build_unet(cfg: Config) -> nn.Module:
         return with_fixed_class(net, cfg)
     from monai.networks.nets import DiffusionModelUNet
 
-    return with_fixed_class(DiffusionModelUNet(
-        spatial_dims=3, in_channels=c, out_channels=c, num_res_blocks=u.num_res_blocks,
+    net = DiffusionModelUNet(
+        spatial_dims=3, in_channels=c, out_channels=2 * c if u.gated_skip else c, num_res_blocks=u.num_res_blocks,
         channels=tuple(u.channels), attention_levels=tuple(u.attention_levels),
         norm_num_groups=u.norm_num_groups, num_head_channels=u.num_head_channels,
         num_class_embeds=n_emb, use_flash_attention=u.use_flash_attention, resblock_updown=u.resblock_updown,
-    ), cfg)
+    )
+    if u.gated_skip:
+        _mix_in(net, _GatedSkip, "GatedSkip")
+    return with_fixed_class(net, cfg)
 
 
 def build_discriminator(cfg: Config) -> nn.Module:
