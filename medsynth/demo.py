@@ -12,7 +12,6 @@ finished training stages and existing samples are kept.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     from medsynth.config import load_config
     from medsynth.data.phantoms import write_phantoms
     from medsynth.manifest import load_manifest
+    from medsynth.model.checkpoint import read_model_card
     from medsynth.model.sample import Sampler, generate
     from medsynth.model.train import train
     from medsynth.qc.fidelity import fidelity, format_table
@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int 
     preview = write_preview(out / "preview.png", {"real": real[: len(trained_vols)], "trained": trained_vols,
                                                   "untrained": untrained_vols})
     timings["fidelity"] = time.perf_counter() - t
-    card = json.loads(RunPaths(run_dir).card.read_text())
+    card = read_model_card(run_dir)
     return DemoResult(out, manifest, run_dir, samples, untrained_dir, preview, fig, table, n_cases,
                       len(trained_vols), timings, label_info,
                       (card.get("metrics") or {}).get("autoencoder_reconstruction_qc"))

@@ -215,6 +215,11 @@ class LoadedRun:
         return run_name(self.cfg)
 
 
+def read_model_card(run_dir: str | Path) -> dict[str, Any]:
+    """A run's model card as written (:func:`load_run` is what checks it against the checkpoints)."""
+    return json.loads(RunPaths(Path(run_dir)).card.read_text())
+
+
 def run_name(cfg: Config) -> str:
     """The run name used in sample ids: the config's ``name``, reduced to [A-Za-z0-9._-]."""
     import re

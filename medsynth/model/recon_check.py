@@ -31,15 +31,10 @@ WARN_BELOW = 0.9
 
 
 def _physical(cfg: Config, norm: Any, affine: np.ndarray, x: torch.Tensor, values: Sequence[int]) -> tuple[Any, Any]:
-    """One model-space output ``[1 + K, X, Y, Z]`` -> (image Volume, label Volume or None) on ``affine``."""
-    from medsynth.model.labels import decode
-    from medsynth.volume import Volume
+    """One model-space output ``[1 + K, X, Y, Z]`` -> (image Volume, label Volume or None), as samples are."""
+    from medsynth.model.sample import image_volume, label_volume
 
-    arr = norm.inverse(x[:1].clamp(-1.0, 1.0)[0].double()).cpu().numpy().astype(np.float32)
-    units = "HU" if cfg.data.modality == "CT" else "a.u."
-    img = Volume(arr, affine.copy(), modality=cfg.data.modality, units=units)
-    lab = Volume(decode(x, values), affine.copy(), modality="SEG", units="label") if values else None
-    return img, lab
+    return image_volume(cfg, norm, affine, x), label_volume(x, values, affine)
 
 
 def _code(reason: str) -> str:

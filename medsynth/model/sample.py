@@ -114,6 +114,25 @@ def _or(names: Any) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def image_volume(cfg: Config, norm: Any, affine: np.ndarray, x: torch.Tensor) -> Volume:
+    """The image channel of one model-space output ``[C, X, Y, Z]`` as a Volume in physical units on
+    ``affine``: clipped to [-1, 1], the training data's range in model space, then mapped back with
+    the exact inverse of the training normalisation ``norm`` (an ``IntensityNorm``)."""
+    arr = norm.inverse(x.clamp(-1.0, 1.0)[0].double()).cpu().numpy().astype(np.float32)
+    units = "HU" if cfg.data.modality == "CT" else "a.u."
+    return Volume(arr, affine.copy(), modality=cfg.data.modality, units=units)
+
+
+def label_volume(x: torch.Tensor, values: Sequence[int], affine: np.ndarray) -> Optional[Volume]:
+    """The label channels of one model-space output as a uint8 label map on ``affine`` (None when the
+    model has no label channels, ``values`` empty)."""
+    if not values:
+        return None
+    from medsynth.model.labels import decode
+
+    return Volume(decode(x, values), affine.copy(), modality="SEG", units="label")
+
+
 class Sampler:
     """A trained (or, for baselines, untrained) latent diffusion model ready to sample volumes."""
 
@@ -304,17 +323,11 @@ class Sampler:
         Values are clipped to [-1, 1], the range of the training data in model space, then mapped
         back with the exact inverse of the training normalisation.
         """
-        arr = self.norm.inverse(x.clamp(-1.0, 1.0)[0].double()).numpy().astype(np.float32)
-        units = "HU" if self.cfg.data.modality == "CT" else "a.u."
-        return Volume(arr, self.affine.copy(), modality=self.cfg.data.modality, units=units)
+        return image_volume(self.cfg, self.norm, self.affine, x)
 
     def to_label(self, x: torch.Tensor) -> Optional[Volume]:
         """One decoded output -> its uint8 label map on the image grid (None for an image-only model)."""
-        if not self.label_values:
-            return None
-        from medsynth.model.labels import decode
-
-        return Volume(decode(x, self.label_values), self.affine.copy(), modality="SEG", units="label")
+        return label_volume(x, self.label_values, self.affine)
 
     def sample_pairs(self, indices: Sequence[int], st: SampleSettings, class_label: Optional[int] = None
                      ) -> list[tuple[Volume, Optional[Volume]]]:

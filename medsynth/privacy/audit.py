@@ -431,11 +431,9 @@ def load_audit_inputs(run_dir: str | Path, manifest: str | Path, holdout: str | 
 
 def sampler_card(run_dir: str | Path) -> dict[str, Any]:
     """The run's model card (checked by ``load_run`` before)."""
-    import json
+    from medsynth.model.checkpoint import read_model_card
 
-    from medsynth.model.checkpoint import RunPaths
-
-    return json.loads(RunPaths(Path(run_dir)).card.read_text())
+    return read_model_card(run_dir)
 
 
 def load_synthetic(samples_dir: str | Path, cfg: Any) -> list[np.ndarray]:
