@@ -235,6 +235,8 @@ class UNetConfig:
     embedding and so learns a time- and place-dependent gain on its input only slowly, yet that is
     what shrinking fine noise where the anatomy is flat (Wiener shrinkage) is; with it the wavelet
     demo's validation loss after 400 steps is below the plain UNet's after 1000 (docs/generator.md).
+    ``gated_skip_below`` (0 < value <= 1) uses the gain only at noise times below that fraction of
+    the schedule (t / num_train_timesteps); above it the UNet returns ``a`` alone, as the plain one.
     """
 
     kind: Literal["monai", "maisi"] = "monai"
@@ -252,9 +254,15 @@ class UNetConfig:
     init: Optional[str] = None
     init_license: Optional[str] = None
     gated_skip: bool = False
+    gated_skip_below: float = 1.0
 
     def check(self, path: str) -> list[str]:
         errs = _init_checks(self, path)
+        if not 0.0 < self.gated_skip_below <= 1.0:
+            errs.append(f"{path}.gated_skip_below: a fraction of the noise schedule, 0 < value <= 1; "
+                        f"got {self.gated_skip_below}")
+        elif self.gated_skip_below < 1.0 and not self.gated_skip:
+            errs.append(f"{path}.gated_skip_below: needs gated_skip: true (it limits the gain to low noise times)")
         if self.gated_skip and self.kind != "monai":
             errs.append(f"{path}.gated_skip: only MONAI's UNet (kind: monai) has the gated skip; set kind: monai "
                         "or gated_skip: false")

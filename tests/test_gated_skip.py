@@ -46,6 +46,23 @@ def test_gated_unet_returns_offset_plus_gain_times_input_and_starts_at_zero():
     plain.load_state_dict(net.state_dict())
 
 
+def test_gain_limited_to_low_noise_times_is_off_above_the_threshold():
+    # gated_skip_below 0.5 of 1000 train timesteps: the gain acts at t < 500 only, per sample of the batch
+    cfg = config_from_dict(tiny_config(None, model={"unet": {"gated_skip": True, "gated_skip_below": 0.5}},
+                                       training={"diffusion": {"num_train_timesteps": 1000}}))
+    net = build_unet(cfg)
+    assert net.gate_below == 500.0
+    x = torch.randn(3, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, cls = torch.tensor([100.0, 499.0, 500.0]), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        for p in net.out.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        out = net(x, t, class_labels=cls)
+        raw = DiffusionModelUNet.forward(net, x, t, None, cls)
+    assert torch.allclose(out[:2], raw[:2, :2] + raw[:2, 2:] * x[:2], atol=1e-6)
+    assert torch.equal(out[2:], raw[2:, :2])
+
+
 def test_gated_skip_config_checks_name_the_key():
     with pytest.raises(ConfigError, match=r"model\.unet\.gated_skip: only MONAI's UNet"):
         _cfg(model={"unet": {"kind": "maisi", "gated_skip": True, "channels": [8, 8],
@@ -54,6 +71,10 @@ def test_gated_skip_config_checks_name_the_key():
         _cfg(model={"unet": {"gated_skip": True, "channels": [8, 8], "attention_levels": [False, True],
                              "num_head_channels": 8, "norm_num_groups": 4, "num_class_embeds": 2,
                              "init": "weights.pt", "init_license": "test"}})
+    with pytest.raises(ConfigError, match=r"model\.unet\.gated_skip_below: needs gated_skip: true"):
+        config_from_dict(tiny_config(None, model={"unet": {"gated_skip_below": 0.5}}))
+    with pytest.raises(ConfigError, match=r"model\.unet\.gated_skip_below: a fraction of the noise schedule"):
+        config_from_dict(tiny_config(None, model={"unet": {"gated_skip": True, "gated_skip_below": 0.0}}))
 
 
 def test_gated_run_trains_resumes_exactly_and_samples_deterministically(phantoms, tmp_path):

@@ -15,7 +15,7 @@ from medsynth.model.checkpoint import RunPaths, load_checkpoint
 from medsynth.model.networks import build_autoencoder, build_unet, latent_shape
 from medsynth.model.sample import Sampler, generate
 from medsynth.model.train import train
-from medsynth.model.wavelet import HaarWavelet3d, fit_band_scale, haar_filters
+from medsynth.model.wavelet import HaarWavelet3d, fit_band_scale, fit_label_weights, haar_filters
 
 from tests.helpers import tiny_config
 
@@ -208,6 +208,56 @@ def test_low_pass_label_bands_keep_the_image_exact_and_the_label_blocks():
                                           model={"autoencoder": {"wavelet_label_bands": "low"}}))
     assert latent_shape(cfg) == (11, 8, 8, 8)
     assert build_autoencoder(cfg).latent_channels == 11
+
+
+def _lungs_with_small_lesions(n: int, seed: int) -> list[torch.Tensor]:
+    """Paired model-space volumes: a lung box holding a 3 x 2 x 2 lesion off the 2-voxel block grid."""
+    from medsynth.model.labels import encode
+
+    g, out = torch.Generator().manual_seed(seed), []
+    for _ in range(n):
+        lab = torch.zeros(1, 16, 16, 16)
+        lab[0, 2:14, 3:13, 2:14] = 1
+        x0, y0, z0 = (2 * int(v) + 1 for v in torch.randint(2, 5, (3,), generator=g))  # odd: straddles blocks
+        lab[0, x0:x0 + 3, y0:y0 + 2, z0:z0 + 2] = 2
+        out.append(encode(torch.zeros(1, 16, 16, 16), lab, [0, 1, 2]))
+    return out
+
+
+def test_fitted_label_weights_keep_small_lesions_through_the_low_pass_bands():
+    from medsynth.model.labels import decode
+
+    train_set, held_out = _lungs_with_small_lesions(12, 0), _lungs_with_small_lesions(8, 1)
+    w = HaarWavelet3d(4, 1, label_channels=3, label_bands="low")
+
+    def lesion_dice(vols):
+        d = []
+        for x in vols:
+            got = decode(w.decode(w.encode(x[None])[0])[0], [0, 1, 2])
+            want = x[1:].argmax(0).numpy()
+            d.append(2 * np.sum((got == 2) & (want == 2)) / (np.sum(got == 2) + np.sum(want == 2)))
+        return float(np.mean(d))
+
+    before = lesion_dice(held_out)
+    weights = fit_label_weights(w, train_set)
+    assert weights[0] == 1.0 and weights[2] > 1.0  # background is the reference; the lesion is up-weighted
+    assert torch.equal(w.label_weight, weights)
+    after = lesion_dice(held_out)
+    assert before < 0.2 and after > 0.5, (before, after)
+    # the image channel stays exact, and a transform that keeps every label band has nothing to fit
+    x = held_out[0][None]
+    assert torch.allclose(w.decode(w.encode(x)[0])[:, :1], x[:, :1], atol=1e-6)
+    full = HaarWavelet3d(4, 1, label_channels=3, label_bands="all")
+    assert fit_label_weights(full, train_set).numel() == 0
+
+
+def test_wavelet_latent_stored_before_label_weights_decodes_with_weights_of_one():
+    w = HaarWavelet3d(4, 1, label_channels=3, label_bands="low")
+    fit_label_weights(w, _lungs_with_small_lesions(6, 0))
+    old = {k: v for k, v in w.state_dict().items() if k != "label_weight"}
+    again = HaarWavelet3d(4, 1, label_channels=3, label_bands="low")
+    again.load_state_dict(old)  # strict: the missing weights default to one
+    assert torch.equal(again.label_weight, torch.ones(3))
 
 
 def test_mean_only_fit_centres_the_bands_and_keeps_unit_factors():

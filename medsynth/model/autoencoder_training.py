@@ -313,7 +313,7 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
     """Stage 1 of a wavelet latent: nothing to train; the sub-band scales are fitted on the training
     set (``wavelet_band_scale``) and stored, with the intensity map, as ``RUN/autoencoder/last.pt``
     (step 0 of 0, so it counts as complete).  Validation records the reconstruction, which is exact."""
-    from medsynth.model.wavelet import fit_band_scale
+    from medsynth.model.wavelet import fit_band_scale, fit_label_weights
 
     done = _already_stored(cfg, paths, resume, "has its wavelet latent", "wavelet latent already fitted")
     if done is not None:
@@ -326,6 +326,10 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
     fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))),
                    scale=a.wavelet_band_scale, unit_channels=unit,
                    detail_gain=a.wavelet_detail_gain)
+    weights = fit_label_weights(wav, (data.train[i]["image"] for i in range(len(data.train))))
+    if wav.low_labels:
+        log.info("autoencoder: label decoding weights %s (fitted on the training label maps)",
+                 [round(float(w), 2) for w in weights])
     val = _store_untrained(cfg, paths, data, wav, device, precision)
     log.info("autoencoder: wavelet latent (%d level(s), %d channels), no training%s",
              cfg.model.autoencoder.wavelet_levels, wav.latent_channels,

@@ -215,7 +215,10 @@ class _GatedSkip:
     """Mixin for a MONAI UNet built with twice the latent channels as outputs (``model.unet.gated_skip``):
     the first half ``a`` and the second ``g`` give ``a + g * x``, a per-voxel, per-channel gain on the
     input.  MONAI zero-initialises the output layer, so the untrained network still returns 0; the
-    state dict is the UNet's own."""
+    state dict is the UNet's own.  With ``model.unet.gated_skip_below`` < 1 the gain is used only
+    at timesteps below ``gate_below`` (in the scheduler's units); above it the output is ``a``."""
+
+    gate_below: Optional[float] = None
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 class_labels: Optional[torch.Tensor] = None, down_block_additional_residuals: Any = None,
@@ -223,7 +226,12 @@ class _GatedSkip:
         out = super().forward(x, timesteps, context, class_labels,  # type: ignore[misc]
                               down_block_additional_residuals, mid_block_additional_residual)
         c = x.shape[1]
-        return out[:, :c] + out[:, c:] * x
+        gain = out[:, c:]
+        if self.gate_below is not None:
+            t = torch.as_tensor(timesteps, device=out.device).reshape(-1).float()
+            on = (t < self.gate_below).to(out.dtype)
+            gain = gain * on.reshape(-1, *([1] * (out.ndim - 1)))
+        return out[:, :c] + gain * x
 
 
 class _FixedSpacing:
@@ -274,6 +282,8 @@ def build_unet(cfg: Config) -> nn.Module:
     )
     if u.gated_skip:
         _mix_in(net, _GatedSkip, "GatedSkip")
+        if u.gated_skip_below < 1.0:
+            net.gate_below = float(u.gated_skip_below) * cfg.training.diffusion.num_train_timesteps
     return with_fixed_class(net, cfg)
 
 

@@ -52,7 +52,11 @@ class HaarWavelet3d(nn.Module):
     inside, so its high-pass bands only say where a boundary falls within a 2-voxel block, and
     they would triple the channels the denoiser must model.  Decoding upsamples those bands
     trilinearly (the argmax of :func:`medsynth.model.labels.decode` then gives sub-block
-    boundaries); the image channels stay exact.
+    boundaries); the image channels stay exact.  A label smaller than a block or two (a lesion at
+    the demo's 10 mm) has a block mean below its neighbour's everywhere, so a plain argmax loses it:
+    ``label_weight`` (one factor per label channel, fitted on the training label maps by
+    :func:`fit_label_weights`; ones until fitted, and for runs stored before it existed) scales
+    each label's upsampled share of a voxel, ``(channel + 1) / 2``, before the argmax.
     """
 
     def __init__(self, in_channels: int, levels: int = 1, label_channels: int = 0, label_bands: str = "all"):
@@ -66,6 +70,13 @@ class HaarWavelet3d(nn.Module):
         self.register_buffer("filters", haar_filters(torch.float64), persistent=False)  # cast at use
         self.register_buffer("band_mean", torch.zeros(self.latent_channels))
         self.register_buffer("band_scale", torch.ones(self.latent_channels))
+        if self.low_labels:
+            self.register_buffer("label_weight", torch.ones(self.low_labels))
+            self._register_load_state_dict_pre_hook(self._default_label_weight)
+
+    def _default_label_weight(self, state: dict, prefix: str, *args: Any) -> None:
+        # a wavelet latent stored before label weights existed decodes as it did: weights of one
+        state.setdefault(prefix + "label_weight", torch.ones(self.low_labels))
 
     @staticmethod
     def channels_for(in_channels: int, levels: int, label_channels: int = 0, label_bands: str = "all") -> int:
@@ -110,7 +121,8 @@ class HaarWavelet3d(nn.Module):
             w = F.conv_transpose3d(w, self._weight(c, w), stride=2, groups=c)
         if lab is not None:
             lab = F.interpolate(lab, scale_factor=self.factor, mode="trilinear", align_corners=False)
-            w = torch.cat([w, lab], dim=1)
+            # one-hot channels are in [-1, 1]: weigh each label's share (lab + 1) / 2 of the voxel
+            w = torch.cat([w, (lab + 1.0) * self.label_weight.to(lab.dtype).view(1, -1, 1, 1, 1) - 1.0], dim=1)
         return w
 
     def _band(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -168,3 +180,70 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
     wavelet.band_mean.copy_(mean.to(wavelet.band_mean.dtype))
     wavelet.band_scale.copy_(factors.to(wavelet.band_scale.dtype))
     return wavelet.band_scale.clone()
+
+
+def _mean_dice(fixed: torch.Tensor, case: torch.Tensor, truth: torch.Tensor, scores: torch.Tensor,
+               weight: torch.Tensor) -> float:
+    """Mean over labels of the per-case Dice of the weighted argmax decoding, over the cases where
+    the label is in the truth or the prediction.  ``fixed`` ``[N, K, K]`` is the confusion (truth,
+    prediction) of the voxels whose decoding no positive weight changes; ``case``, ``truth`` ``[M]``
+    and ``scores`` ``[K, M]`` are the other voxels."""
+    n, k = fixed.shape[:2]
+    top, pred = scores[0] * weight[0], torch.zeros_like(truth)
+    for c in range(1, k):  # argmax over the channels, the first winning ties (as .argmax)
+        s = scores[c] * weight[c]
+        pred = torch.where(s > top, c, pred)
+        top = torch.maximum(top, s)
+    conf = fixed + torch.bincount(case * k * k + truth * k + pred, minlength=n * k * k).view(n, k, k)
+    both = conf.diagonal(dim1=1, dim2=2)
+    size = conf.sum(2) + conf.sum(1)  # truth + prediction voxels of each label, per case
+    per = [float((2.0 * both[:, c][size[:, c] > 0] / size[:, c][size[:, c] > 0]).mean())
+           for c in range(k) if (size[:, c] > 0).any()]
+    return sum(per) / len(per) if per else 0.0
+
+
+@torch.no_grad()
+def fit_label_weights(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any, max_cases: int = 64,
+                      grid: Sequence[float] = tuple(0.5 + 0.25 * k for k in range(15)), rounds: int = 2) -> torch.Tensor:
+    """Fit ``wavelet.label_weight`` so that the low-pass-only label channels, upsampled and weighted,
+    decode (argmax) to the training label maps as well as they can: coordinate ascent of the mean
+    per-label Dice over ``grid``, rarest label first (the most frequent one, usually background,
+    stays at 1), on up to ``max_cases`` of ``images`` (``[C, X, Y, Z]`` model-space volumes, one-hot
+    label channels last, in [-1, 1]).  Only voxels near a label boundary (more than one channel above zero) can
+    change, so only those are kept.  A no-op (weights stay 1) for a transform that keeps every band
+    of its labels.  Returns the weights.
+    """
+    k = wavelet.low_labels
+    if k < 2:
+        return wavelet.label_weight.clone() if k else torch.ones(0)
+    fixed, cases, truths, scores = [], [], [], []
+    for i, img in enumerate(images):
+        if i >= max_cases:
+            break
+        x = torch.as_tensor(img).as_subclass(torch.Tensor)[None].float()
+        t = x[0, -k:].argmax(0).reshape(-1)
+        w = wavelet.transform(x)[:, -k:] / (2.0 ** 1.5) ** wavelet.levels
+        up = F.interpolate(w, scale_factor=wavelet.factor, mode="trilinear", align_corners=False)[0]
+        sc = ((up + 1.0) / 2.0).reshape(k, -1)  # each label's share of the voxel (one-hot in [-1, 1])
+        amb = (sc > 1e-6).sum(0) > 1
+        fixed.append(torch.bincount(t[~amb] * k + sc[:, ~amb].argmax(0), minlength=k * k).view(k, k))
+        cases.append(torch.full((int(amb.sum()),), len(fixed) - 1, dtype=torch.long))
+        truths.append(t[amb])
+        scores.append(sc[:, amb])
+    if not fixed:
+        raise ValueError("fit_label_weights needs at least one image")
+    fx, case, truth, score = torch.stack(fixed), torch.cat(cases), torch.cat(truths), torch.cat(scores, 1)
+    counts = fx.sum((0, 2)) + torch.bincount(truth, minlength=k)
+    order = [int(c) for c in torch.argsort(counts, stable=True)][:-1]  # rarest first; the most frequent is the reference
+    weight = torch.ones(k)
+    best = _mean_dice(fx, case, truth, score, weight)
+    for _ in range(rounds):
+        for c in order:
+            for g in grid:
+                trial = weight.clone()
+                trial[c] = float(g)
+                d = _mean_dice(fx, case, truth, score, trial)
+                if d > best + 1e-9:
+                    best, weight = d, trial
+    wavelet.label_weight.copy_(weight.to(wavelet.label_weight.dtype))
+    return wavelet.label_weight.clone()
