@@ -121,7 +121,10 @@ class AutoencoderConfig:
     of a paired model (labels decoded by trilinear upsampling; the image stays exact), and
     ``wavelet_label_scale: unit`` leaves the label channels' bands at their natural scale (one-hot
     in [-1, 1], centred only) instead of standardising each: a label's high-pass bands are zero
-    except at boundaries, and unit variance would blow those sparse bands up.
+    except at boundaries, and unit variance would blow those sparse bands up.  ``span`` gives every
+    label band the factor that puts a label filling a block 4 latent units above its absence:
+    standardising a rare label (a lesion in 0.05 % of the voxels) would put it ~70 units out, which
+    no denoiser trained for minutes draws (docs/generator.md).
     ``wavelet_detail_gain`` multiplies the image's high-pass bands after standardising: their
     signal-to-noise ratio at every diffusion time rises by that factor (the diffusion settles
     them earlier and weighs them gain² more).  On the wavelet demo, 2 raised body p99 from 703-783
@@ -159,7 +162,7 @@ class AutoencoderConfig:
     wavelet_levels: int = 1
     wavelet_band_scale: bool = True
     wavelet_label_bands: Literal["all", "low"] = "all"
-    wavelet_label_scale: Literal["bands", "unit"] = "bands"
+    wavelet_label_scale: Literal["bands", "unit", "span"] = "bands"
     wavelet_detail_gain: float = 1.0
     init: Optional[str] = None
     init_license: Optional[str] = None

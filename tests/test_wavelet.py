@@ -168,7 +168,7 @@ def test_tiled_wavelet_decode_equals_the_whole_decode(wavelet_run):
     assert torch.allclose(tiled, whole, atol=1e-4)
 
 
-@pytest.mark.parametrize("label_scale", ["bands", "unit"])
+@pytest.mark.parametrize("label_scale", ["bands", "unit", "span"])
 def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path, label_scale):
     from medsynth.samples import list_samples
 
@@ -178,6 +178,8 @@ def test_paired_wavelet_run_decodes_label_maps(phantoms, tmp_path, label_scale):
     train(cfg, tmp_path / "run")
     factors = load_checkpoint(RunPaths(tmp_path / "run").checkpoint("autoencoder"), "autoencoder")["model"]["band_scale"]
     assert (bool(torch.all(factors[8:] == 1.0)) and factors.numel() == 32) == (label_scale == "unit")
+    # span: every label band gets 2 / 2^1.5, so a label filling a 2-voxel block sits 4 units above its absence
+    assert bool(torch.allclose(factors[8:], torch.full((24,), 2.0 / 2.0 ** 1.5))) == (label_scale == "span")
     generate(tmp_path / "run", tmp_path / "s", range(2), seed=0)
     for s in list_samples(tmp_path / "s"):
         lab = s.load_label()

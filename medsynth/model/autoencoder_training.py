@@ -322,10 +322,13 @@ def fit_wavelet(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.
     wav = build_autoencoder(cfg)
     a = cfg.model.autoencoder
     n_lab = len(label_values(cfg))
-    unit = n_lab * (1 if a.wavelet_label_bands == "low" else 8 ** a.wavelet_levels) if a.wavelet_label_scale == "unit" else 0
+    unit = n_lab * (1 if a.wavelet_label_bands == "low" else 8 ** a.wavelet_levels) if a.wavelet_label_scale != "bands" else 0
+    # "span": a label present in a whole block vs absent (one-hot +-1, so +-2^(1.5 L) in a low-pass
+    # band) differs by 4 latent units, whatever the label's frequency in the training set
+    factor = 2.0 / 2.0 ** (1.5 * a.wavelet_levels) if a.wavelet_label_scale == "span" else 1.0
     fit_band_scale(wav, (data.train[i]["image"] for i in range(len(data.train))),
                    scale=a.wavelet_band_scale, unit_channels=unit,
-                   detail_gain=a.wavelet_detail_gain)
+                   detail_gain=a.wavelet_detail_gain, unit_factor=factor)
     weights = fit_label_weights(wav, (data.train[i]["image"] for i in range(len(data.train))))
     if wav.low_labels:
         log.info("autoencoder: label decoding weights %s (fitted on the training label maps)",

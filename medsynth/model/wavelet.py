@@ -142,7 +142,8 @@ class HaarWavelet3d(nn.Module):
 
 @torch.no_grad()
 def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any, floor: float = 1e-3,
-                   scale: bool = True, unit_channels: int = 0, detail_gain: float = 1.0) -> torch.Tensor:
+                   scale: bool = True, unit_channels: int = 0, detail_gain: float = 1.0,
+                   unit_factor: float = 1.0) -> torch.Tensor:
     """Per-sub-band offsets and factors that give each latent channel zero mean and unit standard
     deviation over ``images`` (``scale=False``: offsets only, factors stay 1).
 
@@ -150,7 +151,8 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
     below ``floor`` (e.g. a label channel's high-pass band on a set without that label) keeps the
     factor of ``floor``, so noise in it is not blown up at decoding.  Both are set on ``wavelet``;
     the factors are returned.  The last ``unit_channels`` latent channels (a paired model's label
-    bands with ``wavelet_label_scale: unit``) are centred only.  ``detail_gain`` multiplies the
+    bands with ``wavelet_label_scale: unit`` or ``span``) are centred and get the fixed factor
+    ``unit_factor`` (1: natural scale).  ``detail_gain`` multiplies the
     factors of the image channels' high-pass bands (every band but the all-low-pass one of each
     channel): their signal-to-noise ratio at every diffusion time rises by that factor, so the
     diffusion decides them earlier and its loss weighs them gain² more.
@@ -176,7 +178,7 @@ def fit_band_scale(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | Any,
             detail[-int(unit_channels):] = False
         factors[detail] *= float(detail_gain)
     if unit_channels:
-        factors[-int(unit_channels):] = 1.0
+        factors[-int(unit_channels):] = float(unit_factor)
     wavelet.band_mean.copy_(mean.to(wavelet.band_mean.dtype))
     wavelet.band_scale.copy_(factors.to(wavelet.band_scale.dtype))
     return wavelet.band_scale.clone()
