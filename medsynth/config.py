@@ -404,6 +404,11 @@ class DiffusionTrainConfig:
     logit-normally (MAISI, SD3; few near t = 0) or uniformly (more weight on the last, fine steps);
     ``logit_mean`` / ``logit_std`` shape the logit-normal (t / T = sigmoid(mean + std n), t = T is
     pure noise: a positive mean trains more on noisy times, a negative one on the fine last steps).
+    ``label_loss_weight`` (paired models) weighs the loss at every latent voxel by
+    ``1 + sum_l (w_l - 1) * share_l``, ``share_l`` being the fraction of the voxel's block that the
+    training case's label map gives label ``l`` (``{lesion: 20}``): a label in 0.05 % of the voxels
+    otherwise counts for nothing in a mean-squared loss.  The loss is divided by the mean weight
+    of the batch, so its scale (and the validation loss, which stays unweighted) is comparable.
     """
 
     steps: int = 10000
@@ -424,6 +429,7 @@ class DiffusionTrainConfig:
     beta_end: float = 0.0195
     val_every: int = 500
     log_every: int = 100
+    label_loss_weight: dict[str, float] = field(default_factory=dict)
 
     @property
     def timestep_dist(self) -> tuple[str, float, float]:
@@ -444,6 +450,9 @@ class DiffusionTrainConfig:
             errs.append(f"{path}.num_train_timesteps: must be >= 2")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             errs.append(f"{path}.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
+        for name, w in (self.label_loss_weight or {}).items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < float(w) <= 1000:
+                errs.append(f"{path}.label_loss_weight.{name}: a loss weight 0 < value <= 1000, got {w!r}")
         return errs
 
 

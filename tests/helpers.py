@@ -54,7 +54,8 @@ class Interrupt(Exception):
 
 
 def run_weights(run: Path) -> dict:
-    """Every weight tensor of a finished run: autoencoder, discriminator, UNet and EMA."""
+    """Every weight tensor of a finished run: autoencoder, discriminator (none for a wavelet latent),
+    UNet and EMA."""
     from medsynth.jobs import RunPaths
     from medsynth.model.checkpoint import load_checkpoint
 
@@ -62,7 +63,7 @@ def run_weights(run: Path) -> dict:
     ae = load_checkpoint(paths.checkpoint("autoencoder"), "autoencoder")
     diff = load_checkpoint(paths.checkpoint("diffusion"), "diffusion")
     out = {f"ae.{k}": v for k, v in ae["model"].items()}
-    out.update({f"disc.{k}": v for k, v in ae["discriminator"].items()})
+    out.update({f"disc.{k}": v for k, v in (ae.get("discriminator") or {}).items()})
     out.update({f"unet.{k}": v for k, v in diff["model"].items()})
     out.update({f"ema.{k}": v for k, v in diff["ema"]["model"].items()})
     return out

@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from medsynth.config import Config
-from medsynth.errors import CheckpointError
+from medsynth.errors import CheckpointError, ConfigError
 from medsynth.jobs import RunPaths, derive_seed, sha256_file
 from medsynth.model.bookkeeping import (
     AE_KEYS,
@@ -60,6 +60,7 @@ class _Latents:
     val_mu: torch.Tensor
     val_sigma: torch.Tensor
     val_classes: torch.Tensor
+    loss_weight: Optional[torch.Tensor] = None  # [N, 1, *latent grid] (training.diffusion.label_loss_weight)
 
 
 def _frozen_latents(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device,
@@ -80,7 +81,36 @@ def _frozen_latents(cfg: Config, paths: RunPaths, data: TrainingData, device: to
     mu, sigma = encode_latents(ae, data.train, device, precision)
     vmu, vsig, vcls = (*encode_latents(ae, data.val, device, precision), data.val_classes) if len(data.val) \
         else (mu[:8], sigma[:8], data.classes[:8])
-    return _Latents(ae_ck, ae_sha, mu, sigma, vmu, vsig, vcls)
+    return _Latents(ae_ck, ae_sha, mu, sigma, vmu, vsig, vcls, label_loss_weights(cfg, data.train, mu.shape[2:]))
+
+
+def label_loss_weights(cfg: Config, items: Any, grid: Sequence[int]) -> Optional[torch.Tensor]:
+    """Per-latent-voxel loss weights ``[N, 1, *grid]`` of the training ``items`` from
+    ``training.diffusion.label_loss_weight``: ``1 + sum_l (w_l - 1) * share_l``, the share of label
+    ``l`` averaged over each latent voxel's block (None when no weights are configured)."""
+    from medsynth.model.labels import label_names
+
+    want = cfg.training.diffusion.label_loss_weight or {}
+    if not want:
+        return None
+    names = label_names(cfg)
+    if not names:
+        raise ConfigError("training.diffusion.label_loss_weight: needs a paired model (data.use_labels: true)",
+                          hint="set data.use_labels: true, or remove label_loss_weight")
+    unknown = sorted(set(want) - set(names))
+    if unknown:
+        raise ConfigError(f"training.diffusion.label_loss_weight: unknown label(s) {unknown}; "
+                          f"the model's labels are {list(names)}", hint="use the label names of data.labels")
+    k, order = len(names), list(names)  # channel order = value order
+    out = []
+    for i in range(len(items)):
+        img = torch.as_tensor(items[i]["image"]).as_subclass(torch.Tensor).float()
+        share = (img[-k:] + 1.0) / 2.0  # one-hot channels in [-1, 1]
+        w = torch.ones_like(share[:1])
+        for name, weight in want.items():
+            w = w + (float(weight) - 1.0) * share[order.index(name)][None]
+        out.append(torch.nn.functional.adaptive_avg_pool3d(w[None], tuple(int(g) for g in grid))[0])
+    return torch.stack(out)
 
 
 @dataclass
@@ -122,9 +152,10 @@ def _build_stage2(cfg: Config, paths: RunPaths, device: torch.device, precision:
 
 
 def _diffusion_loss(cfg: Config, pred: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
-                    target: torch.Tensor) -> torch.Tensor:
+                    target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     t = cfg.training.diffusion
-    return diffusion_loss(cfg.training.scheduler, t.prediction_type, pred, x_t, tt, target, t.num_train_timesteps)
+    return diffusion_loss(cfg.training.scheduler, t.prediction_type, pred, x_t, tt, target, t.num_train_timesteps,
+                          weight)
 
 
 def _diffusion_step(s2: _Stage2, cfg: Config, lat: _Latents, classes: torch.Tensor, step: int, scale: float,
@@ -145,7 +176,9 @@ def _diffusion_step(s2: _Stage2, cfg: Config, lat: _Latents, classes: torch.Tens
         with autocast(device, precision):
             pred = s2.net(x_t.to(device).contiguous(memory_format=s2.fmt), tt.to(device),
                           class_labels=None if labels is None else labels.to(device))
-        loss = _diffusion_loss(cfg, pred.float(), x_t.to(device), tt.to(device), target.to(device)) / t.grad_accum
+        weight = None if lat.loss_weight is None else rank_part(lat.loss_weight[idx]).to(device)
+        loss = _diffusion_loss(cfg, pred.float(), x_t.to(device), tt.to(device), target.to(device),
+                               weight) / t.grad_accum
         s2.scaler.scale(loss).backward()
         total += loss.item()
     s2.scaler.step(s2.opt)

@@ -388,12 +388,18 @@ def rflow_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, num_tr
 
 
 def diffusion_loss(kind: str, prediction_type: str, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   target: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+                   target: torch.Tensor, num_train_timesteps: int,
+                   weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MSE of the stage-2 objective: the rectified flow's velocity (derived from the output when the
-    network predicts the clean latent), or the DDPM/DDIM target of ``prediction_type``."""
+    network predicts the clean latent), or the DDPM/DDIM target of ``prediction_type``.  ``weight``
+    (``[B, 1, ...]``, broadcast over channels) weighs each voxel; the mean is divided by the mean
+    weight."""
     if is_flow(kind):
         out = rflow_velocity(out, x_t, t, num_train_timesteps, prediction_type)
-    return torch.nn.functional.mse_loss(out, target)
+    if weight is None:
+        return torch.nn.functional.mse_loss(out, target)
+    w = weight.to(out.dtype).expand_as(out)
+    return ((out - target) ** 2 * w).sum() / w.sum()
 
 
 # --------------------------------------------------------------------------------------------
