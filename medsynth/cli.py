@@ -746,6 +746,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, help="samples per batch (does not change the results)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA weights")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's training.device")
+    p.add_argument("--low-noise-run", type=Path, metavar="RUN2",
+                   help="a second run on the same latent (a copy of RUN's autoencoder) that denoises the times "
+                        "below --handover: two experts, e.g. a gated-skip UNet for the fine texture")
+    p.add_argument("--handover", type=float, default=0.5,
+                   help="with --low-noise-run: the fraction of the noise schedule below which it takes over "
+                        "(default 0.5)")
     p.add_argument("--masks", type=Path, help="data manifest (its cases' labels) or folder of NIfTI masks: one image "
                    "per mask, following it (needs 'medsynth train ... --stage controlnet'); the mask is the label")
     p.add_argument("--memory-gb", type=float, metavar="G",
@@ -758,6 +764,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from medsynth.errors import ConfigError
     from medsynth.model.sample import generate
 
+    if args.low_noise_run is not None and (args.masks is not None or args.memory_gb is not None):
+        raise ConfigError("--low-noise-run does not combine with --masks or --memory-gb yet",
+                          hint="drop one of them")
     if args.masks is not None:
         from medsynth.model.controlnet import generate_from_masks
 
@@ -791,7 +800,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     res = generate(args.run, args.out, range(args.start, args.start + args.n), seed=args.seed,
                    class_label=args.class_label, steps=args.steps, guidance=args.guidance,
                    batch_size=args.batch_size, scheduler=args.scheduler, eta=args.eta,
-                   use_ema=False if args.no_ema else None, device=args.device, sampler=sampler)
+                   use_ema=False if args.no_ema else None, device=args.device, sampler=sampler,
+                   low_noise_run=args.low_noise_run, handover=args.handover)
     print(f"wrote {len(res.written)} samples to {res.out_dir}"
           + (f" ({len(res.skipped)} already there, kept)" if res.skipped else ""))
     return 0

@@ -163,6 +163,46 @@ class Sampler:
         self.label_values, self.label_names = label_values(cfg), label_names(cfg)
         # CPU kernels may round a batch differently from a single sample: run one at a time there
         self.per_sample = device.type == "cpu"
+        self.low_noise: Optional["Sampler"] = None  # a low-noise expert (hand_over)
+        self.handover_t = 0.0
+
+    def hand_over(self, low: "Sampler", below: float) -> "Sampler":
+        """Denoise with ``low``'s UNet at the times below ``below`` (a fraction of the noise schedule,
+        0 < below < 1) and with this one's above: two experts for two noise ranges, as eDiff-I
+        (Balaji et al., 2022).  On the wavelet demo latent a plain UNet for the noisy half (the
+        anatomy and the bone) and a gated-skip UNet for the fine half (the lung texture) passed the
+        gate in 22 of 48 samples, each alone in at most 1 of 16 (docs/generator.md).  Both must share
+        the latent: the same autoencoder weights, latent shape and scale, intensity map, classes,
+        label set and objective.  Returns ``self``."""
+        if not 0.0 < float(below) < 1.0:
+            raise ConfigError(f"`handover` is a fraction of the noise schedule, 0 < value < 1; got {below}")
+        mine, theirs = self.cfg.training, low.cfg.training
+        why = None
+        if latent_shape(self.cfg) != latent_shape(low.cfg):
+            why = f"latent shapes {latent_shape(self.cfg)} and {latent_shape(low.cfg)}"
+        elif (SCHEDULERS[mine.scheduler].flow != SCHEDULERS[theirs.scheduler].flow
+              or mine.diffusion.num_train_timesteps != theirs.diffusion.num_train_timesteps):
+            why = "training objectives (scheduler or num_train_timesteps)"
+        elif self.num_classes != low.num_classes or self.label_values != low.label_values:
+            why = "classes or label sets"
+        elif abs(self.scale_factor - low.scale_factor) > 1e-6 * abs(self.scale_factor) or \
+                self.norm.to_dict() != low.norm.to_dict():
+            why = "latent scale factors or intensity maps"
+        else:
+            a, b = self.autoencoder.state_dict(), low.autoencoder.state_dict()
+            if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a
+                                           if k != "label_weight"):  # label decoding is this run's own
+                why = "autoencoder weights"
+        if why is not None:
+            raise ConfigError(f"{low.run}: cannot be the low-noise expert of {self.run}: different {why}",
+                              hint="train the expert's stage 2 on a copy of this run's autoencoder "
+                                   "(copy RUN/autoencoder into the new run folder, then "
+                                   "'medsynth train CONFIG --stage diffusion --run NEW')")
+        self.low_noise, self.handover_t = low, float(below)
+        self.provenance["low_noise_expert"] = {"run": low.run, "below": float(below),
+                                               "checkpoint_sha256": low.provenance.get("checkpoint_sha256"),
+                                               "use_ema": low.provenance.get("use_ema")}
+        return self
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -266,7 +306,11 @@ class Sampler:
                               for b in range(len(x))])
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
-        """The model output at time ``t``, with classifier-free guidance: u + g (c - u)."""
+        """The model output at time ``t``, with classifier-free guidance: u + g (c - u) (the
+        low-noise expert's below the hand-over time)."""
+        if self.low_noise is not None and \
+                float(t) < self.handover_t * self.cfg.training.diffusion.num_train_timesteps:
+            return self.low_noise.predict(x, t, labels, guidance)
         tt = t.reshape(1).repeat(len(x)).to(self.device)
         tt = tt.float() if tt.is_floating_point() else tt
         if labels is None or guidance == 1.0:
@@ -368,14 +412,15 @@ class GenerateResult:
     skipped: list[str] = field(default_factory=list)
 
 
-_SAME = ("seed", "class", "steps", "scheduler", "guidance", "eta", "checkpoint_sha256", "use_ema")
+_SAME = ("seed", "class", "steps", "scheduler", "guidance", "eta", "checkpoint_sha256", "use_ema", "low_noise_expert")
 
 
 def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequence[int], seed: int = 0,
              class_label: Optional[int] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
              batch_size: Optional[int] = None, scheduler: Optional[str] = None, eta: Optional[float] = None,
              use_ema: Optional[bool] = None, device: Optional[str] = None,
-             sampler: Optional[Sampler] = None) -> GenerateResult:
+             sampler: Optional[Sampler] = None, low_noise_run: Optional[str | Path] = None,
+             handover: float = 0.5) -> GenerateResult:
     """Sample volumes ``indices`` of a trained run into ``out_dir`` (the medsynth samples format).
 
     Sample ``i`` is a function of (run, seed, i, settings) only, never of the batch size, the other
@@ -383,7 +428,8 @@ def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequen
     that they were made with the same settings (else :class:`JobError`).  Without ``class_label`` a
     class-conditional model gives sample ``i`` class ``i mod n_classes``.  The run directory and
     every argument are checked before any compute.  A ready ``sampler`` (e.g. an untrained
-    baseline) may be passed instead of ``run_dir``.
+    baseline) may be passed instead of ``run_dir``.  ``low_noise_run`` denoises the times below
+    ``handover`` (see :meth:`Sampler.hand_over`).
     """
     from medsynth.samples import read_sample, write_sample
 
@@ -391,6 +437,8 @@ def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequen
         if run_dir is None:
             raise ConfigError("generate needs a run directory or a sampler")
         sampler = Sampler.from_run(run_dir, device=device, use_ema=use_ema)
+    if low_noise_run is not None:
+        sampler.hand_over(Sampler.from_run(low_noise_run, device=device, use_ema=use_ema), handover)
     st = sampler.settings(seed, steps, guidance, scheduler, eta)
     sampler.check_class(class_label)
     bs = int(batch_size or sampler.cfg.sampling.batch_size)
