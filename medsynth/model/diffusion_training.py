@@ -88,7 +88,7 @@ def label_loss_weights(cfg: Config, items: Any, grid: Sequence[int]) -> Optional
     """Per-latent-voxel loss weights ``[N, 1, *grid]`` of the training ``items`` from
     ``training.diffusion.label_loss_weight``: ``1 + sum_l (w_l - 1) * share_l``, the share of label
     ``l`` averaged over each latent voxel's block (None when no weights are configured)."""
-    from medsynth.model.labels import label_names
+    from medsynth.model.labels import label_names, label_shares
 
     want = cfg.training.diffusion.label_loss_weight or {}
     if not want:
@@ -105,7 +105,7 @@ def label_loss_weights(cfg: Config, items: Any, grid: Sequence[int]) -> Optional
     out = []
     for i in range(len(items)):
         img = torch.as_tensor(items[i]["image"]).as_subclass(torch.Tensor).float()
-        share = (img[-k:] + 1.0) / 2.0  # one-hot channels in [-1, 1]
+        share = label_shares(img[-k:])
         w = torch.ones_like(share[:1])
         for name, weight in want.items():
             w = w + (float(weight) - 1.0) * share[order.index(name)][None]

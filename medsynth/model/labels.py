@@ -61,6 +61,12 @@ def resolve_label_set(manifest_extra: Mapping[str, Any], seen: Optional[Sequence
     return {("background" if v == 0 else f"label_{v}"): v for v in vals}
 
 
+def label_shares(channels: torch.Tensor) -> torch.Tensor:
+    """One-hot label channels in model space ([-1, 1], as :func:`encode` writes them), or a blend of
+    them, -> each label's share of the voxel in [0, 1]."""
+    return (channels + 1.0) / 2.0
+
+
 def encode(image: torch.Tensor, label: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
     """``[1, X, Y, Z]`` image and integer label -> ``[1 + K, X, Y, Z]`` model input (one-hot in [-1, 1])."""
     lab = torch.as_tensor(label).as_subclass(torch.Tensor).round().long()[0]

@@ -171,7 +171,7 @@ class Sampler:
         0 < below < 1) and with this one's above: two experts for two noise ranges, as eDiff-I
         (Balaji et al., 2022).  On the wavelet demo latent a plain UNet for the noisy half (the
         anatomy and the bone) and a gated-skip UNet for the fine half (the lung texture) passed the
-        gate in 22 of 48 samples, each alone in at most 1 of 16 (docs/generator.md).  Both must share
+        gate in 22 of 48 samples, each of the two alone in 0 of 16 (docs/generator.md).  Both must share
         the latent: the same autoencoder weights, latent shape and scale, intensity map, classes,
         label set and objective.  Returns ``self``."""
         if not 0.0 < float(below) < 1.0:
@@ -190,8 +190,7 @@ class Sampler:
             why = "latent scale factors or intensity maps"
         else:
             a, b = self.autoencoder.state_dict(), low.autoencoder.state_dict()
-            if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a
-                                           if k != "label_weight"):  # label decoding is this run's own
+            if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
                 why = "autoencoder weights"
         if why is not None:
             raise ConfigError(f"{low.run}: cannot be the low-noise expert of {self.run}: different {why}",

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsynth.model.labels import label_shares
+
 
 def haar_filters(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The 8 orthonormal 3D Haar filters ``[8, 1, 2, 2, 2]``, low-pass first (band index = bits zyx)."""
@@ -115,15 +117,21 @@ class HaarWavelet3d(nn.Module):
         lab = None
         if self.low_labels:
             n_img = w.shape[1] - self.low_labels
-            w, lab = w[:, :n_img], w[:, n_img:] / (2.0 ** 1.5) ** self.levels  # band 0 = mean * 2^(1.5 L)
+            w, lab = w[:, :n_img], w[:, n_img:]
         for _ in range(self.levels):
             c = w.shape[1] // 8
             w = F.conv_transpose3d(w, self._weight(c, w), stride=2, groups=c)
         if lab is not None:
-            lab = F.interpolate(lab, scale_factor=self.factor, mode="trilinear", align_corners=False)
             # one-hot channels are in [-1, 1]: weigh each label's share (lab + 1) / 2 of the voxel
-            w = torch.cat([w, (lab + 1.0) * self.label_weight.to(lab.dtype).view(1, -1, 1, 1, 1) - 1.0], dim=1)
+            share = label_shares(self.upsample_labels(lab)) * self.label_weight.to(lab.dtype).view(1, -1, 1, 1, 1)
+            w = torch.cat([w, 2.0 * share - 1.0], dim=1)
         return w
+
+    def upsample_labels(self, low: torch.Tensor) -> torch.Tensor:
+        """Low-pass label bands (unscaled, ``[B, K, ...]``) -> the label channels on the image grid:
+        the block means (band 0 = mean x 2^(1.5 L)), upsampled trilinearly, before any weighting."""
+        low = low / (2.0 ** 1.5) ** self.levels
+        return F.interpolate(low, scale_factor=self.factor, mode="trilinear", align_corners=False)
 
     def _band(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.to(dtype=like.dtype).view(1, -1, 1, 1, 1)
@@ -224,9 +232,7 @@ def fit_label_weights(wavelet: HaarWavelet3d, images: Sequence[torch.Tensor] | A
             break
         x = torch.as_tensor(img).as_subclass(torch.Tensor)[None].float()
         t = x[0, -k:].argmax(0).reshape(-1)
-        w = wavelet.transform(x)[:, -k:] / (2.0 ** 1.5) ** wavelet.levels
-        up = F.interpolate(w, scale_factor=wavelet.factor, mode="trilinear", align_corners=False)[0]
-        sc = ((up + 1.0) / 2.0).reshape(k, -1)  # each label's share of the voxel (one-hot in [-1, 1])
+        sc = label_shares(wavelet.upsample_labels(wavelet.transform(x)[:, -k:]))[0].reshape(k, -1)
         amb = (sc > 1e-6).sum(0) > 1
         fixed.append(torch.bincount(t[~amb] * k + sc[:, ~amb].argmax(0), minlength=k * k).view(k, k))
         cases.append(torch.full((int(amb.sum()),), len(fixed) - 1, dtype=torch.long))
