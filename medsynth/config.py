@@ -409,6 +409,11 @@ class DiffusionTrainConfig:
     training case's label map gives label ``l`` (``{lesion: 20}``): a label in 0.05 % of the voxels
     otherwise counts for nothing in a mean-squared loss.  The loss is divided by the mean weight
     of the batch, so its scale (and the validation loss, which stays unweighted) is comparable.
+    ``time_range: [lo, hi]`` trains an expert for one part of the noise schedule only (times
+    ``lo <= t / T < hi``, the same distribution truncated there; the validation loss too): a run
+    trained on part of the schedule is sampled only as one of two experts (``medsynth generate
+    RUN --low-noise-run RUN2 --handover T`` with RUN covering [T, 1] and RUN2 [0, T]), so each
+    expert spends all its steps on its own range (eDiff-I, Balaji et al. 2022).
     """
 
     steps: int = 10000
@@ -430,11 +435,19 @@ class DiffusionTrainConfig:
     val_every: int = 500
     log_every: int = 100
     label_loss_weight: dict[str, float] = field(default_factory=dict)
+    time_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
     @property
-    def timestep_dist(self) -> tuple[str, float, float]:
-        """How rflow training times are drawn: (``timestep_sampling``, logit mean, logit std)."""
-        return (self.timestep_sampling, float(self.logit_mean), float(self.logit_std))
+    def timestep_dist(self) -> tuple[str, float, float, float, float]:
+        """How training times are drawn: (``timestep_sampling``, logit mean, logit std, and the
+        ``time_range`` they are restricted to, as fractions of the schedule)."""
+        lo, hi = self.time_range
+        return (self.timestep_sampling, float(self.logit_mean), float(self.logit_std), float(lo), float(hi))
+
+    @property
+    def whole_schedule(self) -> bool:
+        """True unless ``time_range`` restricts the model to a part of the noise schedule."""
+        return float(self.time_range[0]) <= 0.0 and float(self.time_range[1]) >= 1.0
 
     def check(self, path: str) -> list[str]:
         errs = _steps_checks(self, path)
@@ -453,6 +466,12 @@ class DiffusionTrainConfig:
         for name, w in (self.label_loss_weight or {}).items():
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 < float(w) <= 1000:
                 errs.append(f"{path}.label_loss_weight.{name}: a loss weight 0 < value <= 1000, got {w!r}")
+        tr = self.time_range
+        if (not isinstance(tr, (list, tuple)) or len(tr) != 2
+                or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in tr)
+                or not 0.0 <= float(tr[0]) < float(tr[1]) <= 1.0):
+            errs.append(f"{path}.time_range: two fractions of the noise schedule [lo, hi] with "
+                        f"0 <= lo < hi <= 1 (e.g. [0.0, 0.5] for a low-noise expert), got {tr!r}")
         return errs
 
 

@@ -80,3 +80,65 @@ def test_cli_generates_with_two_experts_and_refuses_masks(experts, run_cli, tmp_
     code, out, err = run_cli("generate", high, "--low-noise-run", low, "--masks", tmp_path, "-n", "1",
                              "--out", tmp_path / "m")
     assert code != 0 and "--low-noise-run does not combine" in err and "Traceback" not in err
+
+
+# -- experts trained on part of the schedule (training.diffusion.time_range) --------------------------
+
+
+def test_time_range_draws_the_truncated_distribution_and_leaves_the_whole_schedule_as_before():
+    import torch
+    from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+    from medsynth.model.networks import sample_train_timesteps
+
+    flow, ddpm = RFlowScheduler(num_train_timesteps=1000), DDPMScheduler(num_train_timesteps=20)
+    g = lambda: torch.Generator().manual_seed(3)
+    # the whole schedule draws bit for bit what it drew before the option existed
+    assert torch.equal(sample_train_timesteps("rflow", flow, 64, g(), "logit-normal", 0.2, 1.5, 0.0, 1.0),
+                       torch.sigmoid(0.2 + 1.5 * torch.randn(64, generator=g())) * 1000)
+    assert torch.equal(sample_train_timesteps("ddpm", ddpm, 64, g(), "logit-normal", 0.0, 1.0, 0.0, 1.0),
+                       torch.randint(0, 20, (64,), generator=g()))
+    # a part of it: every draw inside, distributed as the whole schedule's draws that fall there
+    low = sample_train_timesteps("rflow", flow, 40000, g(), "logit-normal", 0.0, 1.0, 0.0, 0.3) / 1000
+    ref = torch.sigmoid(torch.randn(400000, generator=g()))
+    ref = ref[ref < 0.3][:40000]
+    assert 0.0 <= float(low.min()) and float(low.max()) < 0.3
+    q = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(torch.quantile(low, q), torch.quantile(ref, q), atol=0.005)
+    high = sample_train_timesteps("rflow", flow, 1000, g(), "uniform", 0.0, 1.0, 0.5, 1.0) / 1000
+    assert float(high.min()) >= 0.5 and float(high.max()) <= 1.0 and float(high.std()) > 0.1
+    ints = sample_train_timesteps("ddpm", ddpm, 1000, g(), "logit-normal", 0.0, 1.0, 0.25, 0.5)
+    assert set(ints.tolist()) == {5, 6, 7, 8, 9}
+
+
+def test_a_bad_time_range_is_refused_naming_the_key(phantoms):
+    for bad in ([0.5, 0.2], [0.0], [-0.1, 0.5], [0.0, 1.5], "low"):
+        raw = tiny_config(phantoms, training={"diffusion": {"time_range": bad}})
+        with pytest.raises(ConfigError, match=r"training\.diffusion\.time_range"):
+            config_from_dict(raw)
+
+
+def test_an_expert_of_part_of_the_schedule_samples_only_beside_its_partner(experts, phantoms, tmp_path, run_cli,
+                                                                           capsys):
+    high, _ = experts
+    low = tmp_path / "low"
+    low.mkdir()
+    shutil.copytree(high / "autoencoder", low / "autoencoder")
+    cfg = _cfg(phantoms, gated_skip=True)
+    cfg.training.diffusion.time_range = [0.0, 0.5]
+    train(cfg, low, stage="diffusion")
+    # alone it is refused, with the way to sample it
+    with pytest.raises(ConfigError, match="one of two experts"):
+        generate(low, tmp_path / "alone", range(1), seed=5, steps=4)
+    capsys.readouterr()  # what the in-process training above logged is not the CLI's
+    code, out, err = run_cli("generate", low, "-n", "1", "--out", tmp_path / "cli", "--no-progress")
+    assert code != 0 and "--low-noise-run" in err and "Traceback" not in err
+    assert not list((tmp_path / "cli").glob("*.nii.gz")) if (tmp_path / "cli").exists() else True
+    # below a hand-over it covers: accepted; above what it was trained on: refused
+    generate(high, tmp_path / "pair", range(2), seed=5, steps=4, low_noise_run=low, handover=0.5)
+    assert len(list_samples(tmp_path / "pair")) == 2
+    with pytest.raises(ConfigError, match="cannot denoise 0-0.7"):
+        Sampler.from_run(high).hand_over(Sampler.from_run(low), 0.7)
+    # and as the high-noise expert a [0, 0.5] run is refused
+    with pytest.raises(ConfigError, match="cannot denoise 0.3-1"):
+        Sampler.from_run(low).hand_over(Sampler.from_run(high), 0.3)

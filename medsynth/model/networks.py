@@ -354,20 +354,42 @@ def is_flow(kind: str) -> bool:
 
 
 def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator,
-                           sampling: str = "logit-normal", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+                           sampling: str = "logit-normal", mean: float = 0.0, std: float = 1.0,
+                           lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
     """Training timesteps for ``n`` samples drawn from generator ``g``.
 
     MONAI's ``RFlowScheduler.sample_timesteps`` draws from the global RNG; this draws the same
     distribution (uniform integers for DDPM/DDIM, logit-normal for rectified flow) from ``g`` so a
     run can be replayed.  ``sampling: uniform`` draws rectified-flow times uniformly instead;
     ``mean`` and ``std`` are the logit-normal's (t / T = sigmoid(mean + std n); mean > 0 favours
-    noisy times, mean < 0 the last, fine steps).
+    noisy times, mean < 0 the last, fine steps).  ``lo``, ``hi`` (fractions of the schedule)
+    restrict the draws to ``lo <= t / T < hi`` for an expert of one noise range (Sampler.hand_over):
+    the same distribution truncated there (the logit-normal by its inverse CDF, so every draw
+    costs one random number); the whole schedule [0, 1] draws exactly as before.
     """
+    T = scheduler.num_train_timesteps
+    whole = lo <= 0.0 and hi >= 1.0
     if not is_flow(kind):
-        return torch.randint(0, scheduler.num_train_timesteps, (n,), generator=g)
+        if whole:
+            return torch.randint(0, T, (n,), generator=g)
+        a = min(int(math.ceil(lo * T)), T - 1)
+        return torch.randint(a, max(a + 1, int(math.ceil(hi * T))), (n,), generator=g)
     if sampling == "uniform":
-        return torch.rand(n, generator=g) * scheduler.num_train_timesteps
-    return torch.sigmoid(mean + std * torch.randn(n, generator=g)) * scheduler.num_train_timesteps
+        u = torch.rand(n, generator=g)
+        return (u if whole else lo + (hi - lo) * u) * T
+    if whole:
+        return torch.sigmoid(mean + std * torch.randn(n, generator=g)) * T
+    def cdf(t: float) -> float:  # P(sigmoid(mean + std n) < t) for a standard normal n
+        if t <= 0.0:
+            return 0.0
+        if t >= 1.0:
+            return 1.0
+        return 0.5 * (1.0 + math.erf((math.log(t / (1.0 - t)) - mean) / (std * math.sqrt(2.0))))
+    ca, cb = cdf(lo), cdf(hi)
+    u = (ca + (cb - ca) * torch.rand(n, generator=g, dtype=torch.float64)).clamp(1e-12, 1.0 - 1e-12)
+    z = math.sqrt(2.0) * torch.special.erfinv(2.0 * u - 1.0)
+    t = torch.sigmoid(mean + std * z).clamp(lo, hi * (1.0 - 1e-7) if hi < 1.0 else 1.0)
+    return (t * T).float()
 
 
 # the smallest rectified-flow time a clean-latent prediction is divided by (Li & He 2025 clip at 0.05)

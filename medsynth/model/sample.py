@@ -192,6 +192,17 @@ class Sampler:
             a, b = self.autoencoder.state_dict(), low.autoencoder.state_dict()
             if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
                 why = "autoencoder weights"
+        if why is None:
+            below = float(below)
+            (hlo, hhi), (llo, lhi) = mine.diffusion.time_range, theirs.diffusion.time_range
+            if float(hlo) > below + 1e-9 or float(hhi) < 1.0:
+                raise ConfigError(f"{self.run}: trained on the times {hlo:g}-{hhi:g} of the noise schedule "
+                                  f"(training.diffusion.time_range), so it cannot denoise {below:g}-1 above the hand-over",
+                                  hint=f"hand over at --handover {float(hlo):g} or above, or use a high-noise run trained up to 1")
+            if float(llo) > 0.0 or float(lhi) < below - 1e-9:
+                raise ConfigError(f"{low.run}: trained on the times {llo:g}-{lhi:g} of the noise schedule "
+                                  f"(training.diffusion.time_range), so it cannot denoise 0-{below:g} below the hand-over",
+                                  hint=f"hand over at --handover {float(lhi):g} or below, or use a low-noise run trained from 0")
         if why is not None:
             raise ConfigError(f"{low.run}: cannot be the low-noise expert of {self.run}: different {why}",
                               hint="train the expert's stage 2 on a copy of this run's autoencoder "
@@ -323,6 +334,13 @@ class Sampler:
     def denoise(self, noise: torch.Tensor, labels: Optional[torch.Tensor], step_gens: list[torch.Generator],
                 st: SampleSettings) -> torch.Tensor:
         """The denoising loop: from pure noise to a clean latent in ``st.steps`` scheduler steps."""
+        d = self.cfg.training.diffusion
+        if self.low_noise is None and not d.whole_schedule:
+            lo, hi = d.time_range
+            raise ConfigError(f"{self.run}: trained on the times {lo:g}-{hi:g} of the noise schedule only "
+                              f"(training.diffusion.time_range): it is one of two experts, not a sampler by itself",
+                              hint="sample it with its partner: 'medsynth generate HIGH_RUN --low-noise-run LOW_RUN "
+                                   "--handover T', HIGH_RUN trained on [T, 1] and LOW_RUN on [0, T]")
         sched = build_scheduler(st.scheduler, self.cfg.training.diffusion, math.prod(noise.shape[2:]))
         sched.set_timesteps(st.steps)
         ts = list(sched.timesteps)
