@@ -127,6 +127,7 @@ class RunPaths:
         RUN/model_card.json         input contract, classes, scale factor, intended use, checkpoint hashes
         RUN/<stage>/last.pt         a stage's checkpoint (autoencoder, diffusion, controlnet)
         RUN/<stage>/metrics.jsonl   its training log
+        RUN/low_noise/              the low-noise expert (model.low_noise_expert): a run folder of its own
     """
 
     root: Path
@@ -145,6 +146,11 @@ class RunPaths:
 
     def checkpoint(self, stage: str) -> Path:
         return self.root / stage / "last.pt"
+
+    @property
+    def low_noise(self) -> "RunPaths":
+        """The run folder of this run's low-noise expert (``model.low_noise_expert``)."""
+        return RunPaths(self.root / "low_noise")
 
     def has_checkpoint(self) -> bool:
         """True when any stage has written its checkpoint (the run can be resumed)."""

@@ -142,3 +142,72 @@ def test_an_expert_of_part_of_the_schedule_samples_only_beside_its_partner(exper
     # and as the high-noise expert a [0, 0.5] run is refused
     with pytest.raises(ConfigError, match="cannot denoise 0.3-1"):
         Sampler.from_run(low).hand_over(Sampler.from_run(high), 0.3)
+
+
+# -- a run with its own low-noise expert (model.low_noise_expert) ------------------------------------------
+
+
+def _expert_cfg(phantoms, **expert):
+    raw = tiny_config(phantoms, data={"use_labels": True}, training={"scheduler": "rflow"},
+                      sampling={"scheduler": "rflow", "eta": 1.0})
+    raw["model"]["autoencoder"] = {"kind": "wavelet", "wavelet_levels": 1, "wavelet_label_bands": "low"}
+    raw["model"]["low_noise_expert"] = {"handover": 0.5, "unet": {"gated_skip": True}, **expert}
+    return config_from_dict(raw)
+
+
+def test_a_run_with_its_own_expert_trains_it_resumes_exactly_and_every_sampler_hands_over(phantoms, tmp_path,
+                                                                                           run_cli, capsys):
+    import torch
+
+    from tests.helpers import Interrupt, run_weights
+
+    cfg = _expert_cfg(phantoms)
+    whole = tmp_path / "whole"
+    res = train(cfg, whole)
+    assert [s.get("expert") for s in res.summaries] == [None, None, "low_noise"]
+    ecfg = Sampler.from_run(whole / "low_noise").cfg  # a run folder of its own, on the run's latent
+    assert ecfg.model.unet.gated_skip and ecfg.training.diffusion.time_range == [0.0, 0.5]
+    assert ecfg.model.low_noise_expert is None and not cfg.model.unet.gated_skip
+    # killed in the expert's stage 2 (after its checkpoint at step 2), resumed: the same weights as one run
+    calls = []
+
+    def kill(stage, step):
+        calls.append(step)
+        if len(calls) == 7:  # the run's 4 steps, then the expert's third
+            raise Interrupt()
+
+    part = tmp_path / "part"
+    with pytest.raises(Interrupt):
+        train(cfg, part, callback=kill)
+    assert (part / "low_noise" / "diffusion" / "last.pt").is_file()
+    train(cfg, part, resume=True)
+    for sub in ("", "low_noise"):
+        a, b = run_weights(whole / sub), run_weights(part / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # sampling the run hands over to its expert: recorded, per sample, and not to be doubled
+    generate(whole, tmp_path / "x", range(2), seed=3, steps=4, batch_size=2)
+    generate(whole, tmp_path / "y", [1, 0], seed=3, steps=4, batch_size=1)
+    x, y = _arrays(tmp_path / "x"), _arrays(tmp_path / "y")
+    assert all(np.array_equal(x[i], y[i]) for i in range(2))
+    side = json.loads(next((tmp_path / "x").glob("synth-*0.json")).read_text())
+    assert side["low_noise_expert"]["below"] == 0.5
+    assert side["low_noise_expert"]["checkpoint_sha256"] == \
+        Sampler.from_run(whole / "low_noise").provenance["checkpoint_sha256"]
+    with pytest.raises(ConfigError, match="has a low-noise expert of its own"):
+        generate(whole, tmp_path / "z", range(1), seed=3, steps=4, low_noise_run=whole / "low_noise")
+    # a run whose expert is missing says how to finish it; the bundle export refuses a run it cannot hold
+    shutil.rmtree(part / "low_noise" / "diffusion")
+    capsys.readouterr()
+    code, out, err = run_cli("generate", part, "-n", "1", "--out", tmp_path / "m", "--no-progress")
+    assert code != 0 and "--resume" in err and "Traceback" not in err
+    code, out, err = run_cli("export-bundle", whole, "--out", tmp_path / "bundle")
+    assert code != 0 and "low-noise expert" in err and not (tmp_path / "bundle").exists()
+
+
+def test_the_experts_keys_are_checked_naming_them(phantoms):
+    with pytest.raises(ConfigError, match=r"model\.low_noise_expert\.unet\.gated_skipp: unknown key"):
+        _expert_cfg(phantoms, unet={"gated_skipp": True})
+    with pytest.raises(ConfigError, match=r"model\.low_noise_expert\.handover"):
+        _expert_cfg(phantoms, handover=1.0)
+    with pytest.raises(ConfigError, match=r"model\.low_noise_expert\.diffusion\.time_range"):
+        _expert_cfg(phantoms, diffusion={"time_range": [0.5, 0.2]})

@@ -81,6 +81,10 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
                           hint="pass `overwrite=True` or another `out_dir`")
     run = load_run(run_dir)
     cfg = run.cfg
+    if cfg.model.low_noise_expert is not None:
+        raise CheckpointError(f"{run.root}: has a low-noise expert (model.low_noise_expert); a MONAI bundle holds "
+                              f"one diffusion UNet, so it would sample differently from the run",
+                              hint="export a run without model.low_noise_expert, or share the run folder itself")
     ema = cfg.sampling.use_ema if use_ema is None else use_ema
     if ema and run.ema_state is None:
         raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights", hint="pass `use_ema=False`")

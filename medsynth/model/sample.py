@@ -25,7 +25,7 @@ from torch import nn
 
 from medsynth.config import Config, config_hash
 from medsynth.errors import CheckpointError, ConfigError, JobError
-from medsynth.jobs import derive_seed, sample_id, sample_seed
+from medsynth.jobs import RunPaths, derive_seed, sample_id, sample_seed
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
@@ -165,6 +165,7 @@ class Sampler:
         self.per_sample = device.type == "cpu"
         self.low_noise: Optional["Sampler"] = None  # a low-noise expert (hand_over)
         self.handover_t = 0.0
+        self.own_expert = False  # the expert is the run's own (model.low_noise_expert)
 
     def hand_over(self, low: "Sampler", below: float) -> "Sampler":
         """Denoise with ``low``'s UNet at the times below ``below`` (a fraction of the noise schedule,
@@ -176,6 +177,9 @@ class Sampler:
         label set and objective.  Returns ``self``."""
         if not 0.0 < float(below) < 1.0:
             raise ConfigError(f"`handover` is a fraction of the noise schedule, 0 < value < 1; got {below}")
+        if self.own_expert:
+            raise ConfigError(f"{self.run}: has a low-noise expert of its own (model.low_noise_expert), "
+                              f"used below {self.handover_t:g}", hint="drop --low-noise-run")
         mine, theirs = self.cfg.training, low.cfg.training
         why = None
         if latent_shape(self.cfg) != latent_shape(low.cfg):
@@ -235,7 +239,18 @@ class Sampler:
         licenses = weights_licenses(run.card)  # what the samples inherit from initial weights
         if licenses:
             prov["weights_licenses"] = licenses
-        return cls(cfg, ae, unet, run.scale_factor, run.intensity_norm, dev, prov, run.name)
+        sampler = cls(cfg, ae, unet, run.scale_factor, run.intensity_norm, dev, prov, run.name)
+        expert = cfg.model.low_noise_expert
+        if expert is not None:  # the run's own low-noise expert (model.low_noise_expert), trained with it
+            ep = RunPaths(Path(run_dir)).low_noise
+            edir = ep.root
+            if not ep.checkpoint("diffusion").is_file():
+                raise CheckpointError(f"{run_dir}: its low-noise expert (model.low_noise_expert) is not trained "
+                                      f"({ep.checkpoint('diffusion').relative_to(Path(run_dir))} is missing)",
+                                      hint="finish training: 'medsynth train CONFIG --run RUN --resume'")
+            sampler.hand_over(cls.from_run(edir, device=device, use_ema=use_ema), expert.handover)
+            sampler.own_expert = True
+        return sampler
 
     @classmethod
     def untrained(cls, cfg: Config, seed: int = 0, device: str = "cpu",

@@ -100,10 +100,46 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
                 log.info("autoencoder stopped at step %d of %d (--max-steps); continue with --resume",
                          summaries[-1]["steps"], cfg.training.autoencoder.steps)
                 break
+            if s == "diffusion" and cfg.model.low_noise_expert is not None:
+                if summaries[-1]["steps"] < cfg.training.diffusion.steps:
+                    log.info("diffusion stopped at step %d of %d (--max-steps); the low-noise expert follows "
+                             "with --resume", summaries[-1]["steps"], cfg.training.diffusion.steps)
+                    break
+                summaries.append(_train_low_noise_expert(cfg, paths, data, dev, resume, callback, max_steps))
+                barrier()
     finally:
         if started_dist:
             shutdown()
     return TrainResult(paths.root, summaries, round(time.perf_counter() - t0, 1))
+
+
+def _train_low_noise_expert(cfg: Config, paths: RunPaths, data: Any, dev: torch.device, resume: bool,
+                            callback: Optional[StepCallback], max_steps: Optional[int]) -> dict[str, Any]:
+    """Stage 2 of ``model.low_noise_expert`` into ``RUN/low_noise/``: a run folder of its own (config,
+    versions, a copy of the run's autoencoder, its diffusion checkpoint and model card) trained on the
+    run's data and latent; resumed with the run."""
+    import shutil
+
+    from medsynth.config import expert_config
+
+    ecfg = expert_config(cfg)
+    ep = paths.low_noise
+    if is_main():
+        ep.checkpoint("autoencoder").parent.mkdir(parents=True, exist_ok=True)
+        src = paths.checkpoint("autoencoder")
+        dst = ep.checkpoint("autoencoder")
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        write_text(ep.config, dump_yaml(ecfg))
+        write_json(ep.versions, versions())
+    barrier()
+    log.info("training the low-noise expert (times below %g of the schedule) into %s",
+             cfg.model.low_noise_expert.handover, ep.root)
+    out = train_diffusion(ecfg, ep, data, dev, training_precision(ecfg, "diffusion", dev),
+                          resume and ep.checkpoint("diffusion").is_file(), callback, max_steps)
+    return {**out, "expert": "low_noise"}
 
 
 def training_precision(cfg: Config, stage: str, device: torch.device) -> str:
