@@ -127,7 +127,9 @@ def test_an_expert_of_part_of_the_schedule_samples_only_beside_its_partner(exper
     cfg = _cfg(phantoms, gated_skip=True)
     cfg.training.diffusion.time_range = [0.0, 0.5]
     train(cfg, low, stage="diffusion")
-    # alone it is refused, with the way to sample it
+    # alone it is refused, with the way to sample it (its untrained baseline, as the demo's fidelity uses, is not)
+    base = Sampler.untrained(Sampler.from_run(low).cfg)
+    assert len(base.sample([0], base.settings(steps=2))) == 1
     with pytest.raises(ConfigError, match="one of two experts"):
         generate(low, tmp_path / "alone", range(1), seed=5, steps=4)
     capsys.readouterr()  # what the in-process training above logged is not the CLI's

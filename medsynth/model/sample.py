@@ -350,7 +350,7 @@ class Sampler:
                 st: SampleSettings) -> torch.Tensor:
         """The denoising loop: from pure noise to a clean latent in ``st.steps`` scheduler steps."""
         d = self.cfg.training.diffusion
-        if self.low_noise is None and not d.whole_schedule:
+        if self.low_noise is None and not d.whole_schedule and not self.provenance.get("untrained"):
             lo, hi = d.time_range
             raise ConfigError(f"{self.run}: trained on the times {lo:g}-{hi:g} of the noise schedule only "
                               f"(training.diffusion.time_range): it is one of two experts, not a sampler by itself",
