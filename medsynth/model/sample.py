@@ -179,7 +179,7 @@ class Sampler:
             raise ConfigError(f"`handover` is a fraction of the noise schedule, 0 < value < 1; got {below}")
         if self.own_expert:
             raise ConfigError(f"{self.run}: has a low-noise expert of its own (model.low_noise_expert), "
-                              f"used below {self.handover_t:g}", hint="drop --low-noise-run")
+                              f"used below {self.handover_t:g}", hint="sample it without another expert (`low_noise_run`)")
         mine, theirs = self.cfg.training, low.cfg.training
         why = None
         if latent_shape(self.cfg) != latent_shape(low.cfg):
@@ -202,11 +202,11 @@ class Sampler:
             if float(hlo) > below + 1e-9 or float(hhi) < 1.0:
                 raise ConfigError(f"{self.run}: trained on the times {hlo:g}-{hhi:g} of the noise schedule "
                                   f"(training.diffusion.time_range), so it cannot denoise {below:g}-1 above the hand-over",
-                                  hint=f"hand over at --handover {float(hlo):g} or above, or use a high-noise run trained up to 1")
+                                  hint=f"hand over at `handover` {float(hlo):g} or above, or use a high-noise run trained up to 1")
             if float(llo) > 0.0 or float(lhi) < below - 1e-9:
                 raise ConfigError(f"{low.run}: trained on the times {llo:g}-{lhi:g} of the noise schedule "
                                   f"(training.diffusion.time_range), so it cannot denoise 0-{below:g} below the hand-over",
-                                  hint=f"hand over at --handover {float(lhi):g} or below, or use a low-noise run trained from 0")
+                                  hint=f"hand over at `handover` {float(lhi):g} or below, or use a low-noise run trained from 0")
         if why is not None:
             raise ConfigError(f"{low.run}: cannot be the low-noise expert of {self.run}: different {why}",
                               hint="train the expert's stage 2 on a copy of this run's autoencoder "
