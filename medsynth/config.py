@@ -794,32 +794,38 @@ class Config:
             errs.append(f"sampling.steps: at most training.diffusion.num_train_timesteps "
                         f"({self.training.diffusion.num_train_timesteps}), got {self.sampling.steps}")
         if self.model.low_noise_expert is not None and not _check_all(self.model.low_noise_expert, ""):
-            try:
-                expert_config(self)
-            except ConfigError as exc:
-                errs.extend(line.strip()[2:] for line in str(exc).splitlines()[1:] if line.strip().startswith("- "))
+            errs.extend(_expert(self)[1])
         return errs
 
 
-def expert_config(cfg: "Config") -> "Config":
-    """The config of ``cfg``'s low-noise expert (``model.low_noise_expert``): ``cfg`` with the expert's
-    ``unet`` and ``diffusion`` keys changed, trained on ``[0, handover]`` unless it sets a
-    ``time_range``, and no expert of its own.  Problems name the expert's keys."""
+def _expert(cfg: "Config") -> tuple["Config", list[str]]:
+    """``cfg``'s low-noise expert config (see :func:`expert_config`) and its problems, named by the
+    expert's keys (``model.low_noise_expert.unet.<key>``)."""
     e = cfg.model.low_noise_expert
-    if e is None:
-        raise ConfigError("the config has no model.low_noise_expert")
     raw = config_to_dict(cfg)
     raw["name"] = f"{cfg.name}-low-noise"
     raw["model"]["low_noise_expert"] = None
     raw["model"]["unet"] = _deep_merge(raw["model"]["unet"], dict(e.unet))
     raw["training"]["diffusion"] = _deep_merge(raw["training"]["diffusion"],
                                                {"time_range": [0.0, float(e.handover)], **dict(e.diffusion)})
-    try:
-        return config_from_dict(raw, source="model.low_noise_expert")
-    except ConfigError as exc:
-        text = str(exc).replace("model.unet.", "model.low_noise_expert.unet.").replace(
-            "training.diffusion.", "model.low_noise_expert.diffusion.")
-        raise ConfigError(text) from None
+    errors: list[str] = []
+    ecfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors.extend(_check_all(ecfg, ""))
+    return ecfg, [x.replace("model.unet.", "model.low_noise_expert.unet.").replace(
+        "training.diffusion.", "model.low_noise_expert.diffusion.") for x in errors]
+
+
+def expert_config(cfg: "Config") -> "Config":
+    """The config of ``cfg``'s low-noise expert (``model.low_noise_expert``): ``cfg`` with the expert's
+    ``unet`` and ``diffusion`` keys changed, trained on ``[0, handover]`` unless it sets a
+    ``time_range``, and no expert of its own.  Problems name the expert's keys."""
+    if cfg.model.low_noise_expert is None:
+        raise ConfigError("the config has no model.low_noise_expert")
+    ecfg, errors = _expert(cfg)
+    if errors:
+        raise _problems("model.low_noise_expert", errors)
+    return ecfg
 
 
 # Full self-attention over more tokens than this needs a quadratic matrix that does not fit:
@@ -905,9 +911,14 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     if not errors:
         errors.extend(_check_all(cfg, ""))
     if errors:
-        lines = "\n".join(f"  - {e}" for e in errors)
-        raise ConfigError(f"{source}: {len(errors)} problem(s) in the config:\n{lines}")
+        raise _problems(source, errors)
     return cfg
+
+
+def _problems(source: str, errors: list[str]) -> ConfigError:
+    """The one error that lists every problem of a config."""
+    lines = "\n".join(f"  - {e}" for e in errors)
+    return ConfigError(f"{source}: {len(errors)} problem(s) in the config:\n{lines}")
 
 
 def as_config(config: Config | str | Path | dict[str, Any]) -> Config:

@@ -165,7 +165,6 @@ class Sampler:
         self.per_sample = device.type == "cpu"
         self.low_noise: Optional["Sampler"] = None  # a low-noise expert (hand_over)
         self.handover_t = 0.0
-        self.own_expert = False  # the expert is the run's own (model.low_noise_expert)
 
     def hand_over(self, low: "Sampler", below: float) -> "Sampler":
         """Denoise with ``low``'s UNet at the times below ``below`` (a fraction of the noise schedule,
@@ -177,7 +176,7 @@ class Sampler:
         label set and objective.  Returns ``self``."""
         if not 0.0 < float(below) < 1.0:
             raise ConfigError(f"`handover` is a fraction of the noise schedule, 0 < value < 1; got {below}")
-        if self.own_expert:
+        if self.low_noise is not None and self.cfg.model.low_noise_expert is not None:
             raise ConfigError(f"{self.run}: has a low-noise expert of its own (model.low_noise_expert), "
                               f"used below {self.handover_t:g}", hint="sample it without another expert (`low_noise_run`)")
         mine, theirs = self.cfg.training, low.cfg.training
@@ -243,13 +242,11 @@ class Sampler:
         expert = cfg.model.low_noise_expert
         if expert is not None:  # the run's own low-noise expert (model.low_noise_expert), trained with it
             ep = RunPaths(Path(run_dir)).low_noise
-            edir = ep.root
             if not ep.checkpoint("diffusion").is_file():
                 raise CheckpointError(f"{run_dir}: its low-noise expert (model.low_noise_expert) is not trained "
                                       f"({ep.checkpoint('diffusion').relative_to(Path(run_dir))} is missing)",
                                       hint="finish training: 'medsynth train CONFIG --run RUN --resume'")
-            sampler.hand_over(cls.from_run(edir, device=device, use_ema=use_ema), expert.handover)
-            sampler.own_expert = True
+            sampler.hand_over(cls.from_run(ep.root, device=device, use_ema=use_ema), expert.handover)
         return sampler
 
     @classmethod
@@ -356,11 +353,10 @@ class Sampler:
                               f"(training.diffusion.time_range): it is one of two experts, not a sampler by itself",
                               hint="sample it with its partner: 'medsynth generate HIGH_RUN --low-noise-run LOW_RUN "
                                    "--handover T', HIGH_RUN trained on [T, 1] and LOW_RUN on [0, T]")
-        sched = build_scheduler(st.scheduler, self.cfg.training.diffusion, math.prod(noise.shape[2:]))
+        sched = build_scheduler(st.scheduler, d, math.prod(noise.shape[2:]))
         sched.set_timesteps(st.steps)
         ts = list(sched.timesteps)
         x = noise.to(self.device)
-        d = self.cfg.training.diffusion
         step = SCHEDULER_STEPS[st.scheduler]
         for i, t in enumerate(progress(ts, desc="denoising", total=len(ts))):
             out = self.predict(x, t, labels, st.guidance)

@@ -121,17 +121,13 @@ def _train_low_noise_expert(cfg: Config, paths: RunPaths, data: Any, dev: torch.
     import shutil
 
     from medsynth.config import expert_config
+    from medsynth.jobs import atomic_path
 
     ecfg = expert_config(cfg)
     ep = paths.low_noise
     if is_main():
-        ep.checkpoint("autoencoder").parent.mkdir(parents=True, exist_ok=True)
-        src = paths.checkpoint("autoencoder")
-        dst = ep.checkpoint("autoencoder")
-        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+        with atomic_path(ep.checkpoint("autoencoder")) as tmp:
+            shutil.copyfile(paths.checkpoint("autoencoder"), tmp)
         write_text(ep.config, dump_yaml(ecfg))
         write_json(ep.versions, versions())
     barrier()
