@@ -76,3 +76,45 @@ def test_weighted_training_runs_resumes_exactly_and_changes_the_weights(phantoms
     train(cfg, tmp_path / "p", resume=True)
     c = run_weights(tmp_path / "p")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _bright_cfg(weight=None, **data):
+    raw = tiny_config(None, data=data,
+                      training={"diffusion": {"intensity_loss_weight": weight if weight is not None else {}}})
+    return config_from_dict(raw)
+
+
+def test_intensity_weight_is_the_block_share_of_voxels_above_the_threshold():
+    # window [-1000, 1000] -> [-1, 1]: 300 HU is 0.3 in model space
+    img = torch.full((1, 8, 8, 8), -0.86)
+    img[0, 0:2, 0:2, 0:2] = 0.9        # a whole block of cortex (900 HU)
+    img[0, 2, 0, 0] = 0.35             # one voxel of 350 HU in the next block
+    img[0, 4, 0, 0] = 0.29             # 290 HU: below the threshold
+    w = label_loss_weights(_bright_cfg({"above": 300.0, "weight": 3.0}), [{"image": img}], (4, 4, 4))
+    assert w.shape == (1, 1, 4, 4, 4)
+    assert w[0, 0, 0, 0, 0] == pytest.approx(3.0)
+    assert w[0, 0, 1, 0, 0] == pytest.approx(1.0 + 2.0 / 8)
+    assert torch.all(w[0, 0, 2:] == 1.0)
+    # image-only models take it too (no label needed); with label weights the two add up
+    lab = torch.zeros(1, 8, 8, 8)
+    lab[0, 0:2, 0:2, 0:2] = 2
+    paired = _cfg(weights={"lesion": 5.0}, training={"diffusion": {"intensity_loss_weight":
+                                                                   {"above": 300.0, "weight": 3.0}}})
+    wp = label_loss_weights(paired, [{"image": encode(img, lab, [0, 1, 2])}], (4, 4, 4))
+    assert wp[0, 0, 0, 0, 0] == pytest.approx(1.0 + 4.0 + 2.0)
+
+
+def test_intensity_weight_errors_name_the_key_and_the_fix():
+    for bad, match in (({"above": 300.0}, r"intensity_loss_weight: two keys, above"),
+                       ({"above": 300.0, "weight": 0.0}, r"intensity_loss_weight\.weight: a loss weight"),
+                       ({"above": "bone", "weight": 2.0}, r"intensity_loss_weight\.above: an intensity")):
+        with pytest.raises(ConfigError, match=match):
+            _bright_cfg(bad)
+    img = [{"image": torch.zeros(1, 8, 8, 8)}]
+    with pytest.raises(ConfigError, match=r"above: 3000.0 is outside the intensity window \[-1000, 1000\]"):
+        label_loss_weights(_bright_cfg({"above": 3000.0, "weight": 2.0}), img, (4, 4, 4))
+    mr = _bright_cfg({"above": 300.0, "weight": 2.0}, modality="MR",
+                     intensity={"window": None, "percentiles": [1.0, 99.0]})
+    with pytest.raises(ConfigError, match="needs a fixed intensity window") as e:
+        label_loss_weights(mr, img, (4, 4, 4))
+    assert "data.intensity.window" in e.value.hint

@@ -60,7 +60,7 @@ class _Latents:
     val_mu: torch.Tensor
     val_sigma: torch.Tensor
     val_classes: torch.Tensor
-    loss_weight: Optional[torch.Tensor] = None  # [N, 1, *latent grid] (training.diffusion.label_loss_weight)
+    loss_weight: Optional[torch.Tensor] = None  # [N, 1, *latent grid] (label_/intensity_loss_weight)
 
 
 def _frozen_latents(cfg: Config, paths: RunPaths, data: TrainingData, device: torch.device,
@@ -85,30 +85,51 @@ def _frozen_latents(cfg: Config, paths: RunPaths, data: TrainingData, device: to
 
 
 def label_loss_weights(cfg: Config, items: Any, grid: Sequence[int]) -> Optional[torch.Tensor]:
-    """Per-latent-voxel loss weights ``[N, 1, *grid]`` of the training ``items`` from
-    ``training.diffusion.label_loss_weight``: ``1 + sum_l (w_l - 1) * share_l``, the share of label
-    ``l`` averaged over each latent voxel's block (None when no weights are configured)."""
+    """Per-latent-voxel loss weights ``[N, 1, *grid]`` of the training ``items``:
+    ``1 + sum_l (w_l - 1) * share_l + (w_i - 1) * share_i``, ``share_l`` being the share of label
+    ``l`` in each latent voxel's block (``training.diffusion.label_loss_weight``) and ``share_i``
+    the share of its voxels brighter than ``intensity_loss_weight.above`` (None when no weights
+    are configured)."""
     from medsynth.model.labels import label_names, label_shares
 
     want = cfg.training.diffusion.label_loss_weight or {}
-    if not want:
+    bright = cfg.training.diffusion.intensity_loss_weight or {}
+    if not want and not bright:
         return None
     names = label_names(cfg)
-    if not names:
+    if want and not names:
         raise ConfigError("training.diffusion.label_loss_weight: needs a paired model (data.use_labels: true)",
                           hint="set data.use_labels: true, or remove label_loss_weight")
     unknown = sorted(set(want) - set(names))
     if unknown:
         raise ConfigError(f"training.diffusion.label_loss_weight: unknown label(s) {unknown}; "
                           f"the model's labels are {list(names)}", hint="use the label names of data.labels")
+    threshold = None
+    if bright:
+        if cfg.data.intensity.window is None:
+            raise ConfigError("training.diffusion.intensity_loss_weight: needs a fixed intensity window "
+                              "(data.intensity.window, as for CT); with per-volume percentiles an intensity "
+                              "means something else in every case",
+                              hint="set data.intensity.window, or remove intensity_loss_weight")
+        from medsynth.data.transforms import intensity_norm
+
+        lo, hi = (float(v) for v in cfg.data.intensity.window)
+        if not lo < float(bright["above"]) < hi:
+            raise ConfigError(f"training.diffusion.intensity_loss_weight.above: {bright['above']} is outside the "
+                              f"intensity window [{lo:g}, {hi:g}], so it weighs every voxel or none",
+                              hint="choose an intensity inside data.intensity.window")
+        threshold = float(intensity_norm(cfg.data).forward(torch.tensor(float(bright["above"]), dtype=torch.float64)))
     k, order = len(names), list(names)  # channel order = value order
     out = []
     for i in range(len(items)):
         img = torch.as_tensor(items[i]["image"]).as_subclass(torch.Tensor).float()
-        share = label_shares(img[-k:])
-        w = torch.ones_like(share[:1])
-        for name, weight in want.items():
-            w = w + (float(weight) - 1.0) * share[order.index(name)][None]
+        w = torch.ones_like(img[:1])
+        if want:
+            share = label_shares(img[-k:])
+            for name, weight in want.items():
+                w = w + (float(weight) - 1.0) * share[order.index(name)][None]
+        if threshold is not None:
+            w = w + (float(bright["weight"]) - 1.0) * (img[:1] > threshold).float()
         out.append(torch.nn.functional.adaptive_avg_pool3d(w[None], tuple(int(g) for g in grid))[0])
     return torch.stack(out)
 
