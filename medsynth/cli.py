@@ -426,6 +426,9 @@ def _add_evaluate(sub) -> None:
     u.add_argument("--steps", type=int, default=1500, help="optimiser steps per training, the same for every arm (default 1500)")
     u.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     u.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    u.add_argument("--shift", type=int, default=None, metavar="N",
+                   help="random circular shift of up to N voxels per axis, every arm alike (default 3 for "
+                        "--task classify, 0 for segment)")
     u.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set (default 2000)")
     u.add_argument("--sampling-steps", type=int, default=None, help="denoising steps when generating (default: the run's)")
     u.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's)")
@@ -460,7 +463,7 @@ def _run_evaluate_utility(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     opts = UtilityOptions(task=args.task, n_synthetic=args.n_synthetic, repeats=args.repeats, seed=args.seed,
                           reduced_fraction=args.reduced_fraction, arms=arms,
-                          budget=Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
+                          budget=Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, shift=args.shift),
                           bootstrap=args.bootstrap, device=args.device, samples=args.samples,
                           sampling_steps=args.sampling_steps, guidance=args.guidance, seg_labels=seg_labels,
                           include_qc_failed=args.include_qc_failed)

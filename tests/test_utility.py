@@ -22,7 +22,7 @@ from medsynth.config import config_from_dict, dump_yaml
 from medsynth.data.phantoms import make_phantom, write_phantoms
 from medsynth.errors import CheckpointError, ConfigError, ManifestError, MedsynthError
 from medsynth.evaluate import stats
-from medsynth.evaluate.classifier import Budget
+from medsynth.evaluate.classifier import Budget, build_classifier
 from medsynth.evaluate.split import check_disjoint, split_manifest
 from medsynth.evaluate.synthetic import select_samples
 from medsynth.evaluate.utility import (
@@ -165,6 +165,19 @@ def test_generator_trained_on_test_cases_is_refused(data, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_classifier_stem_keeps_the_full_resolution_and_shift_defaults_per_task():
+    # a 2-4 voxel finding (a 2.4-4.4 cm lesion at 10 mm) must reach the first block un-strided:
+    # conv1 keeps the grid, only the max-pool halves it (the stride-2 stem quartered it)
+    net = build_classifier(2)
+    x = torch.zeros(1, 1, 16, 16, 12)
+    assert net.conv1(x).shape[2:] == (16, 16, 12)
+    assert net.maxpool(net.act(net.bn1(net.conv1(x)))).shape[2:] == (8, 8, 6)
+    assert net.eval()(x).shape == (1, 2)
+    assert Budget().shift_voxels("classify") == 3 and Budget().shift_voxels("segment") == 0
+    assert Budget(shift=0).shift_voxels("classify") == 0 and Budget(shift=2).shift_voxels("segment") == 2
+    assert Budget().to_dict("segment")["shift"] == 0 and Budget().to_dict()["shift"] is None
+
+
 def test_auc_matches_monai_and_handles_ties():
     from monai.metrics import compute_roc_auc
 
@@ -262,6 +275,7 @@ def test_every_arm_trains_and_is_scored_on_the_real_test_set(data, tmp_path):
                                       abs=1e-5)
     assert rep["leakage"]["train_vs_test"].startswith("disjoint")
     assert rep["leakage"]["generator"].startswith("disjoint")
+    assert rep["budget"]["shift"] == 3 and rep["budget"]["flip"] is True  # the classification default, recorded
     page = res.html_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "25% real + synthetic" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
@@ -290,6 +304,9 @@ def test_bad_inputs_fail_before_training(data, tmp_path):
         evaluate_utility(data["run"], data["train"], data["test"], tmp_path / "o", _opts(arms=["reduced"]))
     with pytest.raises(ConfigError, match="unknown arm"):
         evaluate_utility(data["run"], data["train"], data["test"], tmp_path / "o", _opts(arms=["fake"]))
+    with pytest.raises(ConfigError, match="`shift`: 0 to 16 voxels, got -1"):
+        evaluate_utility(data["run"], data["train"], data["test"], tmp_path / "o",
+                         _opts(budget=Budget(steps=1, batch_size=2, shift=-1)))
     # one class only in the test set
     test = load_manifest(data["test"])
     one = save_manifest(Manifest([c for c in test.cases if c.class_label == 1], name="t1", modality="CT"),
@@ -326,6 +343,7 @@ def test_segment_real_and_reduced_arms(data, tmp_path):
                                  seg_labels=[1, 2]))
     rep = res.report
     assert rep["metrics"] == ["dice"] and rep["seg_labels"] == [1, 2] and rep["model"]["outputs"] == 3
+    assert rep["budget"]["shift"] == 0  # segmentation: no shift unless asked for
     for a in rep["arms"]:
         e = a["metrics"]["dice"]
         assert all(0.0 <= v <= 1.0 for v in e["per_repeat"])
@@ -361,8 +379,9 @@ def test_cli_split_and_utility(data, tmp_path, run_cli):
     code, out, err = run_cli("evaluate", "utility", data["run"], "--manifest", data["train"],
                              "--test-manifest", data["test"], "--out", tmp_path / "u", "--samples", data["samples"],
                              "--n-synthetic", "2", "--repeats", "1", "--steps", "2", "--batch-size", "2",
-                             "--bootstrap", "200", "--arms", "real,synthetic", "--threads", "1")
+                             "--bootstrap", "200", "--arms", "real,synthetic", "--threads", "1", "--shift", "1")
     assert code == 0, err
+    assert json.loads((tmp_path / "u" / "utility.json").read_text())["budget"]["shift"] == 1
     assert "real only" in out and "synthetic only" in out and "utility.html" in out
     assert (tmp_path / "u" / "utility.json").is_file() and (tmp_path / "u" / "utility.html").is_file()
     code, out, err = run_cli("evaluate", "utility", data["run"], "--manifest", data["manifest"],

@@ -1,8 +1,11 @@
 """The small MONAI diagnostic models every arm of the utility evaluation trains, and their loop.
 
 Classification: ``monai.networks.nets.ResNet`` with basic blocks, one block per stage,
-(8, 16, 32, 64) channels and a stride-2 first convolution (about 0.23 M parameters: small enough
-for a 2-core CPU), softmax over the classes, cross-entropy.  Segmentation: ``monai.networks.nets.UNet`` with (8, 16, 32) channels
+(8, 16, 32, 64) channels and a stride-1 first convolution (about 0.23 M parameters: small enough
+for a 2-core CPU), softmax over the classes, cross-entropy.  The stem keeps the full resolution
+because the finding may be a few voxels wide: on the demo grid (10 mm) a 2.4-4.4 cm lesion is 2-4
+voxels, and the stride-2 stem used before (plus the max-pool, 4x down before the first block) left
+the real-only arm at AUC 0.55 with the demo's 32 phantoms (docs/evaluation.md).  Segmentation: ``monai.networks.nets.UNet`` with (8, 16, 32) channels
 and one residual unit per level, Dice + cross-entropy.
 
 Every arm gets the same budget: the same architecture, optimiser (AdamW), learning rate, batch
@@ -10,7 +13,8 @@ size and number of optimiser *steps* (not epochs, so an arm with more data does 
 updates).  Batches are drawn with replacement; for classification the class is drawn first
 (uniformly) and then a case of that class, so arms whose class ratios differ see balanced batches.
 Augmentation: a random flip along each axis (presence of a finding does not depend on
-orientation) and, if ``shift`` > 0, a random circular shift of up to that many voxels.  The
+orientation) and a random circular shift of up to ``shift`` voxels per axis (default: 3 for
+classification, where the finding's position carries no class information; 0 for segmentation).  The
 learning rate is constant (cosine decay to zero over-fitted the phantom task in trials).  No
 validation split, no early stopping and no threshold is chosen: the weights after the last step are
 evaluated, so the test set influences nothing.
@@ -44,10 +48,19 @@ class Budget:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     flip: bool = True
-    shift: int = 0
+    shift: Optional[int] = None  # None: 3 voxels for classification, 0 for segmentation
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def shift_voxels(self, task: str) -> int:
+        """The circular-shift augmentation (voxels per axis) a training of ``task`` uses."""
+        if self.shift is not None:
+            return int(self.shift)
+        return 3 if task == "classify" else 0
+
+    def to_dict(self, task: Optional[str] = None) -> dict:
+        d = asdict(self)
+        if task is not None:
+            d["shift"] = self.shift_voxels(task)
+        return d
 
 
 def build_classifier(n_classes: int) -> torch.nn.Module:
@@ -55,7 +68,7 @@ def build_classifier(n_classes: int) -> torch.nn.Module:
     from monai.networks.nets import ResNet
 
     return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64], spatial_dims=3,
-                  n_input_channels=1, conv1_t_size=3, conv1_t_stride=2, num_classes=n_classes)
+                  n_input_channels=1, conv1_t_size=3, conv1_t_stride=1, num_classes=n_classes)
 
 
 def unet_levels(shape: tuple[int, ...], max_levels: int = 3) -> int:
@@ -118,13 +131,14 @@ def train(task: str, x: torch.Tensor, y: torch.Tensor, n_out: int, budget: Budge
         from monai.losses import DiceCELoss
 
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    shift = budget.shift_voxels(task)
     for _ in progress(range(budget.steps), desc=desc, total=budget.steps):
         idx = _batch_indices(gen, x.shape[0], budget.batch_size, by_class)
         xb = x[idx].clone()
         yb = y[idx].clone()
-        if budget.shift:
+        if shift:
             for b in range(idx.numel()):
-                sh = [int(v) for v in torch.randint(-budget.shift, budget.shift + 1, (3,), generator=gen)]
+                sh = [int(v) for v in torch.randint(-shift, shift + 1, (3,), generator=gen)]
                 xb[b] = torch.roll(xb[b], shifts=sh, dims=(1, 2, 3))
                 if task == "segment":
                     yb[b] = torch.roll(yb[b], shifts=sh, dims=(1, 2, 3))

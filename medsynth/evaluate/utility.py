@@ -206,6 +206,8 @@ def _check_options(opts: UtilityOptions) -> list[str]:
                           f"got {opts.reduced_fraction}")
     if opts.repeats < 1 or opts.n_synthetic < 1 or opts.budget.steps < 1 or opts.budget.batch_size < 1:
         raise ConfigError("`repeats`, `n_synthetic` and the budget's `steps` and `batch_size` must be >= 1")
+    if opts.budget.shift is not None and not 0 <= opts.budget.shift <= 16:
+        raise ConfigError(f"the budget's `shift`: 0 to 16 voxels, got {opts.budget.shift}")
     if opts.bootstrap < 100:
         raise ConfigError(f"`bootstrap` must be >= 100 resamples, got {opts.bootstrap}")
     return arms
@@ -418,7 +420,7 @@ def evaluate_utility(run_dir: str | Path, train_manifest: str | Path, test_manif
         "grid": {"shape": list(cfg.data.shape), "spacing": list(cfg.data.spacing),
                  "orientation": cfg.data.orientation, "intensity": _norm_dict(cfg.data)},
         "model": _model_info(seg, sets.n_out, cfg),
-        "budget": {**opts.budget.to_dict(), "optimizer": "AdamW", "same_steps_every_arm": True,
+        "budget": {**opts.budget.to_dict(opts.task), "optimizer": "AdamW", "same_steps_every_arm": True,
                    "sampling": "class-balanced batches with replacement" if not seg else "uniform with replacement"},
         "seed": opts.seed,
         "repeats": opts.repeats,
