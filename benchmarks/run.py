@@ -516,6 +516,7 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
     res["settings"] = {"baseline": {"precision": "fp32", "channels_last": False, "onednn_conv": False,
                                     "decode": "whole volume", "api": "monai.inferers.LatentDiffusionInferer.sample"},
                        "medsynth": {**sp.provenance["sampling_path"], "inference_mode": True,
+                                    "latent_voxels": int(math.prod(latent_shape(sp.cfg)[1:])),
                                     "api": "medsynth.model.sample.Sampler.sample"}}
 
     # exact path: fp32, channels-first, PyTorch's own kernels == MONAI's bytes (a few DDIM steps)
