@@ -63,6 +63,12 @@ def test_every_scheduler_and_size_is_reported_and_extrapolations_say_so(result):
     measured = [x for x in runs if x["how"] == "measured"]
     assert measured and all(len(x["baseline_s"]) == len(x["medsynth_s"]) >= 1 for x in measured)
     assert all(x["steps"] == 1000 for x in runs if x["scheduler"] == "ddpm")
+    # a size the profile only extrapolates is sampled end to end when its estimate fits the budget
+    # (the tiny run's 32³ does), and the decision is recorded
+    budget = r["sampling"]["e2e_budget"]
+    decided = budget["sizes"][str(sizes[1])]
+    assert decided["estimated_s"] > 0 and decided["measured_end_to_end"] is True
+    assert {x["how"] for x in runs if x["size"] == sizes[1] and x["scheduler"] != "ddpm"} == {"measured"}
 
 
 def test_outputs_of_the_two_paths_agree_and_the_exact_path_is_monai_bit_for_bit(result):
