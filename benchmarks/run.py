@@ -529,9 +529,14 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
     res["exact_path_bitwise_equal_to_monai"] = bool(torch.equal(ex_img.cpu(), ref_img.float().cpu()))
     del exact
 
+    e2e_kinds = (("ddim", p["ddim_steps"]), ("rflow", p["rf_steps"]))
+
+    def e2e_reps(kind: str) -> int:
+        return p["reps"] if kind == "ddim" else max(1, p["reps"] - 1)
+
     def end_to_end(size: int) -> None:
         """DDIM and RF sampled end to end at ``size``, ABBA-interleaved, after an untimed warm-up."""
-        for kind, steps in (("ddim", p["ddim_steps"]), ("rflow", p["rf_steps"])):
+        for kind, steps in e2e_kinds:
             s = sampler_of[size, kind]
             st = s.settings(seed, steps, 1.0, kind, 0.0)
             noise = s.initial_noise([0], seed)
@@ -539,8 +544,7 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
             base.sample(s.cfg, noise, kind, 2)
             s.sample([0], s.settings(seed, 2, 1.0, kind, 0.0))
             b_t, m_t = [], []
-            reps = e2e_reps(kind)
-            for r in range(reps):
+            for r in range(reps := e2e_reps(kind)):
                 order = ("b", "m") if r % 2 == 0 else ("m", "b")
                 for who in order:
                     if who == "b":
@@ -559,9 +563,6 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
                                 "speedup_of_fastest_runs": round(min(b_t) / min(m_t), 3)})
             if size == size0:
                 res["numerics"][f"{kind}-{steps}"] = compare(to_hu(s, b_img[0]), m_vols[0].array, b_img)
-
-    def e2e_reps(kind: str) -> int:
-        return p["reps"] if kind == "ddim" else max(1, p["reps"] - 1)
 
     # end-to-end runs, ABBA-interleaved
     e2e = list(p["e2e_sizes"])
@@ -623,7 +624,7 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
         ps, dec = res["per_step_s"][str(size)], res["decode_s"][str(size)]
         cost = sum(e2e_reps(kind) * (steps + 2) * (ps["baseline"] + ps["medsynth"])
                    + (e2e_reps(kind) + 1) * (dec["baseline"] + dec["medsynth"])
-                   for kind, steps in (("ddim", p["ddim_steps"]), ("rflow", p["rf_steps"])))
+                   for kind, steps in e2e_kinds)
         fits = cost <= budget
         res["e2e_budget"]["sizes"][str(size)] = {"estimated_s": round(cost, 1), "measured_end_to_end": fits}
         log(f"{size}³ end to end: estimated {cost:.0f} s for both paths, budget {budget:.0f} s: "
@@ -635,7 +636,7 @@ def bench_sampling(p: dict[str, Any], device: torch.device, seed: int = 0) -> di
     # extrapolated rows: DDPM-1000 everywhere, DDIM/RF where not sampled end to end
     for size in p["sizes"]:
         ps, dec = res["per_step_s"][str(size)], res["decode_s"][str(size)]
-        for kind, steps in (("ddpm", 1000), ("ddim", p["ddim_steps"]), ("rflow", p["rf_steps"])):
+        for kind, steps in (("ddpm", 1000), *e2e_kinds):
             if kind != "ddpm" and size in e2e:
                 continue
             b = steps * ps["baseline"] + dec["baseline"]
