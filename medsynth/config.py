@@ -663,13 +663,17 @@ class QCConfig:
     Reference ranges (body/background fraction, intensity percentiles inside the body) are learned
     from the reference manifest and widened by ``percentile_margin`` times their span on each side,
     but never by less than ``range_floor`` (fractions) or ``range_floor`` times the reference's
-    p1..p99 intensity span (intensities).
+    p1..p99 intensity span (intensities).  The span is the reference's min..max after setting aside
+    ``range_trim`` of its cases at each end of every statistic (``floor(range_trim x n)`` cases, so a
+    reference of fewer than 40 cases keeps its whole min..max): one atypical reference case must not
+    open a range for every sample.
     """
 
     ct_range: tuple[float, float] = (-1024.0, 3071.0)
     mr_range: Optional[tuple[float, float]] = None
     percentile_margin: float = 0.5
     range_floor: float = 0.02
+    range_trim: float = 0.025
     artefact_threshold: float = 0.35
     min_std: float = 1e-3
     body_threshold_hu: float = -500.0
@@ -692,6 +696,9 @@ class QCConfig:
             errs.append(f"{path}.percentile_margin: must be >= 0, got {self.percentile_margin}")
         if self.range_floor < 0:
             errs.append(f"{path}.range_floor: must be >= 0, got {self.range_floor}")
+        if not 0.0 <= self.range_trim < 0.5:
+            errs.append(f"{path}.range_trim: the share of reference cases set aside at each end, 0 <= value < 0.5, "
+                        f"got {self.range_trim}")
         if not 0.0 < self.artefact_threshold <= 1.0:
             errs.append(f"{path}.artefact_threshold: need 0 < value <= 1 (the score is in [0, 1]), "
                         f"got {self.artefact_threshold}")
