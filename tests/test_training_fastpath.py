@@ -9,7 +9,8 @@ import torch
 
 from medsynth.config import ConfigError, config_from_dict
 from medsynth.jobs import RunPaths
-from medsynth.model.fastpath import resolve_training_channels_last, resolve_training_precision
+from medsynth.model.fastpath import (CPU_BF16_MIN_TRAINING_VOXELS, resolve_training_channels_last,
+                                     resolve_training_precision)
 from medsynth.model.networks import CPU_BF16_ENV
 from medsynth.model.train import train, training_precision
 from tests.helpers import Interrupt, run_weights, tiny_config
@@ -20,11 +21,13 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("native", ["0", "1"])
 def test_training_precision_auto_is_bf16_only_on_native_bf16_cpus_and_large_grids(monkeypatch, native):
     """``auto`` on a CPU without native bf16 (MEDSYNTH_CPU_BF16=0) is fp32 for every stage; with it
-    (=1) bf16 from 16³ voxels of the stage's grid, fp32 below; explicit fp32 stays fp32 on both."""
+    (=1) bf16 from CPU_BF16_MIN_TRAINING_VOXELS (2048) voxels of the stage's grid, fp32 below; explicit fp32 stays fp32 on both."""
     monkeypatch.setenv(CPU_BF16_ENV, native)
     big = "bf16" if native == "1" else "fp32"
-    assert resolve_training_precision("auto", CPU, 16 ** 3) == big
-    assert resolve_training_precision("auto", CPU, 16 ** 3 - 1) == "fp32"
+    assert resolve_training_precision("auto", CPU, CPU_BF16_MIN_TRAINING_VOXELS) == big
+    assert resolve_training_precision("auto", CPU, 16 * 16 * 12) == big       # the wavelet demo's latent
+    assert resolve_training_precision("auto", CPU, CPU_BF16_MIN_TRAINING_VOXELS - 1) == "fp32"
+    assert resolve_training_precision("auto", CPU, 8 * 8 * 6) == "fp32"        # the KL demo's latent
     assert resolve_training_precision("fp32", CPU, 64 ** 3) == "fp32"
     # the autoencoder sees the 32³ image grid, the UNet its 8³ latent (4x downsampling)
     cfg = config_from_dict(tiny_config(None, data={"shape": [32, 32, 32]}, training={"precision": "auto"},
