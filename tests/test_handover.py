@@ -163,7 +163,9 @@ def test_a_run_with_its_own_expert_trains_it_resumes_exactly_and_every_sampler_h
 
     from tests.helpers import Interrupt, run_weights
 
-    cfg = _expert_cfg(phantoms)
+    # trained after the run's stage 2 (side by side, the thread count differs between the two runs, and
+    # with it oneDNN's float order; the side-by-side resume is the next test's)
+    cfg = _expert_cfg(phantoms, side_by_side=False)
     whole = tmp_path / "whole"
     res = train(cfg, whole)
     assert [s.get("expert") for s in res.summaries] == [None, None, "low_noise"]
@@ -213,3 +215,48 @@ def test_the_experts_keys_are_checked_naming_them(phantoms):
         _expert_cfg(phantoms, handover=1.0)
     with pytest.raises(ConfigError, match=r"model\.low_noise_expert\.diffusion\.time_range"):
         _expert_cfg(phantoms, diffusion={"time_range": [0.5, 0.2]})
+
+
+def test_the_expert_trains_beside_stage_2_in_a_second_process_as_it_would_after_it(phantoms, tmp_path):
+    """``model.low_noise_expert.side_by_side`` (auto: on a CPU with >= 2 threads) trains the expert in a
+    second process while this one trains the run's own stage 2: the same checkpoints as training it
+    after (up to the float order of another thread count), the threads given back, and an error of
+    the expert's process raised here with its kind and fix."""
+    import torch
+
+    from medsynth.model.train import _expert_side_by_side
+    from tests.helpers import run_weights
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = _expert_cfg(phantoms, side_by_side=True)
+        assert _expert_side_by_side(_expert_cfg(phantoms), torch.device("cpu"), False, None)  # auto, 2 threads
+        assert not _expert_side_by_side(cfg, torch.device("cpu"), False, lambda s, n: None)  # a callback: after
+        assert not _expert_side_by_side(_expert_cfg(phantoms, side_by_side=False), torch.device("cpu"), False, None)
+        beside, after = tmp_path / "beside", tmp_path / "after"
+        res = train(cfg, beside)
+        assert torch.get_num_threads() == 2
+        assert [s.get("expert") for s in res.summaries] == [None, None, "low_noise"]
+        assert res.summaries[-1]["steps"] == cfg.training.diffusion.steps
+        train(_expert_cfg(phantoms, side_by_side=False), after)
+        for sub in ("", "low_noise"):
+            a, b = run_weights(beside / sub), run_weights(after / sub)
+            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), sub
+        # stopped after 2 steps of each (both checkpointed), resumed beside each other: exactly one run
+        part = tmp_path / "part"
+        res = train(cfg, part, max_steps=2)
+        assert [s["steps"] for s in res.summaries[1:]] == [2, 2]
+        train(cfg, part, resume=True)
+        for sub in ("", "low_noise"):
+            a, b = run_weights(beside / sub), run_weights(part / sub)
+            assert all(torch.equal(a[k], b[k]) for k in a), sub
+        # the expert's own problem, found in its process at its stage-2 start, is raised here
+        bad = _expert_cfg(phantoms, side_by_side=True, diffusion={"intensity_loss_weight": {"above": 5000.0,
+                                                                                          "weight": 2.0}})
+        with pytest.raises(ConfigError, match="outside the intensity window") as exc:
+            train(bad, tmp_path / "bad")
+        assert exc.value.hint and torch.get_num_threads() == 2
+        assert (tmp_path / "bad" / "diffusion" / "last.pt").is_file()  # the run's own stage 2 finished
+    finally:
+        torch.set_num_threads(threads)

@@ -93,7 +93,19 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     try:
         for s in stages:
             fn = train_autoencoder if s == "autoencoder" else train_diffusion
-            summaries.append(fn(cfg, paths, data, dev, precision[s], resume, callback, max_steps))
+            beside = None
+            if s == "diffusion" and _expert_side_by_side(cfg, dev, started_dist, callback):
+                beside = _ExpertBeside(cfg, paths, resume, max_steps)
+            try:
+                summaries.append(fn(cfg, paths, data, dev, precision[s], resume, callback, max_steps))
+            except BaseException:
+                if beside is not None:
+                    beside.stop()
+                raise
+            if beside is not None:
+                summaries.append(beside.join())
+                barrier()
+                continue
             barrier()
             if (s == "autoencoder" and LATENT_KINDS[cfg.model.autoencoder.kind].trained
                     and summaries[-1]["steps"] < cfg.training.autoencoder.steps):
@@ -136,6 +148,106 @@ def _train_low_noise_expert(cfg: Config, paths: RunPaths, data: Any, dev: torch.
     out = train_diffusion(ecfg, ep, data, dev, training_precision(ecfg, "diffusion", dev),
                           resume and ep.checkpoint("diffusion").is_file(), callback, max_steps)
     return {**out, "expert": "low_noise"}
+
+
+def _expert_side_by_side(cfg: Config, dev: torch.device, distributed: bool, callback: Optional[StepCallback]) -> bool:
+    """Whether ``model.low_noise_expert`` trains beside the run's own stage 2 (see
+    :class:`medsynth.config.LowNoiseExpertConfig`): on the CPU, with two threads or more, outside
+    torchrun and without a per-step callback (which cannot reach another process)."""
+    e = cfg.model.low_noise_expert
+    if e is None or e.side_by_side is False or dev.type != "cpu" or distributed or callback is not None:
+        return False
+    if e.side_by_side is True:
+        return True
+    return torch.get_num_threads() >= 2
+
+
+class _ExpertBeside:
+    """The low-noise expert trained in a second process while this one trains the run's own stage 2,
+    the CPU threads split between them; :meth:`join` waits for it and returns its summary or raises
+    its error (the same kind, message and fix).  The child dies with this process (Linux), so an
+    interrupted run leaves no trainer behind; both checkpoint and resume on their own."""
+
+    def __init__(self, cfg: Config, paths: RunPaths, resume: bool, max_steps: Optional[int]):
+        import multiprocessing as mp
+
+        n = torch.get_num_threads()
+        self.threads = n
+        child_threads = max(1, n // 2)
+        torch.set_num_threads(max(1, n - child_threads))
+        ctx = mp.get_context("spawn")
+        self.queue = ctx.Queue()
+        self.proc = ctx.Process(target=_expert_child, name="medsynth-low-noise-expert", daemon=True,
+                                args=(cfg, str(paths.root), resume, max_steps, child_threads,
+                                      logging.getLogger("medsynth").getEffectiveLevel(), self.queue))
+        self.proc.start()
+        log.info("training the low-noise expert beside stage 2 (%d + %d threads)", n - child_threads, child_threads)
+
+    def stop(self) -> None:
+        """End the expert's process (this process failed or was interrupted); its last checkpoint stays."""
+        self.proc.terminate()
+        self.proc.join()
+        torch.set_num_threads(self.threads)
+
+    def join(self) -> dict[str, Any]:
+        import queue
+
+        try:
+            while True:
+                try:
+                    kind, payload = self.queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self.proc.is_alive():
+                        kind, payload = "died", self.proc.exitcode
+                        break
+            self.proc.join()
+        except BaseException:
+            self.proc.terminate()
+            self.proc.join()
+            raise
+        finally:
+            torch.set_num_threads(self.threads)
+        if kind == "ok":
+            return payload
+        if kind == "died":
+            raise CheckpointError(f"the low-noise expert's training process ended without a result (exit code "
+                                  f"{payload})", hint="run `medsynth train` again with `resume=True`; it continues "
+                                  "both experts from their last checkpoints")
+        import medsynth.errors as errors
+
+        cls, message, hint = payload
+        raise getattr(errors, cls, errors.MedsynthError)(message, hint=hint)
+
+
+def _expert_child(cfg: Config, root: str, resume: bool, max_steps: Optional[int], threads: int, level: int,
+                  out: Any) -> None:
+    """Entry of the side-by-side expert process (spawned: a fresh interpreter)."""
+    import sys
+
+    from medsynth.errors import MedsynthError
+    from medsynth.progress import set_progress
+
+    try:  # die with the parent (Linux): an interrupted run leaves no orphan writing checkpoints
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("medsynth").setLevel(level)
+    set_progress(False)  # one progress bar: the run's own stage 2
+    try:
+        paths = RunPaths(Path(root))
+        out.put(("ok", _train_low_noise_expert(cfg, paths, prepare_data(cfg), torch.device("cpu"), resume, None,
+                                               max_steps)))
+    except MedsynthError as exc:
+        out.put(("error", (type(exc).__name__, exc.message, exc.hint)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it there
+        out.put(("error", ("MedsynthError", f"the low-noise expert's training failed: {type(exc).__name__}: {exc}",
+                           None)))
 
 
 def training_precision(cfg: Config, stage: str, device: torch.device) -> str:
