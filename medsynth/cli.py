@@ -815,7 +815,7 @@ def _add_demo(sub) -> None:
               "the real phantoms", "medsynth demo --out medsynth-demo", _run_demo)
     p.add_argument("--out", type=Path, default=Path("medsynth-demo"), help="demo folder (default ./medsynth-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of sampling (default 0)")
-    p.add_argument("--cases", type=int, default=32, help="number of phantoms to train on (default 32)")
+    p.add_argument("--cases", type=int, default=128, help="number of phantoms to train on (default 128)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--config", type=Path, help="another demo config (default: the built-in demo.yaml)")
     lab = p.add_mutually_exclusive_group()

@@ -56,7 +56,7 @@ class DemoResult:
         return sum(self.timings.values())
 
 
-def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int = 32, per_class: int = 4,
+def run_demo(out_dir: str | Path = "medsynth-demo", seed: int = 0, n_cases: int = 128, per_class: int = 4,
              config_path: Optional[str | Path] = None, labels: Optional[bool] = None) -> DemoResult:
     """Run the demo into ``out_dir`` and return a :class:`DemoResult` (see the module docstring).
 
