@@ -811,7 +811,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = _verb(sub, "demo", "write CT phantoms, train both stages on them (CPU, minutes), sample, compare with "
+    p = _verb(sub, "demo", "write CT phantoms, train the built-in generator on them (CPU, minutes), sample, compare with "
               "the real phantoms", "medsynth demo --out medsynth-demo", _run_demo)
     p.add_argument("--out", type=Path, default=Path("medsynth-demo"), help="demo folder (default ./medsynth-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of sampling (default 0)")
