@@ -53,6 +53,9 @@ RESUMABLE = {"name", "data.manifest", "data.cache", "data.cache_dir", "data.num_
               "training.checkpoint_every", "training.autoencoder.steps", "training.autoencoder.val_every",
               "training.autoencoder.log_every", "training.diffusion.steps", "training.diffusion.val_every",
               "training.diffusion.log_every",
+              # how the low-noise expert is scheduled (beside or after stage 2), not what it learns; runs
+              # stored before the key existed lack it
+              "model.low_noise_expert.side_by_side",
               # initial weights only seed a fresh stage (their sha256 is in the checkpoint): they may move
               "model.autoencoder.init", "model.unet.init", "training.controlnet.init"}
 
