@@ -2,8 +2,8 @@
 
 With no other input it writes phantoms to ``DIR/data/`` (with ``DIR/data/manifest.json``), trains
 the built-in ``demo.yaml`` (two experts on a wavelet latent since 2026-12-02) into ``DIR/run/``,
-samples a few volumes per class into ``DIR/samples/``, samples the same architecture with random weights into ``DIR/untrained_samples/``
-(the baseline), and compares both with the real phantoms (:mod:`medsynth.qc.fidelity`).  It writes
+samples a few volumes per class into ``DIR/samples/``, samples the same architecture with random
+weights into ``DIR/untrained_samples/`` (the baseline), and compares both with the real phantoms (:mod:`medsynth.qc.fidelity`).  It writes
 ``DIR/fidelity.json`` and a ``DIR/preview.png`` of mid-axial slices (real / trained / untrained).
 
 Running it again on the same folder reuses what is done: phantoms are rewritten identically,

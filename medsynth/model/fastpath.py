@@ -87,18 +87,19 @@ def use_fused_attention(net: nn.Module) -> int:
 CPU_BF16_MIN_LATENT_VOXELS = 16 ** 3
 
 
-def resolve_sampling_precision(precision: str, device: torch.device, latent_voxels: Optional[int] = None) -> str:
+def resolve_sampling_precision(precision: str, device: torch.device, latent_voxels: Optional[int] = None,
+                               min_cpu_voxels: int = CPU_BF16_MIN_LATENT_VOXELS) -> str:
     """The precision sampling runs in: ``auto`` is bf16 on CUDA (fp16 on GPUs without bf16) and on
-    CPUs with native bf16 when the latent has at least :data:`CPU_BF16_MIN_LATENT_VOXELS` voxels
-    (``latent_voxels``; unknown counts as large), fp32 elsewhere; an explicit choice goes through
-    ``resolve_precision``."""
+    CPUs with native bf16 when the latent has at least ``min_cpu_voxels``
+    (:data:`CPU_BF16_MIN_LATENT_VOXELS`) voxels (``latent_voxels``; unknown counts as large), fp32
+    elsewhere; an explicit choice goes through ``resolve_precision``."""
     if precision != "auto":
         return resolve_precision(precision, device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type != "cpu" or not cpu_has_native_bf16():
         return "fp32"
-    small = latent_voxels is not None and int(latent_voxels) < CPU_BF16_MIN_LATENT_VOXELS
+    small = latent_voxels is not None and int(latent_voxels) < min_cpu_voxels
     return "fp32" if small else "bf16"
 
 
@@ -123,9 +124,7 @@ def resolve_training_precision(precision: str, device: torch.device, voxels: Opt
     (``auto``: bf16 on CUDA, fp16 on GPUs without bf16, bf16 on CPUs with native bf16 when the grid
     the stage's network sees has at least :data:`CPU_BF16_MIN_TRAINING_VOXELS` voxels (``voxels``),
     fp32 elsewhere, emulated bf16 included); an explicit choice goes through ``resolve_precision``."""
-    if precision == "auto" and device.type == "cpu" and voxels is not None and cpu_has_native_bf16():
-        return "fp32" if int(voxels) < CPU_BF16_MIN_TRAINING_VOXELS else "bf16"
-    return resolve_sampling_precision(precision, device, voxels)
+    return resolve_sampling_precision(precision, device, voxels, min_cpu_voxels=CPU_BF16_MIN_TRAINING_VOXELS)
 
 
 def resolve_training_channels_last(channels_last: bool | str, device: torch.device, stage: str,

@@ -203,8 +203,7 @@ class _ExpertBeside:
                         break
             self.proc.join()
         except BaseException:
-            self.proc.terminate()
-            self.proc.join()
+            self.stop()
             raise
         finally:
             torch.set_num_threads(self.threads)
@@ -233,8 +232,8 @@ def _expert_child(cfg: Config, root: str, resume: bool, max_steps: Optional[int]
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    except (OSError, AttributeError):  # not Linux: the parent's stop() is then the only way it ends early
+        log.debug("the low-noise expert's process cannot follow its parent's death on this system")
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
     logging.getLogger("medsynth").setLevel(level)
