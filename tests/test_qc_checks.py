@@ -406,3 +406,46 @@ def test_a_large_reference_is_trimmed_so_one_atypical_case_does_not_open_a_range
     res = check_volume(Volume(boneless, img.affine, modality="CT", units="HU"), grid, qc, untrimmed, label=lab,
                        window=window)
     assert "body_p99_out_of_range" not in _codes(res)   # the untrimmed range let it through
+
+
+def test_a_sample_must_hold_the_labels_its_class_holds_in_the_reference():
+    """A class-1 ("lesion") sample without a lesion label is a wrong label for the model trained on
+    the exported set (the demo's samples: every QC-passed class-1 sample of session 11 had none), and
+    a class-0 sample with one is the converse.  The rule is learned per class from the reference's
+    label maps: held-out real phantoms judged with their class still pass 38 of 40 (as without it)."""
+    qc = QCConfig()
+    ref = _demo_grid_reference(32, qc)
+    ranges = learn_ranges(ref, qc, classes=[i % 2 for i in range(32)])
+    rules = ranges.class_labels
+    assert rules[0]["required"] == [1] and rules[0]["forbidden"] == [2] and rules[0]["cases"] == 16
+    assert rules[1]["required"] == [1, 2] and rules[1]["forbidden"] == []
+    assert ranges.to_dict()["class_labels"]["1"]["required"] == [1, 2]
+    shape, _, window = _DEMO_GRID
+    grid = Grid(shape, _demo_grid_case(0, 0)[0].affine)
+
+    def judge(img, lab, cls):
+        return check_volume(Volume(img.array.astype(np.float32), img.affine, modality="CT", units="HU"), grid, qc,
+                            ranges, label=lab, window=window, class_label=cls)
+
+    img1, lab1 = _demo_grid_case(7, 1)                      # a real class-1 phantom: passes
+    assert (lab1.array == 2).any() and judge(img1, lab1, 1).passed
+    no_lesion = Volume(np.where(lab1.array == 2, 1, lab1.array).astype(np.uint8), lab1.affine, modality="SEG")
+    res = judge(img1, no_lesion, 1)                         # its lesion labelled as lung
+    assert _codes(res) == ["class_label_missing"]
+    assert "class 1: label 2 is in 16 of 16 reference cases" in res.reasons[0]
+    assert judge(img1, lab1, None).passed                   # no class: not judged
+    res = judge(img1, lab1, 0)                              # called class 0 with its lesion
+    assert "class_label_unexpected" in _codes(res) and "class_label_missing" not in _codes(res)
+    img0, lab0 = _demo_grid_case(7, 0)
+    assert judge(img0, lab0, 0).passed and _codes(judge(img0, lab0, 1)) == ["class_label_missing"]
+    # held-out real phantoms with their classes: the rule rejects none of them
+    n_pass = 0
+    for i in range(40):
+        img, lab = _demo_grid_case(7, i)
+        n_pass += judge(img, lab, i % 2).passed
+    assert n_pass >= 38
+    # a class with fewer than CLASS_LABEL_MIN_CASES labelled cases, or unlabelled cases, is not judged
+    few = learn_ranges(ref[:10], qc, classes=[i % 2 for i in range(10)])
+    assert few.class_labels == {}
+    unlabelled = [{k: v for k, v in s.items() if not k.startswith("label_")} for s in ref]
+    assert learn_ranges(unlabelled, qc, classes=[i % 2 for i in range(32)]).class_labels == {}

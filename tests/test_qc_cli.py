@@ -394,3 +394,31 @@ def test_qc_judges_a_sample_with_a_bomb_header_unreadable(world, run_cli, tmp_pa
     verdict = json.loads((sd / f"{GOOD[2]}.qc.json").read_text())
     assert verdict["passed"] is False and verdict["reasons"][0].startswith("unreadable_image (")
     assert "more than this" in verdict["reasons"][0]
+
+
+def test_the_gate_judges_a_samples_labels_against_its_class(tmp_path):
+    """`medsynth qc` end to end with a labelled, two-class reference: a class-1 sample whose lesion
+    label is gone fails ``class_label_missing``, the same sample with its lesion passes that check,
+    and qc.json records the rule learned per class."""
+    from medsynth.qc.gate import run_qc
+
+    dcfg = DataConfig(shape=(N, N, N), spacing=(320 / N,) * 3, orientation="RAS", cache="none")
+    aff = target_affine(dcfg)
+    ref = write_phantoms(tmp_path / "ref", 16, seed=1, **PHANTOM)
+    gen = resample_cases(load_manifest(write_phantoms(tmp_path / "gen", 2, seed=2, **PHANTOM)).cases, dcfg,
+                         with_labels=True)
+    sd = tmp_path / "samples"
+    sd.mkdir()
+    arr, lab = gen.arrays[1], gen.labels[1].astype(np.uint8)      # phantom 1: class 1, with a lesion
+    assert (lab == 2).any()
+    for sid, lb in (("synth-c-00001", lab), ("synth-c-00003", np.where(lab == 2, 1, lab).astype(np.uint8))):
+        write_sample(sd, sid, Volume(np.asarray(arr, np.float32), aff),
+                     {"index": 1, "seed": 0, "class": 1}, label=Volume(lb, aff, modality="SEG", units="label"))
+    run_qc(sd, ref, tmp_path / "qc", quarantine=False)
+    summary = json.loads((tmp_path / "qc" / "qc.json").read_text())
+    by_id = {s["id"]: s for s in summary["samples"]}
+    assert not any(r.startswith("class_label") for r in by_id["synth-c-00001"]["reasons"])
+    assert any(r.startswith("class_label_missing (class 1: label 2 is in 8 of 8 reference cases")
+               for r in by_id["synth-c-00003"]["reasons"]), by_id["synth-c-00003"]["reasons"]
+    rules = summary["reference_ranges"]["class_labels"]
+    assert rules["1"]["required"] == [1, 2] and rules["0"]["forbidden"] == [2]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,12 @@ def reconstruction_qc(ae: torch.nn.Module, cfg: Config, data: Any, device: torch
         arr = img.array if window is None else np.clip(img.array, *window)
         mask = body_mask(arr, img.affine, img.modality, cfg.qc.body_threshold_hu)
         ref.append(volume_stats(arr, mask, img.modality, None if lab is None else lab.array))
-    ranges = learn_ranges(ref, cfg.qc)
+    def classes_of(c: Any, n: int) -> list[Optional[int]]:
+        # -1: an unlabelled case (no class)
+        return [None] * n if c is None else [int(v) if int(v) >= 0 else None for v in c]
+
+    train_cls, val_cls = classes_of(data.classes, len(data.train)), classes_of(data.val_classes, len(data.val))
+    ranges = learn_ranges(ref, cfg.qc, classes=train_cls)
     picks = [("val", i) for i in range(len(data.val))] + [("train", i) for i in range(len(data.train))]
     was_training = ae.training
     ae.eval()
@@ -74,7 +79,8 @@ def reconstruction_qc(ae: torch.nn.Module, cfg: Config, data: Any, device: torch
         with autocast(device, precision):
             recon = ae.decode(ae.encode(x)[0]).float()
         img, lab = _physical(cfg, norm, grid.affine, recon[0].cpu(), values)
-        res = check_volume(img, grid, cfg.qc, ranges, label=lab, window=window)
+        res = check_volume(img, grid, cfg.qc, ranges, label=lab, window=window,
+                           class_label=(val_cls if split == "val" else train_cls)[i])
         codes = sorted({_code(r) for r in res.reasons})
         reasons.update(codes)
         cases.append({"split": split, "index": i, "passed": res.passed, "reasons": codes,

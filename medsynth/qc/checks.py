@@ -10,7 +10,10 @@ Checks, in order (a volume that fails an early check skips the checks that would
    p1/p50/p99 intensities inside the body inside the ranges learned from the reference cases;
 6. ``label_outside_body``  labelled voxels lie inside the body (when the sample has a label), and
    ``label_<v>_p50_out_of_range``: the median intensity inside each label value (e.g. lesion HU)
-   lies in the range learned from the reference cases' label maps;
+   lies in the range learned from the reference cases' label maps; ``class_label_missing`` and
+   ``class_label_unexpected``: a sample of class c holds every label value that (nearly) every
+   reference case of class c holds, and none that (nearly) none of them holds (a "lesion" sample
+   without a lesion is a wrong label for the model trained on it);
 7. ``artefact_suspected``  the artefact score (tiling seams, checkerboard) below ``qc.artefact_threshold``.
 
 Reasons are strings ``code (details)``, e.g. ``body_fraction_out_of_range (0.05 not in [0.31, 0.52])``.
@@ -38,6 +41,8 @@ _SEAM_FLOOR = 0.01
 _SEAM_ERODE = 2
 # the checkerboard detector demodulates over boxes of this (even) size
 _CHECKER_BOX = 6
+# a class's label rule is learned only from at least this many reference cases of the class
+CLASS_LABEL_MIN_CASES = 8
 
 
 @dataclass(frozen=True)
@@ -132,15 +137,57 @@ class ReferenceRanges:
     reference_min_max: dict[str, tuple[float, float]]
     n_cases: int
     trimmed: dict[str, int] = field(default_factory=dict)
+    # per class: the label values its samples must hold ("required") and must not ("forbidden"),
+    # with the number of reference cases of the class each value is in (learn_class_labels)
+    class_labels: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_cases": self.n_cases,
                 "allowed": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
                 "reference_min_max": {k: [float(a), float(b)] for k, (a, b) in self.reference_min_max.items()},
-                "trimmed_per_end": dict(self.trimmed)}
+                "trimmed_per_end": dict(self.trimmed),
+                "class_labels": {str(c): dict(r) for c, r in sorted(self.class_labels.items())}}
 
 
-def learn_ranges(stats: Sequence[dict[str, float]], qc: QCConfig) -> ReferenceRanges:
+def _label_values_of(stats: dict[str, float]) -> set[int]:
+    """The label values > 0 a case holds: those with a ``label_<v>_p50`` statistic."""
+    return {int(k.split("_")[1]) for k in stats if k.startswith("label_") and k.endswith("_p50")}
+
+
+def learn_class_labels(stats: Sequence[dict[str, float]], classes: Sequence[Optional[int]], qc: QCConfig
+                       ) -> dict[int, dict[str, Any]]:
+    """Which label values the samples of each class must hold and must not, from the reference.
+
+    For every class with at least :data:`CLASS_LABEL_MIN_CASES` reference cases that have a label
+    map (a case without any ``label_<v>_p50`` statistic has none, and is not counted), a value held
+    by all but ``floor(range_trim x n)`` of them is required, one held by at most that many is
+    forbidden; a value in between (present in some cases of the class only) is neither.  On the
+    demo's phantoms: class 1 requires the lung and the lesion, class 0 requires the lung and forbids
+    the lesion.  Values are those of any reference case.
+    """
+    by_class: dict[int, list[set[int]]] = {}
+    for s, c in zip(stats, classes):
+        present = _label_values_of(s)
+        if c is None or not present:
+            continue
+        by_class.setdefault(int(c), []).append(present)
+    values = sorted(set().union(*[p for ps in by_class.values() for p in ps])) if by_class else []
+    out: dict[int, dict[str, Any]] = {}
+    for c, cases in sorted(by_class.items()):
+        n = len(cases)
+        if n < CLASS_LABEL_MIN_CASES:
+            log.info("qc: class %d has %d labelled reference case(s), fewer than %d: its labels are not judged",
+                     c, n, CLASS_LABEL_MIN_CASES)
+            continue
+        cut = int(np.floor(qc.range_trim * n + 1e-9))
+        count = {v: sum(v in p for p in cases) for v in values}
+        out[c] = {"cases": n, "required": [v for v in values if count[v] >= n - cut],
+                  "forbidden": [v for v in values if count[v] <= cut], "cases_holding": count}
+    return out
+
+
+def learn_ranges(stats: Sequence[dict[str, float]], qc: QCConfig,
+                 classes: Optional[Sequence[Optional[int]]] = None) -> ReferenceRanges:
     """Learn the allowed range of each statistic from reference cases (see :class:`QCConfig`).
 
     margin = max(``percentile_margin`` x span, floor); the floor is ``range_floor`` for fractions
@@ -149,6 +196,8 @@ def learn_ranges(stats: Sequence[dict[str, float]], qc: QCConfig) -> ReferenceRa
     left after setting aside ``floor(range_trim x n)`` at each end (none below 40 cases at the default
     0.025): in 128 phantoms of the demo grid two have body p99 ~350 HU (too few cortex voxels for the
     99th percentile to reach bone), and their min..max would allow samples without any bone.
+    With ``classes`` (each case's class label, or None) the per-class label rules of
+    :func:`learn_class_labels` are learned too.
     """
     label_keys = sorted({k for s in stats for k in s if k.startswith("label_")})
     table = {k: np.array([s[k] for s in stats if np.isfinite(s.get(k, np.nan))]) for k in (*STATS, *label_keys)}
@@ -167,7 +216,8 @@ def learn_ranges(stats: Sequence[dict[str, float]], qc: QCConfig) -> ReferenceRa
         if k in _FRACTION_STATS:
             a, b = max(a, 0.0), min(b, 1.0)
         ranges[k], mm[k], trimmed[k] = (a, b), (lo, hi), cut
-    return ReferenceRanges(ranges, mm, len(stats), trimmed)
+    rules = learn_class_labels(stats, classes, qc) if classes is not None else {}
+    return ReferenceRanges(ranges, mm, len(stats), trimmed, rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +355,7 @@ class _Judged:
     window: Optional[tuple[float, float]]
     arr: np.ndarray
     res: CheckResult
+    class_label: Optional[int] = None
 
 
 def _check_geometry(j: _Judged) -> bool:
@@ -414,7 +465,31 @@ def _check_label(j: _Judged) -> bool:
             lo, hi = j.ranges.ranges[k]
             _in_range(res, f"{k}_out_of_range", v, lo, hi, f"median {_fmt(v)} {j.vol.units} inside label "
                       f"{k.split('_')[1]} not in [{_fmt(lo)}, {_fmt(hi)}]")
+    _check_class_labels(j, {int(v) for v in np.unique(lab) if v > 0})
     return True
+
+
+def _check_class_labels(j: _Judged, present: set[int]) -> None:
+    """The label values of a sample of a known class against its class's rule (learn_class_labels)."""
+    rule = None if j.ranges is None or j.class_label is None else j.ranges.class_labels.get(int(j.class_label))
+    if rule is None:
+        return
+    res, c, n = j.res, int(j.class_label), rule["cases"]
+    missing = [v for v in rule["required"] if v not in present]
+    unexpected = [v for v in rule["forbidden"] if v in present]
+    held = rule["cases_holding"]
+    if missing:
+        res.fail("class_label_missing", "; ".join(f"class {c}: label {v} is in {held[v]} of {n} reference cases of "
+                                                  f"this class, not in this sample" for v in missing),
+                 value=missing, limit=rule["required"])
+    else:
+        res.ok("class_label_missing", value=[], limit=rule["required"])
+    if unexpected:
+        res.fail("class_label_unexpected", "; ".join(f"class {c}: label {v} is in {held[v]} of {n} reference cases "
+                                                     f"of this class, but in this sample" for v in unexpected),
+                 value=unexpected, limit=rule["forbidden"])
+    else:
+        res.ok("class_label_unexpected", value=[], limit=rule["forbidden"])
 
 
 def _check_artefacts(j: _Judged) -> bool:
@@ -445,17 +520,20 @@ CHECKS: tuple[tuple[str, Callable[[_Judged], bool]], ...] = (
 
 def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[ReferenceRanges] = None,
                  label: Optional[Volume] = None, mask: Optional[np.ndarray] = None,
-                 window: Optional[tuple[float, float]] = None) -> CheckResult:
+                 window: Optional[tuple[float, float]] = None, class_label: Optional[int] = None) -> CheckResult:
     """Run every per-volume check of :data:`CHECKS` on ``vol``; never raises on bad data.
 
     ``ranges`` are the reference ranges (skipped when None); ``label`` the sample's label map;
     ``mask`` a precomputed body mask (computed here otherwise); ``window`` the intensity window
     the reference was clipped to (the model's HU window), applied before the statistics, body and
     artefact checks so both sides are compared alike — finiteness, constancy and the physical range
-    are judged on the raw values.  The result holds the failure reasons and, per check, its value
+    are judged on the raw values.  ``class_label`` (the sample's class) judges its label values
+    against the class's rule in ``ranges.class_labels``.  The result holds the failure reasons and,
+    per check, its value
     and limit as evidence.
     """
-    judged = _Judged(vol, grid, qc, ranges, label, mask, window, np.asarray(vol.array), CheckResult(passed=True))
+    judged = _Judged(vol, grid, qc, ranges, label, mask, window, np.asarray(vol.array), CheckResult(passed=True),
+                     class_label)
     for _name, check in CHECKS:
         if not check(judged):
             break

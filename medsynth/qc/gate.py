@@ -279,7 +279,9 @@ def _judge(s: Sample, e: dict[str, Any], grid: Grid, modality: str, qc: QCConfig
     if vol.modality != modality:
         e["reasons"].append(f"modality_mismatch ({vol.modality} sample, {modality} reference grid)")
     try:
-        res = check_volume(vol, grid, qc, ranges, label, window=window)
+        cls = s.sidecar.get("class") if isinstance(s.sidecar, dict) else None
+        res = check_volume(vol, grid, qc, ranges, label, window=window,
+                           class_label=cls if isinstance(cls, int) and not isinstance(cls, bool) else None)
     except Exception as exc:  # a volume the checks cannot judge is not a pass
         log.debug("%s: checks failed", s.id, exc_info=True)
         e["reasons"].append(f"checks_failed ({_why(exc, 'the per-volume checks could not judge it')})")
@@ -405,8 +407,9 @@ def _reference(reference: str | Path, st: _Setting) -> _Reference:
                       hint="fix the unreadable cases (see the log) or give a larger reference manifest"
                       if res.skipped else "give a reference manifest with more cases")
     vols = [st.vol(arr) for arr in res.arrays]
+    classes = {c.id: c.class_label for c in manifest.cases}
     ranges = learn_ranges([volume_stats(v.array, v.mask, st.modality, lab) for v, lab in zip(vols, res.labels)],
-                          st.qc)
+                          st.qc, classes=[classes.get(i) for i in res.ids])
     artefact = [float(artefact_score(v.array, v.mask)["score"]) for v in vols]
     return _Reference(manifest, res.ids, vols, res.skipped, ranges, artefact)
 

@@ -335,6 +335,12 @@ def _ranges_section(s: dict[str, Any]) -> list[str]:
             lo_, hi_ = rr["reference_min_max"][k]
             parts.append(f"<tr><td>{_e(k)}</td><td>{_num(lo_)} .. {_num(hi_)}</td><td>{_num(a)} .. {_num(b)}</td></tr>")
         parts.append("</table>")
+        rules = rr.get("class_labels") or {}
+        if rules:
+            parts.append("<p class=\"note\">Label values each class's samples must hold (and must not), "
+                         "from the reference's label maps: " + "; ".join(
+                             f"class {_e(c)} ({_num(r['cases'])} cases): requires {_e(r['required'] or 'none')}, "
+                             f"forbids {_e(r['forbidden'] or 'none')}" for c, r in rules.items()) + ".</p>")
         ra = s.get("reference_artefact_scores")
         if ra:
             parts.append(f"<p class=\"note\">Artefact score of the real cases: max {_num(max(ra))}, "
