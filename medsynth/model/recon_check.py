@@ -63,11 +63,10 @@ def reconstruction_qc(ae: torch.nn.Module, cfg: Config, data: Any, device: torch
         arr = img.array if window is None else np.clip(img.array, *window)
         mask = body_mask(arr, img.affine, img.modality, cfg.qc.body_threshold_hu)
         ref.append(volume_stats(arr, mask, img.modality, None if lab is None else lab.array))
-    def classes_of(c: Any, n: int) -> list[Optional[int]]:
-        # -1: an unlabelled case (no class)
-        return [None] * n if c is None else [int(v) if int(v) >= 0 else None for v in c]
+    def classes_of(c: torch.Tensor) -> list[Optional[int]]:
+        return [int(v) if int(v) >= 0 else None for v in c]  # -1: an unlabelled case (no class)
 
-    train_cls, val_cls = classes_of(data.classes, len(data.train)), classes_of(data.val_classes, len(data.val))
+    train_cls, val_cls = classes_of(data.classes), classes_of(data.val_classes)
     ranges = learn_ranges(ref, cfg.qc, classes=train_cls)
     picks = [("val", i) for i in range(len(data.val))] + [("train", i) for i in range(len(data.train))]
     was_training = ae.training

@@ -465,7 +465,7 @@ def _check_label(j: _Judged) -> bool:
             lo, hi = j.ranges.ranges[k]
             _in_range(res, f"{k}_out_of_range", v, lo, hi, f"median {_fmt(v)} {j.vol.units} inside label "
                       f"{k.split('_')[1]} not in [{_fmt(lo)}, {_fmt(hi)}]")
-    _check_class_labels(j, {int(v) for v in np.unique(lab) if v > 0})
+    _check_class_labels(j, _label_values_of(inside))
     return True
 
 
@@ -474,22 +474,15 @@ def _check_class_labels(j: _Judged, present: set[int]) -> None:
     rule = None if j.ranges is None or j.class_label is None else j.ranges.class_labels.get(int(j.class_label))
     if rule is None:
         return
-    res, c, n = j.res, int(j.class_label), rule["cases"]
-    missing = [v for v in rule["required"] if v not in present]
-    unexpected = [v for v in rule["forbidden"] if v in present]
-    held = rule["cases_holding"]
-    if missing:
-        res.fail("class_label_missing", "; ".join(f"class {c}: label {v} is in {held[v]} of {n} reference cases of "
-                                                  f"this class, not in this sample" for v in missing),
-                 value=missing, limit=rule["required"])
-    else:
-        res.ok("class_label_missing", value=[], limit=rule["required"])
-    if unexpected:
-        res.fail("class_label_unexpected", "; ".join(f"class {c}: label {v} is in {held[v]} of {n} reference cases "
-                                                     f"of this class, but in this sample" for v in unexpected),
-                 value=unexpected, limit=rule["forbidden"])
-    else:
-        res.ok("class_label_unexpected", value=[], limit=rule["forbidden"])
+    c, n, held = int(j.class_label), rule["cases"], rule["cases_holding"]
+    for code, key, wrong, where in (("class_label_missing", "required", False, "not in this sample"),
+                                    ("class_label_unexpected", "forbidden", True, "but in this sample")):
+        bad = [v for v in rule[key] if (v in present) == wrong]
+        if bad:
+            j.res.fail(code, "; ".join(f"class {c}: label {v} is in {held[v]} of {n} reference cases of this "
+                                       f"class, {where}" for v in bad), value=bad, limit=rule[key])
+        else:
+            j.res.ok(code, value=[], limit=rule[key])
 
 
 def _check_artefacts(j: _Judged) -> bool:
@@ -529,8 +522,7 @@ def check_volume(vol: Volume, grid: Grid, qc: QCConfig, ranges: Optional[Referen
     artefact checks so both sides are compared alike — finiteness, constancy and the physical range
     are judged on the raw values.  ``class_label`` (the sample's class) judges its label values
     against the class's rule in ``ranges.class_labels``.  The result holds the failure reasons and,
-    per check, its value
-    and limit as evidence.
+    per check, its value and limit as evidence.
     """
     judged = _Judged(vol, grid, qc, ranges, label, mask, window, np.asarray(vol.array), CheckResult(passed=True),
                      class_label)
