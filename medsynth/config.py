@@ -451,6 +451,11 @@ class DiffusionTrainConfig:
     trained on part of the schedule is sampled only as one of two experts (``medsynth generate
     RUN --low-noise-run RUN2 --handover T`` with RUN covering [T, 1] and RUN2 [0, T]), so each
     expert spends all its steps on its own range (eDiff-I, Balaji et al. 2022).
+    ``label_condition: true`` (a paired model on a wavelet latent, as a low-noise expert:
+    ``model.low_noise_expert.diffusion: {label_condition: true}``) trains the UNet with the label
+    map's latent channels clean, as a condition, and its loss on the image channels only: sampling
+    lets the high-noise expert run to the end to draw the label map, then the expert draws the
+    image's fine half to that map (a cascade, as MAISI draws an image to a label map).
     """
 
     steps: int = 10000
@@ -474,6 +479,7 @@ class DiffusionTrainConfig:
     label_loss_weight: dict[str, float] = field(default_factory=dict)
     intensity_loss_weight: dict[str, float] = field(default_factory=dict)
     time_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    label_condition: bool = False
 
     @property
     def timestep_dist(self) -> tuple[str, float, float, float, float]:
@@ -826,6 +832,11 @@ class Config:
         if self.sampling.steps > self.training.diffusion.num_train_timesteps:
             errs.append(f"sampling.steps: at most training.diffusion.num_train_timesteps "
                         f"({self.training.diffusion.num_train_timesteps}), got {self.sampling.steps}")
+        if self.training.diffusion.label_condition and (self.model.autoencoder.kind != "wavelet"
+                                                        or not self.data.use_labels):
+            errs.append("training.diffusion.label_condition: conditions on the label map's own latent channels, "
+                        "which only a paired model (data.use_labels: true) on a wavelet latent "
+                        "(model.autoencoder.kind: wavelet) has; set both or remove label_condition")
         if self.model.low_noise_expert is not None and not _check_all(self.model.low_noise_expert, ""):
             errs.extend(_expert(self)[1])
         return errs

@@ -267,3 +267,75 @@ def test_the_expert_trains_beside_stage_2_in_a_second_process_as_it_would_after_
         assert (tmp_path / "bad" / "diffusion" / "last.pt").is_file()  # the run's own stage 2 finished
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_label_conditioned_expert_learns_the_image_to_clean_label_bands_and_samples_as_a_cascade(phantoms, tmp_path):
+    """``training.diffusion.label_condition`` (a low-noise expert): trained with the label map's latent
+    channels clean and its loss on the image channels only; sampled after the high-noise expert has
+    run to the end and drawn the label map, which the expert's image then follows (a cascade)."""
+    import torch
+
+    from medsynth.model.diffusion_training import _diffusion_loss, cond_channels
+    from medsynth.model.networks import build_scheduler, label_latent_channels
+    from medsynth.model.objectives import diffusion_batch
+    from tests.helpers import run_weights
+
+    cfg = _expert_cfg(phantoms, side_by_side=False, diffusion={"label_condition": True})
+    run = tmp_path / "run"
+    train(cfg, run)
+    low = Sampler.from_run(run / "low_noise")
+    c = cond_channels(low.cfg)
+    assert c == label_latent_channels(low.cfg) == len(low.label_values) and cond_channels(cfg) == 0
+    # training: the label channels of the noisy latents are the clean ones; the draws are those of a plain model
+    mu = torch.randn(3, 8 + c, 4, 4, 4)
+    sched = build_scheduler("rflow", low.cfg.training.diffusion, 64)
+    plain = diffusion_batch("rflow", sched, mu, torch.zeros_like(mu), torch.tensor([0, 1, 0]), torch.arange(3), 1.0,
+                            torch.Generator().manual_seed(0), 0.1, 2)
+    cond = diffusion_batch("rflow", sched, mu, torch.zeros_like(mu), torch.tensor([0, 1, 0]), torch.arange(3), 1.0,
+                           torch.Generator().manual_seed(0), 0.1, 2, cond_channels=c)
+    assert torch.equal(cond[0][:, -c:], mu[:, -c:]) and torch.equal(cond[0][:, :-c], plain[0][:, :-c])
+    assert all(torch.equal(a, b) for a, b in zip(cond[1:], plain[1:]))
+    # ... and its loss does not see the label channels of the output
+    x_t, tt, target = cond[0], cond[1], cond[2]
+    out = torch.randn_like(target)
+    other = out.clone()
+    other[:, -c:] += 5.0
+    assert torch.equal(_diffusion_loss(low.cfg, out, x_t, tt, target), _diffusion_loss(low.cfg, other, x_t, tt, target))
+    assert not torch.equal(_diffusion_loss(cfg, out, x_t, tt, target), _diffusion_loss(cfg, other, x_t, tt, target))
+    # resumed after 2 steps: the same expert as one run
+    part = tmp_path / "part"
+    train(cfg, part, max_steps=2)
+    train(cfg, part, resume=True)
+    a, b = run_weights(run / "low_noise"), run_weights(part / "low_noise")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # sampling: the label channels are those the high-noise expert drew alone, made clean; the image is the expert's
+    both = Sampler.from_run(run)
+    high = Sampler.from_run(run)
+    high.low_noise = None
+    st = both.settings(seed=4, steps=6)
+    noise = both.initial_noise([0, 1], 4)
+
+    def gens():
+        return [torch.Generator().manual_seed(10 + i) for i in range(2)]
+
+    labels = torch.tensor([0, 1])
+    z_high = high.denoise(noise, labels, gens(), st)
+    z = both.denoise(noise, labels, gens(), st)
+    assert torch.equal(z[:, -c:], both.label_condition_bands(z_high, low))
+    assert not torch.allclose(z[:, :-c], z_high[:, :-c])
+    # per sample: the same bytes in any batch and order
+    generate(run, tmp_path / "x", range(3), seed=2, steps=4, batch_size=3)
+    generate(run, tmp_path / "y", [2, 0, 1], seed=2, steps=4, batch_size=1)
+    x, y = _arrays(tmp_path / "x"), _arrays(tmp_path / "y")
+    assert all(np.array_equal(x[i], y[i]) for i in range(3))
+    # the expert is no sampler by itself, nor a high-noise expert
+    with pytest.raises(ConfigError, match="only as a low-noise expert"):
+        generate(run / "low_noise", tmp_path / "z", range(1), seed=2, steps=4)
+    with pytest.raises(ConfigError, match="can only be the low-noise expert"):
+        low.hand_over(high, 0.5)
+
+
+def test_label_condition_needs_a_paired_wavelet_latent(phantoms):
+    raw = tiny_config(phantoms, data={"use_labels": True}, training={"diffusion": {"label_condition": True}})
+    with pytest.raises(ConfigError, match=r"training\.diffusion\.label_condition: .*wavelet"):
+        config_from_dict(raw)

@@ -38,6 +38,7 @@ from medsynth.model.networks import (
     build_unet,
     diffusion_loss,
     generator,
+    label_latent_channels,
     latent_shape,
     lr_lambda,
     seeded_init,
@@ -172,9 +173,21 @@ def _build_stage2(cfg: Config, paths: RunPaths, device: torch.device, precision:
     return _Stage2(unet, net, ema, opt, sched, scaler, fmt, noise_sched, init)
 
 
+def cond_channels(cfg: Config) -> int:
+    """Latent channels a ``label_condition`` model is given clean (the label map's), else 0."""
+    return label_latent_channels(cfg) if cfg.training.diffusion.label_condition else 0
+
+
 def _diffusion_loss(cfg: Config, pred: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
                     target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The stage-2 loss; a ``label_condition`` model's on the image channels only (its label
+    channels are the condition, not predicted)."""
     t = cfg.training.diffusion
+    c = cond_channels(cfg)
+    if c:
+        keep = torch.ones(1, pred.shape[1], *([1] * (pred.dim() - 2)), device=pred.device)
+        keep[:, -c:] = 0.0
+        weight = keep if weight is None else weight.to(pred.device) * keep
     return diffusion_loss(cfg.training.scheduler, t.prediction_type, pred, x_t, tt, target, t.num_train_timesteps,
                           weight)
 
@@ -190,7 +203,8 @@ def _diffusion_step(s2: _Stage2, cfg: Config, lat: _Latents, classes: torch.Tens
         g = generator(seed, stage, "step", step, micro)
         idx = batch_indices(seed, stage, step * t.grad_accum + micro, len(lat.mu), t.batch_size)
         x_t, tt, target, labels = diffusion_batch(cfg.training.scheduler, s2.noise_sched, lat.mu, lat.sigma, classes,
-                                                  idx, scale, g, t.cond_drop_prob, null_class, t.timestep_dist)
+                                                  idx, scale, g, t.cond_drop_prob, null_class, t.timestep_dist,
+                                                  cond_channels(cfg))
         # drawn for the global batch, then this rank's part (identical to one process)
         x_t, tt, target = rank_part(x_t), rank_part(tt), rank_part(target)
         labels = None if labels is None else rank_part(labels)
@@ -218,7 +232,7 @@ def _validate_diffusion(s2: _Stage2, cfg: Config, lat: _Latents, scale: float, d
     idx = torch.arange(min(len(lat.val_mu), 16))
     x_t, tt, target, labels = diffusion_batch(cfg.training.scheduler, s2.noise_sched, lat.val_mu, lat.val_sigma,
                                               lat.val_classes, idx, scale, g, 0.0, cfg.model.unet.num_class_embeds,
-                                              t.timestep_dist)
+                                              t.timestep_dist, cond_channels(cfg))
     with autocast(device, precision):
         pred = s2.ema.model(x_t.to(device).contiguous(memory_format=s2.fmt), tt.to(device),
                             class_labels=None if labels is None else labels.to(device))

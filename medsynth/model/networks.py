@@ -57,6 +57,15 @@ def latent_channels(cfg: Config) -> int:
     return a.latent_channels
 
 
+def label_latent_channels(cfg: Config) -> int:
+    """How many trailing latent channels hold the label map alone (a paired model on a wavelet latent:
+    its label channels' sub-bands; 0 otherwise, the KL autoencoder mixing image and label)."""
+    a = cfg.model.autoencoder
+    if a.kind != "wavelet" or not cfg.data.use_labels:
+        return 0
+    return latent_channels(cfg) - 8 ** a.wavelet_levels  # the image channel's sub-bands come first
+
+
 def latent_shape(cfg: Config) -> tuple[int, int, int, int]:
     """(channels, x, y, z) of a latent for the configured image grid."""
     f = downsample_factor(cfg)

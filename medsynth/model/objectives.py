@@ -72,13 +72,18 @@ def diffusion_target(kind: str, scheduler: Any, z0: torch.Tensor, noise: torch.T
 
 def diffusion_batch(kind: str, scheduler: Any, mu: torch.Tensor, sigma: torch.Tensor, classes: torch.Tensor,
                      idx: torch.Tensor, scale: float, g: torch.Generator, drop_prob: float,
-                     null_class: Optional[int], timestep_dist: tuple = ("logit-normal", 0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(noisy latents, timesteps, target, class labels) of one batch, all drawn from ``g``."""
+                     null_class: Optional[int], timestep_dist: tuple = ("logit-normal", 0.0, 1.0),
+                     cond_channels: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(noisy latents, timesteps, target, class labels) of one batch, all drawn from ``g``.  The last
+    ``cond_channels`` latent channels stay clean in the noisy latents (``label_condition``: the label
+    map as a condition); the draws do not depend on it."""
     z0 = (mu[idx] + sigma[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
     noise = torch.randn(z0.shape, generator=g)
     t = sample_train_timesteps(kind, scheduler, len(idx), g, *timestep_dist)
     x_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
     target = diffusion_target(kind, scheduler, z0, noise, t)
+    if cond_channels:
+        x_t[:, -cond_channels:] = z0[:, -cond_channels:]
     labels = None
     if null_class is not None:
         labels = classes[idx].clone()

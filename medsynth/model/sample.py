@@ -195,6 +195,10 @@ class Sampler:
             a, b = self.autoencoder.state_dict(), low.autoencoder.state_dict()
             if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
                 why = "autoencoder weights"
+        if why is None and mine.diffusion.label_condition:
+            raise ConfigError(f"{self.run}: trained to draw the image to a given label map "
+                              f"(training.diffusion.label_condition), so it can only be the low-noise expert",
+                              hint="swap the two runs")
         if why is None:
             below = float(below)
             (hlo, hhi), (llo, lhi) = mine.diffusion.time_range, theirs.diffusion.time_range
@@ -327,10 +331,11 @@ class Sampler:
                                         class_labels=None if labels is None else labels[b:b + 1]).float()
                               for b in range(len(x))])
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor], guidance: float,
+                own: bool = False) -> torch.Tensor:
         """The model output at time ``t``, with classifier-free guidance: u + g (c - u) (the
-        low-noise expert's below the hand-over time)."""
-        if self.low_noise is not None and \
+        low-noise expert's below the hand-over time, unless ``own``)."""
+        if self.low_noise is not None and not own and \
                 float(t) < self.handover_t * self.cfg.training.diffusion.num_train_timesteps:
             return self.low_noise.predict(x, t, labels, guidance)
         tt = t.reshape(1).repeat(len(x)).to(self.device)
@@ -347,6 +352,11 @@ class Sampler:
                 st: SampleSettings) -> torch.Tensor:
         """The denoising loop: from pure noise to a clean latent in ``st.steps`` scheduler steps."""
         d = self.cfg.training.diffusion
+        if d.label_condition:
+            raise ConfigError(f"{self.run}: trained to draw the image to a given label map "
+                              f"(training.diffusion.label_condition), so it samples only as a low-noise expert",
+                              hint="sample it with a high-noise partner: 'medsynth generate HIGH_RUN --low-noise-run "
+                                   "THIS_RUN --handover T'")
         if self.low_noise is None and not d.whole_schedule and not self.provenance.get("untrained"):
             lo, hi = d.time_range
             raise ConfigError(f"{self.run}: trained on the times {lo:g}-{hi:g} of the noise schedule only "
@@ -358,10 +368,43 @@ class Sampler:
         ts = list(sched.timesteps)
         x = noise.to(self.device)
         step = SCHEDULER_STEPS[st.scheduler]
-        for i, t in enumerate(progress(ts, desc="denoising", total=len(ts))):
+        low = self.low_noise
+        cascade = low is not None and low.cfg.training.diffusion.label_condition
+        cond, start, at_handover = None, 0, None
+        if cascade:
+            # the high-noise expert alone to the end draws the label map; the low-noise expert then
+            # draws the fine half of the image to it, from the high trajectory's state at the hand-over
+            handover = self.handover_t * d.num_train_timesteps
+            start = next((i for i, t in enumerate(ts) if float(t) < handover), len(ts))
+            for i, t in enumerate(progress(ts, desc="denoising (labels)", total=len(ts))):
+                if i == start:
+                    at_handover = x.clone()
+                out = self.predict(x, t, labels, st.guidance, own=True)
+                x = step(sched, out, x, Step(t, ts[i + 1] if i + 1 < len(ts) else 0, st.eta, step_gens, d))
+            if at_handover is None:
+                return x
+            cond = self.label_condition_bands(x, low)
+            x = at_handover
+            x[:, -cond.shape[1]:] = cond
+        for i, t in enumerate(progress(ts[start:], desc="denoising", total=len(ts) - start), start=start):
             out = self.predict(x, t, labels, st.guidance)
             x = step(sched, out, x, Step(t, ts[i + 1] if i + 1 < len(ts) else 0, st.eta, step_gens, d))
+            if cond is not None:
+                x[:, -cond.shape[1]:] = cond
         return x
+
+    def label_condition_bands(self, z: torch.Tensor, low: "Sampler") -> torch.Tensor:
+        """The label map of scaled latents ``z`` (decoded, argmax), one-hot encoded again into the
+        latent's clean label channels: the condition of a ``label_condition`` low-noise expert, exactly
+        as it saw label maps in training."""
+        from medsynth.model.diffusion_training import cond_channels
+
+        c = cond_channels(low.cfg)
+        dec = self.autoencoder.decode(z.to(self.device).float() / self.scale_factor).float()
+        k = len(self.label_values)
+        hot = torch.nn.functional.one_hot(dec[:, 1:1 + k].argmax(1), k).movedim(-1, 1).to(dec) * 2.0 - 1.0
+        enc = self.autoencoder.encode(torch.cat([dec[:, :1], hot], dim=1))[0].float() * self.scale_factor
+        return enc[:, -c:]
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
