@@ -578,6 +578,10 @@ class TrainingConfig:
     channels-first: there it was the same or slower).  ``fused_attention`` runs MONAI's attention
     blocks with PyTorch's fused ``scaled_dot_product_attention`` (the same parameters, so checkpoints
     are interchangeable; ``auto``: on CUDA and in bf16, not in fp32 on the CPU, where it gained nothing).
+    ``fused_optimizer`` steps Adam with PyTorch's fused kernel (``fused=True``; ``auto``: on the CPU
+    and CUDA) instead of its per-parameter loop: the same update rule and state, so a checkpoint
+    resumes under either; on a 2-core EPYC the benchmark UNet's Adam step (29 M parameters) took
+    19 ms fused vs 56 ms looped.
     """
 
     seed: int = 0
@@ -587,6 +591,7 @@ class TrainingConfig:
     checkpoint_every: int = 500
     channels_last: Union[bool, Literal["auto"]] = "auto"
     fused_attention: Union[bool, Literal["auto"]] = "auto"
+    fused_optimizer: Union[bool, Literal["auto"]] = "auto"
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
     controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)

@@ -108,17 +108,22 @@ def test_training_speedup_records_both_paths_and_what_each_ran_in(result):
     r, md = result
     sp = r["training"]["speedup"]
     assert sp["bf16_native"] is cpu_has_native_bf16() and len(sp["load_before"]) == 3
-    assert {c["stage"] for c in sp["cases"]} == {"autoencoder", "diffusion", "controlnet"}
+    assert {(c["networks"], c["stage"]) for c in sp["cases"]} == {
+        ("demo", "diffusion"), ("demo_kl", "autoencoder"), ("demo_kl", "diffusion"), ("demo_kl", "controlnet")}
     for c in sp["cases"]:
         assert c["baseline"]["precision"] == "fp32" and c["baseline"]["channels_last"] is False
-        assert c["baseline"]["fused_attention"] in (False, None)
+        assert c["baseline"]["fused_attention"] in (False, None) and c["baseline"]["fused_optimizer"] is False
+        assert c["medsynth"]["fused_optimizer"] is True  # training.fused_optimizer: auto on the CPU
         assert c["medsynth"]["precision"] in ("fp32", "bf16")
         assert len(c["baseline_steps_s"]) == len(c["medsynth_steps_s"]) == sp["timed_steps"]
         assert c["speedup"] == pytest.approx(c["baseline_step_s"] / c["medsynth_step_s"], rel=0.01)
     ae = next(c for c in sp["cases"] if c["stage"] == "autoencoder")
     assert ae["medsynth"]["precision"] == resolve_training_precision("auto", torch.device("cpu"), 32 * 32 * 24)
-    assert sp["speedup"] == next(c for c in sp["cases"] if c["stage"] == "diffusion")["speedup"]
-    assert "| training step, demo diffusion" in md
+    # the headline is stage 2 of the default demo (wavelet latent 16 x 16 x 12: bf16 where native)
+    demo2 = next(c for c in sp["cases"] if c["networks"] == "demo")
+    assert sp["speedup"] == sp["speedup_demo"] == demo2["speedup"] and sp["speedup_bench"] is None  # tiny: no bench case
+    assert demo2["medsynth"]["precision"] == resolve_training_precision("auto", torch.device("cpu"), 16 * 16 * 12)
+    assert "| training step, demo diffusion" in md and "| training step, demo_kl autoencoder" in md
 
 
 def test_bad_arguments_are_refused():

@@ -174,3 +174,51 @@ def test_controlnet_trains_fast_and_resumes_to_the_uninterrupted_weights(finishe
     sa, sb = ca["opt"]["state"], cb["opt"]["state"]
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+@pytest.mark.parametrize("setting, fused", [("auto", True), (True, True), (False, False)])
+def test_every_stage_steps_adam_fused_as_configured(tmp_path, finished_run, setting, fused):
+    """``training.fused_optimizer`` (precision-independent): ``auto`` is PyTorch's fused Adam on the
+    CPU for stage 1 (both optimizers), stage 2 and the ControlNet; ``false`` its per-parameter loop."""
+    from medsynth.model.autoencoder_training import _build_stage1
+    from medsynth.model.checkpoint import load_run
+    from medsynth.model.controlnet import _build_controlnet_training
+    from medsynth.model.diffusion_training import _build_stage2
+    from medsynth.model.fastpath import resolve_training_fused_optimizer
+
+    assert resolve_training_fused_optimizer(setting, CPU) is fused
+    root, raw = finished_run
+    cfg = config_from_dict({**raw, "training": {**raw["training"], "fused_optimizer": setting}})
+    paths = RunPaths(tmp_path / "run")
+    s1 = _build_stage1(cfg, paths, CPU, "fp32", False)
+    s2 = _build_stage2(cfg, paths, CPU, "fp32", False)
+    tr = _build_controlnet_training(load_run(root / "run"), cfg, 3, CPU, tmp_path / "none.pt", False)
+    for opt in (s1.opt_g, s1.opt_d, s2.opt, tr.opt):
+        assert bool(opt.defaults.get("fused")) is fused
+
+
+def test_an_adam_state_saved_looped_resumes_fused_and_takes_the_same_step():
+    """fp32: the checkpoint format is the same; a looped Adam's state loaded into a fused one gives
+    the looped update to float rounding (the two kernels order the arithmetic differently)."""
+    torch.manual_seed(0)
+    w = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    grads = [[torch.randn_like(p) for p in w] for _ in range(4)]
+
+    def run(opt_kw_first, opt_kw_then):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in w]
+        opt = torch.optim.Adam(ps, lr=1e-2, **opt_kw_first)
+        for g in grads[:2]:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+        opt2 = torch.optim.Adam(ps, lr=1e-2, **opt_kw_then)
+        opt2.load_state_dict(opt.state_dict())
+        for g in grads[2:]:
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt2.step()
+        return ps
+
+    looped, mixed = run({}, {}), run({}, {"fused": True})
+    for a, b in zip(looped, mixed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

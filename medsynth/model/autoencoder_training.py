@@ -28,7 +28,7 @@ from medsynth.model.bookkeeping import (
 )
 from medsynth.model.checkpoint import save_checkpoint
 from medsynth.model.distributed import AEStep, allreduce_grads, check_batch, ddp, is_main, rank_part
-from medsynth.model.fastpath import prepare_stage_for_training
+from medsynth.model.fastpath import adam, prepare_stage_for_training
 from medsynth.model.init_weights import InitWeights, config_init, load_into
 from medsynth.model.labels import label_values
 from medsynth.model.networks import (
@@ -85,8 +85,8 @@ def _build_stage1(cfg: Config, paths: RunPaths, device: torch.device, precision:
     prepare_stage_for_training((ae, disc), device, cfg.training, stage, precision)
     check_batch(t.batch_size, "training.autoencoder.batch_size")
     ae_step = ddp(AEStep(ae), device)  # DistributedDataParallel under torchrun, else the plain module
-    opt_g = torch.optim.Adam(ae.parameters(), lr=t.lr)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr)
+    opt_g = adam(ae.parameters(), t.lr, cfg.training, device)
+    opt_d = adam(disc.parameters(), t.lr, cfg.training, device)
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
     scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -35,7 +35,7 @@ from medsynth.errors import CheckpointError, ConfigError, ManifestError, Medsynt
 from medsynth.jobs import RunPaths, derive_seed, sha256_file, write_json
 from medsynth.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, versions
 from medsynth.model.init_weights import load_into, read_init
-from medsynth.model.fastpath import prepare_stage_for_training, resolve_training_precision
+from medsynth.model.fastpath import adam, prepare_stage_for_training, resolve_training_precision
 from medsynth.model.networks import (
     autocast,
     build_autoencoder,
@@ -264,7 +264,7 @@ def _build_controlnet_training(run: Any, cfg: Config, n_values: int, dev: torch.
     tc = cfg.training
     precision = resolve_training_precision(tc.precision, dev, math.prod(latent_shape(rc)[1:]))
     fmt = prepare_stage_for_training((unet, cn), dev, tc, STAGE, precision)
-    opt = torch.optim.Adam(cn.parameters(), lr=t.lr)
+    opt = adam(cn.parameters(), t.lr, tc, dev)
     noise_sched = build_scheduler(rc.training.scheduler, rc.training.diffusion, math.prod(latent_shape(rc)[1:]))
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     log.info("controlnet: training in %s, %s", precision,

@@ -29,7 +29,7 @@ from medsynth.model.bookkeeping import (
 from medsynth.model.checkpoint import build_model_card, is_complete, load_checkpoint, save_checkpoint, write_model_card
 from medsynth.model.distributed import barrier, check_batch, ddp, is_main, rank_part
 from medsynth.model.ema import EMA
-from medsynth.model.fastpath import prepare_stage_for_training
+from medsynth.model.fastpath import adam, prepare_stage_for_training
 from medsynth.model.init_weights import InitWeights, load_into
 from medsynth.model.networks import (
     autocast,
@@ -166,7 +166,7 @@ def _build_stage2(cfg: Config, paths: RunPaths, device: torch.device, precision:
     check_batch(t.batch_size, "training.diffusion.batch_size")
     net = ddp(unet, device)
     ema = EMA(unet, t.ema_decay)
-    opt = torch.optim.Adam(unet.parameters(), lr=t.lr)
+    opt = adam(unet.parameters(), t.lr, cfg.training, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     noise_sched = build_scheduler(cfg.training.scheduler, t, math.prod(latent_shape(cfg)[1:]))

@@ -24,7 +24,7 @@ kernels, hence the same bytes, as MONAI's ``LatentDiffusionInferer.sample``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -154,6 +154,22 @@ def resolve_training_fused_attention(fused_attention: bool | str, device: torch.
     if fused_attention != "auto":
         return bool(fused_attention)
     return device.type != "cpu" or precision == "bf16"
+
+
+def resolve_training_fused_optimizer(fused_optimizer: bool | str, device: torch.device) -> bool:
+    """``training.fused_optimizer``: ``auto`` uses PyTorch's fused Adam where it has one (CPU and
+    CUDA); elsewhere the per-parameter loop."""
+    if fused_optimizer != "auto":
+        return bool(fused_optimizer)
+    return device.type in ("cpu", "cuda")
+
+
+def adam(params: Iterable[nn.Parameter], lr: float, training: Any, device: torch.device) -> torch.optim.Adam:
+    """The Adam optimizer of a training stage: fused when ``training.fused_optimizer`` resolves so
+    (one kernel over all parameters instead of PyTorch's per-parameter loop; the same update rule,
+    state and checkpoint format), else PyTorch's default."""
+    fused = resolve_training_fused_optimizer(training.fused_optimizer, device)
+    return torch.optim.Adam(params, lr=lr, fused=True) if fused else torch.optim.Adam(params, lr=lr)
 
 
 def prepare_for_training(net: nn.Module, device: torch.device, channels_last: bool,
