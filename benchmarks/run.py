@@ -315,8 +315,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def _demo_training_config(work: Path, device: torch.device, fast: dict[str, Any],
                           source: Path = DEMO_KL_CONFIG) -> tuple[Any, Any]:
     """A demo's config (networks, grid, batch sizes; by default the KL demo, :data:`DEMO_KL_CONFIG`)
-    on built-in phantoms with the training settings ``fast``, adversarial training on from step 0,
-    and its prepared data."""
+    on built-in phantoms with the training settings ``fast`` (a trained autoencoder: adversarial
+    training on from step 0), and its prepared data."""
     import dataclasses
 
     from medsynth.config import load_config
@@ -480,7 +480,8 @@ def bench_training_speedup(p: dict[str, Any], device: torch.device, work: Path) 
                            "warmup_steps": warm, "timed_steps": timed_n, "load_before": load(),
                            "baseline_settings": PLAIN_TRAINING, "medsynth_settings": FAST_TRAINING,
                            "baseline": "the same medsynth step function with the plain settings: MONAI networks "
-                                       "and losses in fp32, channels-first, MONAI's einsum attention",
+                                       "and losses in fp32, channels-first, MONAI's einsum attention, PyTorch's "
+                                       "default (per-parameter) Adam",
                            "data": "demo (configs/demo.yaml, the default: stage 2 on its wavelet latent) and demo_kl "
                                    "(configs/demo_kl.yaml: stage 1, stage 2 and the ControlNet): 8 built-in phantoms "
                                    "(image + label map); stage 2 and the ControlNet on seeded stand-in latents (the "
