@@ -375,7 +375,7 @@ def _stage_steppers(stage: str, cfg: Any, data: Any, device: torch.device, work:
         from medsynth.model.autoencoder_training import _autoencoder_step, _build_stage1
 
         s1 = _build_stage1(cfg, paths, device, prec, False)
-        fmt_net = s1.ae
+        fmt_net, opt = s1.ae, s1.opt_g
         def step(k: int) -> Any:
             return _autoencoder_step(s1, cfg, data, k, device, prec)
     elif stage == "diffusion":
@@ -383,7 +383,7 @@ def _stage_steppers(stage: str, cfg: Any, data: Any, device: torch.device, work:
 
         lat, classes = data
         s2 = _build_stage2(cfg, paths, device, prec, False)
-        fmt_net = s2.unet
+        fmt_net, opt = s2.unet, s2.opt
         def step(k: int) -> Any:
             return _diffusion_step(s2, cfg, lat, classes, k, 1.0, device, prec)
     else:
@@ -394,12 +394,11 @@ def _stage_steppers(stage: str, cfg: Any, data: Any, device: torch.device, work:
             unet_state = build_unet(cfg).state_dict()
         run = SimpleNamespace(cfg=cfg, ema_state=None, unet_state=unet_state, scale_factor=1.0)
         tr = _build_controlnet_training(run, cfg, data[2].shape[1], device, work / "none.pt", False)
-        fmt_net, prec = tr.cn, tr.precision
+        fmt_net, prec, opt = tr.cn, tr.precision, tr.opt
         def step(k: int) -> Any:
             return _controlnet_step(tr, run, cfg, data, k, device)
     conv = next(m for m in fmt_net.modules() if isinstance(m, nn.Conv3d))
     fused = [m.use_flash_attention for m in fmt_net.modules() if hasattr(m, "rel_positional_embedding")]
-    opt = s1.opt_g if stage == "autoencoder" else (s2.opt if stage == "diffusion" else tr.opt)
     path = {"precision": prec, "channels_last": bool(conv.weight.is_contiguous(memory_format=torch.channels_last_3d)),
             "fused_attention": (all(fused) if fused else None), "fused_optimizer": bool(opt.defaults.get("fused")),
             "batch_size": getattr(t, stage).batch_size}

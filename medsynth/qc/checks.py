@@ -267,8 +267,6 @@ def seam_score(array: np.ndarray, mask: np.ndarray, spacing: Optional[Sequence[f
     smooth anatomy raise none.  The score is (r - 1) / (r + 1) in [0, 1) for the largest such r.
     Returns (score, axis, plane index).
     """
-    from scipy import ndimage
-
     arr = np.asarray(array, dtype=np.float32)
     body = arr[mask]
     if body.size < 64:

@@ -410,8 +410,7 @@ def _reference(reference: str | Path, st: _Setting) -> _Reference:
     classes = {c.id: c.class_label for c in manifest.cases}
     ranges = learn_ranges([volume_stats(v.array, v.mask, st.modality, lab) for v, lab in zip(vols, res.labels)],
                           st.qc, classes=[classes.get(i) for i in res.ids])
-    spacing = np.sqrt((np.asarray(st.grid.affine, dtype=float)[:3, :3] ** 2).sum(axis=0))
-    artefact = [float(artefact_score(v.array, v.mask, spacing)["score"]) for v in vols]
+    artefact = [float(artefact_score(v.array, v.mask, st.grid.spacing)["score"]) for v in vols]
     return _Reference(manifest, res.ids, vols, res.skipped, ranges, artefact)
 
 
