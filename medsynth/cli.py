@@ -694,9 +694,10 @@ def _add_train(sub) -> None:
     p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                    help="run folder (config, checkpoints, metrics, model card); under torchrun spell it "
                         "--run-dir (torchrun's own parser takes --run for an abbreviation of --run-path)")
-    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all", "controlnet"), default="all",
-                   help="stage to train (default all: autoencoder, then diffusion; controlnet: the mask-conditioned "
-                        "ControlNet on a finished run, trained on the manifest's label maps)")
+    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all", "controlnet", "lesion"), default="all",
+                   help="stage to train (default all: autoencoder, then diffusion, then the config's lesion "
+                        "inpainter; controlnet: the mask-conditioned ControlNet on a finished run, trained on the "
+                        "manifest's label maps; lesion: the config's model.lesion_inpainter on a finished run)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoints")
     p.add_argument("--manifest", type=Path, help="data manifest (overrides data.manifest of the config)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides training.device")

@@ -57,13 +57,21 @@ RESUMABLE = {"name", "data.manifest", "data.cache", "data.cache_dir", "data.num_
               # stored before the key existed lack it
               "model.low_noise_expert.side_by_side",
               # initial weights only seed a fresh stage (their sha256 is in the checkpoint): they may move
-              "model.autoencoder.init", "model.unet.init", "training.controlnet.init"}
+              "model.autoencoder.init", "model.unet.init", "training.controlnet.init",
+              # the lesion inpainter's budget and how it paints, not what it learns
+              "model.lesion_inpainter.steps", "model.lesion_inpainter.log_every",
+              "model.lesion_inpainter.sample_steps", "model.lesion_inpainter.sample_eta"}
+
+# Keys of a stage trained after (and from) the others: compared only when a check names them, so a
+# lesion inpainter can be added to (or dropped from) a run whose stages are trained.
+SEPARATE = ("model.lesion_inpainter",)
 
 
 # What each stage's weights depend on: a resumed stage (or stage 2 on top of stage 1) must agree.
 AE_KEYS = ("data", "model.autoencoder", "training.seed", "training.precision", "training.autoencoder")
 DIFFUSION_KEYS = ("data", "model", "training.seed", "training.precision", "training.scheduler",
                    "training.diffusion")
+LESION_KEYS = ("data", "model.lesion_inpainter", "training.seed", "training.precision")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -81,8 +89,13 @@ def config_differences(stored: dict[str, Any], current: Config, sections: tuple[
     written before the key existed) counts as its default, which keeps the behaviour of the version
     that wrote it."""
     a, b = {**_flatten(config_to_dict(Config())), **_flatten(stored)}, _flatten(config_to_dict(current))
-    keys = sorted(k for k in set(a) | set(b)
-                  if any(k == s or k.startswith(s + ".") for s in sections) and k not in RESUMABLE)
+    def named(k: str) -> bool:
+        if not any(k == s or k.startswith(s + ".") for s in sections):
+            return False
+        sep = [p for p in SEPARATE if k == p or k.startswith(p + ".")]
+        return not sep or any(s == p or s.startswith(p + ".") for p in sep for s in sections)
+
+    keys = sorted(k for k in set(a) | set(b) if named(k) and k not in RESUMABLE)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -471,6 +471,9 @@ def generate_from_masks(run_dir: str | Path, masks: str | Path, out_dir: str | P
     if sampler.low_noise is not None:
         raise ConfigError(f"{run_dir}: has a low-noise expert (model.low_noise_expert); mask-conditioned "
                           f"sampling with two experts is not supported yet", hint="sample without masks ('medsynth generate RUN -n N')")
+    # the given mask is the sample's label map and says where a lesion is: nothing is painted in
+    sampler.lesion = None
+    sampler.provenance.pop("lesion_inpainter", None)
     ck_path = RunPaths(Path(run_dir)).checkpoint(STAGE)
     ck = load_checkpoint(ck_path, STAGE)
     if ck.get("diffusion_sha256") != sampler.provenance.get("checkpoint_sha256"):

@@ -165,6 +165,7 @@ class Sampler:
         self.per_sample = device.type == "cpu"
         self.low_noise: Optional["Sampler"] = None  # a low-noise expert (hand_over)
         self.handover_t = 0.0
+        self.lesion: Any = None  # a lesion inpainter (medsynth.model.lesion.LesionPainter), set by paint_lesions
 
     def hand_over(self, low: "Sampler", below: float) -> "Sampler":
         """Denoise with ``low``'s UNet at the times below ``below`` (a fraction of the noise schedule,
@@ -251,7 +252,21 @@ class Sampler:
                                       f"({ep.checkpoint('diffusion').relative_to(Path(run_dir))} is missing)",
                                       hint="finish training: 'medsynth train CONFIG --run RUN --resume'")
             sampler.hand_over(cls.from_run(ep.root, device=device, use_ema=use_ema), expert.handover)
+        from medsynth.model.lesion import LesionPainter
+
+        painter = LesionPainter.from_run(run_dir, cfg, dev, use_ema=bool(ema))
+        if painter is not None:
+            sampler.paint_lesions(painter)
         return sampler
+
+    def paint_lesions(self, painter: Any) -> "Sampler":
+        """Paint one lesion into every sample of ``painter``'s classes after decoding
+        (:class:`medsynth.model.lesion.LesionPainter`); returns ``self``."""
+        if self.num_classes is None or not self.label_values:
+            raise ConfigError(f"{self.run}: a lesion inpainter needs a class-conditional paired model")
+        self.lesion = painter
+        self.provenance["lesion_inpainter"] = dict(painter.provenance)
+        return self
 
     @classmethod
     def untrained(cls, cfg: Config, seed: int = 0, device: str = "cpu",
@@ -466,7 +481,20 @@ class Sampler:
         if self.num_classes is not None:
             labels = torch.tensor([self.class_of(i, class_label) for i in indices], device=self.device)
         z = self.denoise(noise, labels, step_gens, st)
-        return self.decode(z)
+        out = self.decode(z)
+        if self.lesion is None or labels is None:
+            return out
+        with torch.inference_mode():
+            parts = []
+            for b, i in enumerate(indices):
+                x = out[b]
+                if int(labels[b]) in self.lesion.classes:
+                    x, ok = self.lesion.paint(x, sample_seed(st.seed, i))
+                    if not ok:
+                        log.warning("sample %d: no %s voxels to paint a lesion into; it keeps none", i,
+                                    self.lesion.les.host)
+                parts.append(x.to(out.dtype))
+            return torch.stack(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +511,8 @@ class GenerateResult:
     skipped: list[str] = field(default_factory=list)
 
 
-_SAME = ("seed", "class", "steps", "scheduler", "guidance", "eta", "checkpoint_sha256", "use_ema", "low_noise_expert")
+_SAME = ("seed", "class", "steps", "scheduler", "guidance", "eta", "checkpoint_sha256", "use_ema", "low_noise_expert",
+         "lesion_inpainter")
 
 
 def generate(run_dir: Optional[str | Path], out_dir: str | Path, indices: Sequence[int], seed: int = 0,

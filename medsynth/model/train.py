@@ -48,7 +48,10 @@ class TrainResult:
 def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage: str = "all", resume: bool = False,
           device: Optional[str] = None, callback: Optional[StepCallback] = None,
           max_steps: Optional[int] = None) -> TrainResult:
-    """Train ``stage`` ("autoencoder", "diffusion" or "all") of ``cfg`` into ``run_dir``.
+    """Train ``stage`` ("autoencoder", "diffusion", "lesion" or "all") of ``cfg`` into ``run_dir``.
+
+    With ``model.lesion_inpainter`` the lesion inpainter trains once stage 2 (and its low-noise expert)
+    is complete (:mod:`medsynth.model.lesion`); ``stage="lesion"`` trains one onto a finished run.
 
     ``cfg`` is a :class:`~medsynth.config.Config`, a YAML path or a plain mapping.
 
@@ -58,8 +61,11 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     ``callback(stage, step)`` is called after every optimizer step (tests use it to interrupt).
     """
     cfg = as_config(cfg)
-    if stage not in ("autoencoder", "diffusion", "all"):
-        raise ConfigError(f"`stage` must be autoencoder, diffusion or all, got {stage!r}")
+    if stage not in ("autoencoder", "diffusion", "lesion", "all"):
+        raise ConfigError(f"`stage` must be autoencoder, diffusion, lesion or all, got {stage!r}")
+    if stage == "lesion" and cfg.model.lesion_inpainter is None:
+        raise ConfigError("`stage` lesion: the config has no model.lesion_inpainter",
+                          hint="add a model.lesion_inpainter block to the config (docs/sampling.md)")
     paths = RunPaths(Path(run_dir))
     if resume and not paths.root.is_dir():
         raise CheckpointError(f"{paths.root}: no run to resume", hint="drop `resume=True` to start a new run")
@@ -72,6 +78,9 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
         raise ConfigError(f"`max_steps` must be >= 1, got {max_steps}")
     precision = {s: training_precision(cfg, s, dev) for s in ("autoencoder", "diffusion")}
     stages = ["autoencoder", "diffusion"] if stage == "all" else [stage]
+    if stage == "lesion" and not paths.checkpoint("diffusion").is_file():
+        raise CheckpointError(f"{paths.checkpoint('diffusion')}: the lesion inpainter paints a trained run's samples",
+                              hint="train the run first: `stage='all'`")
     if stage == "diffusion" and not paths.checkpoint("autoencoder").is_file():
         raise CheckpointError(f"{paths.checkpoint('autoencoder')}: stage 2 needs a trained autoencoder",
                               hint="train it first: `stage='autoencoder'` (or `stage='all'`)")
@@ -79,7 +88,7 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
         raise CheckpointError(f"{paths.root}: nothing to resume (no checkpoint of {' or '.join(stages)})",
                               hint="drop `resume=True` to start training")
     log.info("training %s of '%s' on %s (%s) into %s", " + ".join(stages), cfg.name, dev,
-             ", ".join(f"{s} {precision[s]}" for s in stages), paths.root)
+             ", ".join(f"{s} {precision.get(s, 'auto')}" for s in stages), paths.root)
     data = prepare_data(cfg)
     if cfg.data.use_labels and not cfg.data.labels:
         # the label set found in the data becomes part of the run's config (and of every checkpoint)
@@ -92,6 +101,8 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     summaries = []
     try:
         for s in stages:
+            if s == "lesion":
+                continue
             fn = train_autoencoder if s == "autoencoder" else train_diffusion
             beside = None
             if s == "diffusion" and _expert_side_by_side(cfg, dev, started_dist, callback):
@@ -119,10 +130,27 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
                     break
                 summaries.append(_train_low_noise_expert(cfg, paths, data, dev, resume, callback, max_steps))
                 barrier()
+        if cfg.model.lesion_inpainter is not None and stage != "autoencoder" and _stage2_complete(cfg, paths):
+            from medsynth.model.lesion import train_lesion
+
+            log.info("training the lesion inpainter (model.lesion_inpainter) into %s", paths.root / "lesion")
+            summaries.append(train_lesion(cfg, paths, data, dev, resume and paths.checkpoint("lesion").is_file(),
+                                          callback, max_steps))
+            barrier()
     finally:
         if started_dist:
             shutdown()
     return TrainResult(paths.root, summaries, round(time.perf_counter() - t0, 1))
+
+
+def _stage2_complete(cfg: Config, paths: RunPaths) -> bool:
+    """Whether stage 2 (and the run's low-noise expert) finished: the lesion inpainter trains after them."""
+    from medsynth.model.checkpoint import is_complete
+
+    need = [paths.checkpoint("diffusion")]
+    if cfg.model.low_noise_expert is not None:
+        need.append(paths.low_noise.checkpoint("diffusion"))
+    return all(p.is_file() and is_complete(load_checkpoint(p, "diffusion")) for p in need)
 
 
 def _train_low_noise_expert(cfg: Config, paths: RunPaths, data: Any, dev: torch.device, resume: bool,
