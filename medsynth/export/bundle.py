@@ -85,6 +85,10 @@ def export_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         raise CheckpointError(f"{run.root}: has a low-noise expert (model.low_noise_expert); a MONAI bundle holds "
                               f"one diffusion UNet, so it would sample differently from the run",
                               hint="export a run without model.low_noise_expert, or share the run folder itself")
+    if cfg.model.lesion_inpainter is not None or RunPaths(run.root).checkpoint("lesion").is_file():
+        raise CheckpointError(f"{run.root}: has a lesion inpainter (model.lesion_inpainter, RUN/lesion/); a MONAI "
+                              f"bundle holds one diffusion UNet, so its samples would have no painted lesions",
+                              hint="export a run without model.lesion_inpainter, or share the run folder itself")
     ema = cfg.sampling.use_ema if use_ema is None else use_ema
     if ema and run.ema_state is None:
         raise CheckpointError(f"{run.root}: the diffusion checkpoint has no EMA weights", hint="pass `use_ema=False`")
