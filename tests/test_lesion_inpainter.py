@@ -207,6 +207,9 @@ def test_every_sampler_of_the_run_paints_its_classes(lesion_run, tmp_path):
 
 
 def test_a_lesion_inpainter_trains_onto_a_finished_run(chest, tmp_path):
+    with pytest.raises(CheckpointError, match="paints a trained run's samples"):
+        train(config_from_dict(_raw(chest)), tmp_path / "none", stage="lesion")
+    assert not (tmp_path / "none").exists()                   # refused before anything is written
     run = tmp_path / "run"
     train(config_from_dict(_raw(chest, None)), run)
     assert Sampler.from_run(run).lesion is None

@@ -69,6 +69,9 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
     paths = RunPaths(Path(run_dir))
     if resume and not paths.root.is_dir():
         raise CheckpointError(f"{paths.root}: no run to resume", hint="drop `resume=True` to start a new run")
+    if stage == "lesion" and not paths.checkpoint("diffusion").is_file():
+        raise CheckpointError(f"{paths.checkpoint('diffusion')}: the lesion inpainter paints a trained run's samples",
+                              hint="train the run first: `stage='all'`")
     paths.root.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device or cfg.training.device)
     started_dist = init_from_env(dev.type)  # torchrun: one process per device, gloo or nccl
@@ -78,9 +81,6 @@ def train(cfg: Config | str | Path | dict[str, Any], run_dir: str | Path, stage:
         raise ConfigError(f"`max_steps` must be >= 1, got {max_steps}")
     precision = {s: training_precision(cfg, s, dev) for s in ("autoencoder", "diffusion")}
     stages = ["autoencoder", "diffusion"] if stage == "all" else [stage]
-    if stage == "lesion" and not paths.checkpoint("diffusion").is_file():
-        raise CheckpointError(f"{paths.checkpoint('diffusion')}: the lesion inpainter paints a trained run's samples",
-                              hint="train the run first: `stage='all'`")
     if stage == "diffusion" and not paths.checkpoint("autoencoder").is_file():
         raise CheckpointError(f"{paths.checkpoint('autoencoder')}: stage 2 needs a trained autoencoder",
                               hint="train it first: `stage='autoencoder'` (or `stage='all'`)")
