@@ -40,7 +40,7 @@ from medsynth.model.bookkeeping import LESION_KEYS, Resumable, StepBook, StepCal
 from medsynth.model.checkpoint import is_complete, load_checkpoint, save_checkpoint
 from medsynth.model.ema import EMA
 from medsynth.model.fastpath import adam, resolve_training_precision
-from medsynth.model.networks import autocast, generator, lr_lambda, seeded_init
+from medsynth.model.networks import autocast, generator, lr_lambda, rflow_stochastic_step, seeded_init
 from medsynth.progress import progress
 
 log = logging.getLogger("medsynth.model.lesion")
@@ -372,7 +372,7 @@ class LesionPainter:
         known = torch.cat([image, -torch.ones_like(image)], dim=1)
         region = self.region
         z = torch.randn(known.shape, generator=tg)
-        n, eta = self.les.sample_steps, min(float(self.les.sample_eta), 1.0)
+        n, eta = self.les.sample_steps, float(self.les.sample_eta)
         times = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
         for k in range(n):
             t, t_next = float(times[k]), float(times[k + 1])
@@ -380,13 +380,10 @@ class LesionPainter:
             with autocast(self.device, self.precision):
                 v = self.net(_model_input(z, image, region).to(self.device),
                              torch.tensor([t * T_TRAIN], device=self.device)).float().cpu()
-            x0 = z + t * v  # v = clean - noise, z = (1 - t) clean + t noise
             if t_next <= 0.0:
-                z = x0
+                z = z + t * v  # the clean estimate (v = clean - noise, z = (1 - t) clean + t noise)
                 break
-            noise = (z - (1.0 - t) * x0) / max(t, 1e-6)
-            fresh = torch.randn(z.shape, generator=tg)
-            z = (1.0 - t_next) * x0 + t_next * ((1.0 - eta * eta) ** 0.5 * noise + eta * fresh)
+            z = rflow_stochastic_step(z, v, t, t_next, eta, torch.randn(z.shape, generator=tg))
         src, dst = _windows(x.shape[1:], lo, self.shape)
         if src is None:
             return x, False
@@ -394,9 +391,8 @@ class LesionPainter:
         out_img = z[0, 0][tuple(dst)].clamp(-1.0, 1.0)
         lesion = (z[0, 1][tuple(dst)] > 0) & inside
         view = x[(slice(None), *src)]
-        view[0][inside] = out_img[inside]
+        view[0][inside] = out_img[inside]  # a view: x changes with it
         labs = view[1:]
         labs[:, lesion] = -1.0
         labs[self.lesion_ch - 1][lesion] = 1.0
-        x[(slice(None), *src)] = view
         return x, bool(lesion.any())

@@ -418,6 +418,17 @@ def rflow_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, num_tr
     return (out - x_t) / tt.reshape(-1, *([1] * (out.dim() - 1)))
 
 
+def rflow_stochastic_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eta: float,
+                          fresh: torch.Tensor) -> torch.Tensor:
+    """One stochastic rectified-flow step from time ``t`` to ``t_next`` (fractions of the schedule):
+    the clean estimate ``x0 = x + t v`` (v = clean - noise) re-noised to ``t_next`` with a share ``eta``
+    of the ``fresh`` noise (eta 1: ancestral, 0: the noise already in ``x``)."""
+    x0 = x + t * v
+    noise = (x - (1.0 - t) * x0) / max(t, 1e-6)
+    eta = min(float(eta), 1.0)
+    return (1.0 - t_next) * x0 + t_next * ((1.0 - eta * eta) ** 0.5 * noise + eta * fresh)
+
+
 def diffusion_loss(kind: str, prediction_type: str, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                    target: torch.Tensor, num_train_timesteps: int,
                    weight: Optional[torch.Tensor] = None) -> torch.Tensor:

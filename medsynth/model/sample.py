@@ -33,6 +33,7 @@ from medsynth.model.networks import (
     build_unet,
     latent_shape,
     resolve_device,
+    rflow_stochastic_step,
     rflow_velocity,
     seeded_init,
 )
@@ -87,11 +88,8 @@ def _rflow_step(sched: Any, out: torch.Tensor, x: torch.Tensor, s: Step) -> torc
         return sched.step(v, s.t, x, s.t_next)[0]
     t = float(s.t) / d.num_train_timesteps
     t_next = float(s.t_next) / d.num_train_timesteps
-    x0 = x + t * v
-    noise = (x - (1.0 - t) * x0) / max(t, 1e-6)
     fresh = torch.stack([torch.randn(x.shape[1:], generator=g) for g in s.gens[:len(x)]]).to(x)
-    eta = min(float(s.eta), 1.0)
-    return (1.0 - t_next) * x0 + t_next * ((1.0 - eta * eta) ** 0.5 * noise + eta * fresh)
+    return rflow_stochastic_step(x, v, t, t_next, s.eta, fresh)
 
 
 def _ddim_step(sched: Any, out: torch.Tensor, x: torch.Tensor, s: Step) -> torch.Tensor:
