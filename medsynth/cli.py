@@ -522,6 +522,13 @@ def _run_qc(args: argparse.Namespace) -> int:
           + (f" ({len(out.quarantined)} moved to {args.samples / 'quarantine'})" if out.quarantined else ""))
     print(f"memorisation: {mem['n_flagged']} of {mem['n_screened']} flagged possible_copy "
           f"(threshold 1-NCC {mem['calibration']['image_threshold']:.4g}, {mem['calibration']['mode']})")
+    les = out.summary.get("lesion_memorisation") or {}
+    if les.get("applied"):
+        thr = les["calibration"]["threshold"]
+        print(f"lesion memorisation: {les['n_flagged']} of {les['n_samples_with_lesions']} samples with a lesion "
+              f"flagged ({les['n_lesions_screened']} lesions; threshold 1-NCC "
+              + (f"{thr:.4g}" if thr is not None else "none: too few held-out lesions, lesion samples fail")
+              + f" from {les['calibration']['n_heldout_lesions']} held-out lesions)")
     print(f"report: {out.report_html}")
     print(f"verdicts: {out.qc_json}")
     return 0

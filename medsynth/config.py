@@ -817,6 +817,12 @@ class PrivacyConfig:
     use_features: bool = True
     rule: Literal["image", "image_or_feature"] = "image"
     self_test: bool = True
+    # the lesion-level screen (medsynth.privacy.lesion_screen): every lesion of a sample against
+    # every training lesion, in a ball of lesion_radius_mm around its centroid, same calibration
+    lesion_screen: bool = True
+    lesion_label: str = "lesion"
+    lesion_radius_mm: float = 35.0
+    lesion_max_shift: int = 1
 
     def check(self, path: str) -> list[str]:
         errs = []
@@ -830,6 +836,12 @@ class PrivacyConfig:
             errs.append(f"{path}.downsample: every size must be >= 8 voxels, got {list(self.downsample)}")
         if not 0 <= self.max_shift <= 4:
             errs.append(f"{path}.max_shift: need 0 <= value <= 4 voxels, got {self.max_shift}")
+        if not 0.0 < self.lesion_radius_mm <= 200.0:
+            errs.append(f"{path}.lesion_radius_mm: need 0 < value <= 200 mm, got {self.lesion_radius_mm}")
+        if not 0 <= self.lesion_max_shift <= 3:
+            errs.append(f"{path}.lesion_max_shift: need 0 <= value <= 3 voxels, got {self.lesion_max_shift}")
+        if not str(self.lesion_label).strip():
+            errs.append(f"{path}.lesion_label: need a label name (e.g. lesion)")
         if self.blur_sigma < 0 or self.highpass_sigma < 0:
             errs.append(f"{path}: blur_sigma and highpass_sigma must be >= 0 (0 disables)")
         elif self.highpass_sigma and self.highpass_sigma <= self.blur_sigma:

@@ -217,6 +217,7 @@ class _Vol:
     mask: np.ndarray
     features: Optional[np.ndarray] = None
     prepared: Optional[np.ndarray] = None
+    label: Optional[np.ndarray] = None   # its integer label map on the grid (the lesion screen), if any
 
 
 def analysis_window(cfg: Optional[Config], modality: str, qc: QCConfig) -> Optional[tuple[float, float]]:
@@ -263,14 +264,15 @@ def too_few_reference_cases(reference: str | Path, n_read: int, n_cases: int) ->
 
 
 def _judge(s: Sample, e: dict[str, Any], grid: Grid, modality: str, qc: QCConfig, ranges: Any,
-           window: Optional[tuple[float, float]]) -> Optional[Any]:
-    """Per-volume checks of one sample into its entry ``e``; returns the Volume, or None if the
-    image cannot be read.  Anything unexpected fails the sample (never passes it, never stops QC)."""
+           window: Optional[tuple[float, float]]) -> tuple[Optional[Any], Optional[Any]]:
+    """Per-volume checks of one sample into its entry ``e``; returns (the Volume, its label Volume),
+    the Volume None if the image cannot be read.  Anything unexpected fails the sample (never passes
+    it, never stops QC)."""
     try:
         vol = s.load()
     except Exception as exc:  # noqa: BLE001 - a corrupt sample fails on its own
         e["reasons"].append(f"unreadable_image ({_why(exc, 'could not be read')})")
-        return None
+        return None, None
     label = None
     try:
         label = s.load_label()
@@ -285,10 +287,10 @@ def _judge(s: Sample, e: dict[str, Any], grid: Grid, modality: str, qc: QCConfig
     except Exception as exc:  # a volume the checks cannot judge is not a pass
         log.debug("%s: checks failed", s.id, exc_info=True)
         e["reasons"].append(f"checks_failed ({_why(exc, 'the per-volume checks could not judge it')})")
-        return None
+        return None, None
     e["reasons"].extend(res.reasons)
     e.update(checks=res.checks, stats=res.stats, artefact=res.artefact)
-    return vol
+    return vol, label
 
 
 def _featurise_samples(featurise: Any, usable: list[tuple[int, "_Vol"]], entries: list[dict[str, Any]]
@@ -407,6 +409,8 @@ def _reference(reference: str | Path, st: _Setting) -> _Reference:
                       hint="fix the unreadable cases (see the log) or give a larger reference manifest"
                       if res.skipped else "give a reference manifest with more cases")
     vols = [st.vol(arr) for arr in res.arrays]
+    for v, lab in zip(vols, res.labels):
+        v.label = lab
     classes = {c.id: c.class_label for c in manifest.cases}
     ranges = learn_ranges([volume_stats(v.array, v.mask, st.modality, lab) for v, lab in zip(vols, res.labels)],
                           st.qc, classes=[classes.get(i) for i in res.ids])
@@ -467,11 +471,13 @@ def _holdout(holdout: Optional[str | Path], ref: _Reference, st: _Setting, space
     seen_paths = {Path(c.image).resolve() for c in cases if c.id in used}
     seen_sha = {c.sha256 for c in cases if c.id in used and c.sha256}
     hcases = [c for c in hman.cases if Path(c.image).resolve() not in seen_paths and not (c.sha256 and c.sha256 in seen_sha)]
-    res = resample_cases(hcases, st.data_cfg, desc="hold-out")
+    res = resample_cases(hcases, st.data_cfg, desc="hold-out", with_labels=True)
     if not res.ids:
         raise QCError(f"{holdout}: no readable hold-out case that is not also a reference case",
                       hint="the hold-out manifest must list real cases the model did not train on")
     held = [st.vol(arr) for arr in res.arrays]
+    for v, lab in zip(held, res.labels):
+        v.label = lab
     space.featurise(held)
     return _Holdout(held, None, "holdout_manifest",
                     {"source": Path(holdout).name, "n_cases": len(res.ids), "skipped": res.skipped,
@@ -494,15 +500,19 @@ def _judge_samples(samples: Sequence[Sample], st: _Setting, ranges: Any) -> _Jud
     out = _Judgement([], [], {})
     for n, s in enumerate(progress(samples, desc="qc", total=len(samples))):
         e: dict[str, Any] = {"id": s.id, "file": s.image_path.name, "passed": True, "reasons": [],
-                             "checks": {}, "stats": {}, "artefact": {}, "memorisation": None}
+                             "checks": {}, "stats": {}, "artefact": {}, "memorisation": None,
+                             "lesion_memorisation": None}
         out.entries.append(e)
-        vol = _judge(s, e, st.grid, st.modality, st.qc, ranges, st.window)
+        vol, label = _judge(s, e, st.grid, st.modality, st.qc, ranges, st.window)
         if vol is None:
             continue
         arr = np.asarray(vol.array, dtype=np.float64)
         out.montage_src[n] = (arr, vol.affine)
         if vol.shape == st.grid.shape and np.all(np.isfinite(arr)):
-            out.usable.append((n, st.vol(arr, vol.affine)))
+            v = st.vol(arr, vol.affine)
+            if label is not None and tuple(label.shape) == tuple(st.grid.shape):
+                v.label = np.rint(np.asarray(label.array)).astype(np.int32)
+            out.usable.append((n, v))
     return out
 
 
@@ -536,6 +546,101 @@ def _self_test(screen: Any, space: _FeatureSpace, ref: _Reference, hold: _Holdou
                         "image_distance": round(r.image_distance, 6)} for (k, j, _), r in zip(planted, pres)]}
 
 
+def _lesion_value(cfg: Optional[Config], ref: _Reference, st: _Setting) -> tuple[Optional[int], str]:
+    """The label value the lesion screen looks for, and the name it has (or why there is none):
+    ``model.lesion_inpainter.label`` of the run, else ``privacy.lesion_label``, looked up in the
+    run's label set, else in the reference manifest's ``labels`` mapping."""
+    name = (cfg.model.lesion_inpainter.label if cfg is not None and cfg.model.lesion_inpainter is not None
+            else st.pc.lesion_label)
+    names: dict[str, int] = {}
+    if cfg is not None and cfg.data.use_labels and cfg.data.labels:
+        names = {str(k): int(v) for k, v in cfg.data.labels.items()}
+    else:
+        lab = ref.manifest.extra.get("labels") if isinstance(ref.manifest.extra, dict) else None
+        if isinstance(lab, dict):
+            names = {str(k): int(v) for k, v in lab.items() if isinstance(v, int) and not isinstance(v, bool)}
+    return names.get(name), name
+
+
+def _lesion_screen(cfg: Optional[Config], ref: _Reference, hold: _Holdout, st: _Setting
+                   ) -> tuple[Optional[Any], dict[str, Any]]:
+    """The lesion-level memorisation screen, or None with the reason it does not apply."""
+    from medsynth.privacy.lesion_screen import LesionScreen
+
+    if not st.pc.lesion_screen:
+        return None, {"applied": False, "why": "privacy.lesion_screen is off"}
+    value, name = _lesion_value(cfg, ref, st)
+    if value is None:
+        return None, {"applied": False, "why": f"no label named {name!r} in the label set (privacy.lesion_label)"}
+    tr = hold.calibration_train if hold.calibration_train is not None else list(range(len(ref.vols)))
+    train = [(ref.ids[i], ref.vols[i].array, ref.vols[i].label) for i in tr if ref.vols[i].label is not None]
+    if not any(np.any(lab == value) for _, _, lab in train):
+        return None, {"applied": False, "why": f"the reference's label maps hold no {name!r} (value {value})"}
+    pad = st.window[0] if st.window else float(min(v.array.min() for v in ref.vols))
+    heldout = [(v.array, v.label) for v in hold.vols if v.label is not None]
+    screen = LesionScreen(value, st.grid.spacing, st.grid.affine, pad, train, heldout, st.pc)
+    log.info("lesion memorisation threshold: %s (from %d held-out lesions, %d training lesions)",
+             screen.calibration.threshold, screen.calibration.n_heldout_lesions, screen.calibration.n_train_lesions)
+    return screen, {"applied": True, "label": name, "value": value, "radius_mm": st.pc.lesion_radius_mm,
+                    "max_shift_voxels": st.pc.lesion_max_shift}
+
+
+def _screen_lesions(lscreen: Optional[Any], j: _Judgement) -> None:
+    """The lesion screen of the usable samples; a flagged sample (or one it cannot judge) fails."""
+    if lscreen is None:
+        return
+    for n, v in j.usable:
+        verdict = lscreen.screen(v.array, v.label)
+        if verdict is None:
+            continue
+        j.entries[n]["lesion_memorisation"] = verdict.to_dict()
+        if verdict.flagged:
+            j.entries[n]["reasons"].append(verdict.reason)
+
+
+def _lesion_self_test(lscreen: Any, ref: _Reference, hold: _Holdout, st: _Setting) -> dict[str, Any]:
+    """Copies of training lesions pasted into a held-out case (noised, mirrored, moved one voxel),
+    screened like samples: each must be flagged and name its source case."""
+    from medsynth.privacy.lesion_screen import find_lesions, plant_lesion_copy
+
+    tr = hold.calibration_train if hold.calibration_train is not None else list(range(len(ref.vols)))
+    sources = [i for i in tr if ref.vols[i].label is not None and find_lesions(ref.vols[i].label, lscreen.value)][:2]
+    dst = next((v for v in hold.vols if v.label is not None), None)
+    rng = np.random.default_rng(st.pc.holdout_seed)
+    copies = []
+    for i in sources:
+        src = ref.vols[i]
+        les = find_lesions(src.label, lscreen.value)[0]
+        for kind in ("noise", "mirror", "shift"):
+            if dst is None:
+                continue
+            img, lab = plant_lesion_copy(src.array, src.label, dst.array, dst.label, les.centre, lscreen.half,
+                                         lscreen.value, kind, lscreen.axis, rng, st.window)
+            v = lscreen.screen(img, lab)
+            flagged = bool(v is not None and v.flagged and v.reason.startswith("possible_lesion_copy"))
+            named = flagged and any(r.get("flagged") and r.get("nearest_training_case") == ref.ids[i]
+                                    for r in v.lesions)
+            copies.append({"kind": kind, "source": ref.ids[i], "flagged": flagged, "named_source": named,
+                           "distance": None if v is None else min((r.get("distance", 1.0) for r in v.lesions),
+                                                                  default=None)})
+    return {"description": "a training lesion's neighbourhood pasted into a held-out case (noise 1 % of the "
+                           "intensity span, left-right mirrored, moved one voxel), screened like samples; each "
+                           "must be flagged and name its source case",
+            "planted": len(copies), "flagged": sum(c["flagged"] for c in copies),
+            "named_source": sum(c["named_source"] for c in copies), "copies": copies}
+
+
+def _lesion_summary(lscreen: Optional[Any], info: dict[str, Any], entries: Sequence[dict[str, Any]],
+                    self_test: Optional[dict[str, Any]]) -> dict[str, Any]:
+    if lscreen is None:
+        return info
+    screened = [e["lesion_memorisation"] for e in entries if e.get("lesion_memorisation")]
+    return {**info, "calibration": lscreen.calibration.to_dict(),
+            "n_samples_with_lesions": len(screened),
+            "n_lesions_screened": sum(len(m["lesions"]) for m in screened),
+            "n_flagged": sum(bool(m["flagged"]) for m in screened), "self_test": self_test}
+
+
 def _metrics(space: _FeatureSpace, ref: _Reference, j: _Judgement, st: _Setting) -> dict[str, Any]:
     """The dataset figures of what export will ship: the samples that passed every check."""
     from medsynth.qc.metrics import dataset_metrics
@@ -566,7 +671,8 @@ def _write_verdicts(samples: Sequence[Sample], entries: list[dict[str, Any]], qc
                    "image": s.image_path.name,
                    "image_sha256": sha256_file(s.image_path) if s.image_path.is_file() else None,
                    "checks": e["checks"], "stats": e["stats"], "artefact": e["artefact"],
-                   "memorisation": e["memorisation"], "qc": qc_meta}
+                   "memorisation": e["memorisation"], "lesion_memorisation": e.get("lesion_memorisation"),
+                   "qc": qc_meta}
         write_json(s.qc_path, verdict)
         if not e["passed"] and qdir is not None:
             e["quarantined_to"] = [str(Path("quarantine") / f) for f in _quarantine(s, qdir)]
@@ -589,7 +695,8 @@ def _sample_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"id": e["id"], "file": e["file"], "passed": e["passed"], "reasons": e["reasons"],
              **({"quarantined_to": e["quarantined_to"]} if "quarantined_to" in e else {}),
              "artefact_score": e["artefact"].get("score"), "stats": e["stats"],
-             "memorisation": e["memorisation"]} for e in entries]
+             "memorisation": e["memorisation"], "lesion_memorisation": e.get("lesion_memorisation")}
+            for e in entries]
 
 
 def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
@@ -617,9 +724,13 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
                                 np.stack([v.prepared for v in hold.vols]), space.of(hold.vols),
                                 st.pc, calibration_train=hold.calibration_train, mode=hold.mode)
 
+    lscreen, lesion_info = _lesion_screen(cfg, ref, hold, st)
+
     judged = _judge_samples(samples, st, ref.ranges)
     _screen_samples(screen, space, judged)
+    _screen_lesions(lscreen, judged)
     self_test = _self_test(screen, space, ref, hold, st) if st.pc.self_test else None
+    lesion_self_test = _lesion_self_test(lscreen, ref, hold, st) if lscreen is not None and st.pc.self_test else None
     metrics = _metrics(space, ref, judged, st)
 
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -642,6 +753,7 @@ def run_qc(samples_dir: str | Path, reference: str | Path, out_dir: str | Path,
         "reference_artefact_scores": [round(x, 4) for x in ref.artefact_scores],
         "metrics": metrics, "metrics_n_synthetic": len(judged.passing()),
         "memorisation": _memorisation_summary(screen, entries, self_test),
+        "lesion_memorisation": _lesion_summary(lscreen, lesion_info, entries, lesion_self_test),
         "counts": {"samples": len(entries), "passed": n_passed, "failed": len(entries) - n_passed,
                    "quarantined": len(quarantined), "unreadable_sidecars": len(broken)},
         "unreadable_sidecars": broken,
