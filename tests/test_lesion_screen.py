@@ -171,6 +171,8 @@ def test_qc_fails_a_sample_with_a_copied_lesion_and_records_the_screen(world, ru
     for sid in ("synth-gen-00001", "synth-gen-00002"):
         assert not rows[sid]["lesion_memorisation"]["flagged"]
         assert not any("lesion_copy" in r for r in rows[sid]["reasons"])
+    html = (world["root"] / "qc" / "report.html").read_text()
+    assert "Lesion memorisation screen" in html and "planted lesion copies flagged" in html
     verdict = json.loads((sd / "synth-copy-00000.qc.json").read_text())
     assert verdict["lesion_memorisation"]["flagged"] and not verdict["passed"]
 
@@ -190,3 +192,4 @@ def test_qc_without_a_lesion_label_says_why_the_screen_does_not_apply(world, run
     run_cli("qc", str(sd), "--reference", str(ref), "--out", str(tmp_path / "q"), "--no-quarantine")
     lm = json.loads((tmp_path / "q" / "qc.json").read_text())["lesion_memorisation"]
     assert lm["applied"] is False and "'lesion'" in lm["why"]
+    assert "Not applied" in (tmp_path / "q" / "report.html").read_text()

@@ -271,7 +271,34 @@ def _memorisation_section(s: dict[str, Any], distance_plot: Optional[dict[str, A
                          f"(farther samples are drawn at the right edge): "
                          f"top strip held-out real cases{_swatch(REAL_RGB, '')}, bottom strip samples{_swatch(SYNTH_RGB, '')}"
                          f"(flagged{_swatch(FAIL_RGB, '')}); red line: threshold {_num(distance_plot['threshold'])}.</div></div>")
+    parts += _lesion_memorisation_section(s)
     return parts
+
+
+def _lesion_memorisation_section(s: dict[str, Any]) -> list[str]:
+    """The lesion-level screen: whether it applied, its calibration, flags and planted copies."""
+    les = s.get("lesion_memorisation")
+    if not les:
+        return []
+    parts = ["<h2>Lesion memorisation screen</h2>"]
+    if not les.get("applied"):
+        return parts + [f"<p>Not applied: {_e(les.get('why', ''))}.</p>"]
+    cal, st = les["calibration"], les.get("self_test") or {}
+    thr = cal["threshold"]
+    rows = [("label", f"{les['label']} (value {les['value']})"),
+            ("distance", f"{cal['distance']}, ball {les['radius_mm']} mm, shifts up to {les['max_shift_voxels']} voxel(s)"),
+            ("threshold rule", f"{_num(cal['threshold_scale'])} × the {_num(cal['quantile'])} quantile of "
+                               f"{cal['n_heldout_lesions']} held-out lesions' nearest-training-lesion distances "
+                               f"({cal['n_train_lesions']} training lesions)"),
+            ("threshold", _num(thr) if thr is not None else
+             f"none: fewer than {cal['min_heldout_lesions']} held-out lesions, so every sample with a lesion fails"),
+            ("held-out NN lesion distances", ", ".join(f"{x:.4g}" for x in cal["heldout_nn_distance"])),
+            ("samples flagged", f"{les['n_flagged']} of {les['n_samples_with_lesions']} with a lesion "
+                                f"({les['n_lesions_screened']} lesions)")]
+    if st:
+        rows.append(("planted lesion copies flagged", f"{st['flagged']} of {st['planted']} (source named: {st['named_source']})"))
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return parts + [f"<table>{body}</table>"]
 
 
 def _histogram_section(histograms: dict[str, Any]) -> list[str]:
