@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medsynth.privacy.memorisation import calibrated_threshold
+
 # fewer held-out real lesions than this and the threshold would rest on one or two distances
 MIN_HELDOUT_LESIONS = 3
 
@@ -148,8 +150,7 @@ class LesionScreen:
         self.refs = _normalise(np.stack(rows)) if rows else np.zeros((0, int(self.ball.sum())), np.float32)
         d_held = [self._nearest(img, les.centre)[0] for img, lab in heldout for les in find_lesions(lab, self.value)]
         d_held = [d for d in d_held if d is not None]
-        thr = (float(cfg.threshold_scale * np.quantile(np.asarray(d_held), cfg.memorisation_quantile))
-               if len(d_held) >= MIN_HELDOUT_LESIONS else None)
+        thr = calibrated_threshold(d_held, cfg) if len(d_held) >= MIN_HELDOUT_LESIONS else None
         self.calibration = LesionCalibration(self.n_train_lesions, len(d_held), cfg.memorisation_quantile,
                                              cfg.threshold_scale, d_held, thr)
 

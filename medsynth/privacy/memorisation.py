@@ -245,8 +245,10 @@ class ScreenResult:
                 "reason": self.reason}
 
 
-def _threshold(distances: np.ndarray, cfg: PrivacyConfig) -> float:
-    return float(cfg.threshold_scale * np.quantile(distances, cfg.memorisation_quantile))
+def calibrated_threshold(distances: Sequence[float] | np.ndarray, cfg: PrivacyConfig) -> float:
+    """``privacy.threshold_scale`` x the ``privacy.memorisation_quantile`` quantile of the held-out
+    nearest-neighbour ``distances`` (the whole-volume and the lesion screens share this rule)."""
+    return float(cfg.threshold_scale * np.quantile(np.asarray(distances), cfg.memorisation_quantile))
 
 
 class MemorisationScreen:
@@ -277,12 +279,12 @@ class MemorisationScreen:
         d_img = image_distances(np.asarray(heldout_images, dtype=np.float32), self.images[idx], cfg).min(1)
         if self.use_features:
             d_feat = feature_distances(np.asarray(heldout_features), self.features[idx]).min(1)
-            feat_thr: Optional[float] = _threshold(d_feat, cfg)
+            feat_thr: Optional[float] = calibrated_threshold(d_feat, cfg)
         else:
             d_feat, feat_thr = np.array([]), None
         self.calibration = Calibration(mode, len(idx), len(heldout_images), cfg.memorisation_quantile,
                                        cfg.threshold_scale, d_img.tolist(), d_feat.tolist(),
-                                       _threshold(d_img, cfg), feat_thr)
+                                       calibrated_threshold(d_img, cfg), feat_thr)
         log.info("memorisation thresholds: image %.4g, feature %s (from %d held-out cases)",
                  self.calibration.image_threshold, feat_thr, len(heldout_images))
 

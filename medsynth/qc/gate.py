@@ -366,6 +366,10 @@ class _Holdout:
     mode: str
     info: dict[str, Any]
 
+    def training_indices(self, n_reference: int) -> list[int]:
+        """The reference cases the held-out ones are compared with: all, or the internal split's rest."""
+        return list(range(n_reference)) if self.calibration_train is None else list(self.calibration_train)
+
 
 def _samples_to_judge(samples_dir: Path) -> tuple[list[Sample], list[str]]:
     """The readable samples and the messages of the broken ones (which get no verdict)."""
@@ -412,7 +416,7 @@ def _reference(reference: str | Path, st: _Setting) -> _Reference:
     for v, lab in zip(vols, res.labels):
         v.label = lab
     classes = {c.id: c.class_label for c in manifest.cases}
-    ranges = learn_ranges([volume_stats(v.array, v.mask, st.modality, lab) for v, lab in zip(vols, res.labels)],
+    ranges = learn_ranges([volume_stats(v.array, v.mask, st.modality, v.label) for v in vols],
                           st.qc, classes=[classes.get(i) for i in res.ids])
     artefact = [float(artefact_score(v.array, v.mask, st.grid.spacing)["score"]) for v in vols]
     return _Reference(manifest, res.ids, vols, res.skipped, ranges, artefact)
@@ -530,7 +534,7 @@ def _screen_samples(screen: Any, space: _FeatureSpace, j: _Judgement) -> None:
 
 def _self_test(screen: Any, space: _FeatureSpace, ref: _Reference, hold: _Holdout, st: _Setting) -> dict[str, Any]:
     """Planted copies of training cases, screened like samples: each must be flagged."""
-    pick = (hold.calibration_train or list(range(len(ref.vols))))[:2]
+    pick = hold.training_indices(len(ref.vols))[:2]
     planted = _planted_copies([v.array for v in ref.vols], pick, st.pc.holdout_seed, st.window)
     pvols = [st.vol(p) for _, _, p in planted]
     space.featurise(pvols)
@@ -550,12 +554,12 @@ def _lesion_value(cfg: Optional[Config], ref: _Reference, st: _Setting) -> tuple
     """The label value the lesion screen looks for, and the name it has (or why there is none):
     ``model.lesion_inpainter.label`` of the run, else ``privacy.lesion_label``, looked up in the
     run's label set, else in the reference manifest's ``labels`` mapping."""
+    from medsynth.model.labels import label_names
+
     name = (cfg.model.lesion_inpainter.label if cfg is not None and cfg.model.lesion_inpainter is not None
             else st.pc.lesion_label)
-    names: dict[str, int] = {}
-    if cfg is not None and cfg.data.use_labels and cfg.data.labels:
-        names = {str(k): int(v) for k, v in cfg.data.labels.items()}
-    else:
+    names = label_names(cfg) if cfg is not None else {}
+    if not names:
         lab = ref.manifest.extra.get("labels") if isinstance(ref.manifest.extra, dict) else None
         if isinstance(lab, dict):
             names = {str(k): int(v) for k, v in lab.items() if isinstance(v, int) and not isinstance(v, bool)}
@@ -572,8 +576,8 @@ def _lesion_screen(cfg: Optional[Config], ref: _Reference, hold: _Holdout, st: _
     value, name = _lesion_value(cfg, ref, st)
     if value is None:
         return None, {"applied": False, "why": f"no label named {name!r} in the label set (privacy.lesion_label)"}
-    tr = hold.calibration_train if hold.calibration_train is not None else list(range(len(ref.vols)))
-    train = [(ref.ids[i], ref.vols[i].array, ref.vols[i].label) for i in tr if ref.vols[i].label is not None]
+    train = [(ref.ids[i], ref.vols[i].array, ref.vols[i].label) for i in hold.training_indices(len(ref.vols))
+             if ref.vols[i].label is not None]
     if not any(np.any(lab == value) for _, _, lab in train):
         return None, {"applied": False, "why": f"the reference's label maps hold no {name!r} (value {value})"}
     pad = st.window[0] if st.window else float(min(v.array.min() for v in ref.vols))
@@ -603,17 +607,15 @@ def _lesion_self_test(lscreen: Any, ref: _Reference, hold: _Holdout, st: _Settin
     screened like samples: each must be flagged and name its source case."""
     from medsynth.privacy.lesion_screen import find_lesions, plant_lesion_copy
 
-    tr = hold.calibration_train if hold.calibration_train is not None else list(range(len(ref.vols)))
-    sources = [i for i in tr if ref.vols[i].label is not None and find_lesions(ref.vols[i].label, lscreen.value)][:2]
     dst = next((v for v in hold.vols if v.label is not None), None)
+    sources = [] if dst is None else [
+        (i, les[0]) for i in hold.training_indices(len(ref.vols)) if ref.vols[i].label is not None
+        for les in [find_lesions(ref.vols[i].label, lscreen.value)] if les][:2]
     rng = np.random.default_rng(st.pc.holdout_seed)
     copies = []
-    for i in sources:
+    for i, les in sources:
         src = ref.vols[i]
-        les = find_lesions(src.label, lscreen.value)[0]
         for kind in ("noise", "mirror", "shift"):
-            if dst is None:
-                continue
             img, lab = plant_lesion_copy(src.array, src.label, dst.array, dst.label, les.centre, lscreen.half,
                                          lscreen.value, kind, lscreen.axis, rng, st.window)
             v = lscreen.screen(img, lab)
