@@ -251,3 +251,24 @@ def test_precision_auto_follows_the_cpu_by_a_batch_of_crops(monkeypatch):
         cfg.model, lesion_inpainter=dataclasses.replace(cfg.model.lesion_inpainter, batch_size=1)))
     monkeypatch.setenv("MEDSYNTH_CPU_BF16", "1")
     assert lesion_precision(small, torch.device("cpu")) == "fp32"   # 800 voxels: below bf16's break-even
+
+
+def test_the_bf16_fidelity_benchmark_sets_the_precision_of_every_network_of_the_run(lesion_run, tmp_path):
+    """benchmarks/run.py --bf16-fidelity samples a run in fp32, then bf16: its low-noise expert and its
+    lesion inpainter resolve a precision of their own when loaded, so the benchmark must set theirs too
+    (it once set the sampler's alone, leaving them in ``auto``'s choice: bf16 on native-bf16 CPUs)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run, _ = lesion_run
+    s = Sampler.from_run(run).hand_over(Sampler.from_run(run), 0.5)
+    s.lesion.host_ch = 1  # a 4-step model draws no lung yet: paint into its background instead
+    for prec in ("fp32", "bf16"):
+        for part in (s, s.low_noise, s.lesion):
+            part.precision = "bf16" if prec == "fp32" else "fp32"  # the other one: the benchmark must set it
+        _, samples = bench._sample_in(s, prec, tmp_path / prec, 2, 0)
+        assert (s.precision, s.low_noise.precision, s.lesion.precision) == (prec, prec, prec)
+        assert len(samples) == 2 and all(x.sidecar["sampling_path"]["precision"] == prec for x in samples)
