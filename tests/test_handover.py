@@ -111,6 +111,63 @@ def test_time_range_draws_the_truncated_distribution_and_leaves_the_whole_schedu
     assert set(ints.tolist()) == {5, 6, 7, 8, 9}
 
 
+def test_stratified_times_keep_the_distribution_and_cover_every_batch_evenly():
+    """``training.diffusion.timestep_stratified``: one uniform draw per batch, ``(u0 + i / B) mod 1``,
+    through the same (truncated) distribution: pooled over batches it is that distribution, and each
+    batch has one draw in each 1/B of its quantiles (a batch of 4 drawn independently often has none
+    above the median)."""
+    import torch
+    from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+    from medsynth.model.networks import sample_train_timesteps
+
+    flow, ddpm = RFlowScheduler(num_train_timesteps=1000), DDPMScheduler(num_train_timesteps=20)
+    g = torch.Generator().manual_seed(5)
+    for lo, hi in ((0.0, 1.0), (0.0, 0.5)):
+        batches = [sample_train_timesteps("rflow", flow, 4, g, "logit-normal", 0.0, 1.0, lo, hi, True) / 1000
+                   for _ in range(5000)]
+        pooled = torch.cat(batches)
+        ref = torch.sigmoid(torch.randn(800000, generator=torch.Generator().manual_seed(6)))
+        ref = ref[(ref >= lo) & (ref < hi)][:200000]
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+        assert torch.allclose(torch.quantile(pooled, q), torch.quantile(ref.double(), q.double()).float(), atol=0.01)
+        assert lo <= float(pooled.min()) and float(pooled.max()) <= hi
+        # every batch: one time in each quarter of the distribution (its quantile by the exact CDF)
+        normal = torch.distributions.Normal(0.0, 1.0)
+        cdf = lambda t: normal.cdf(torch.logit(t.double().clamp(1e-9, 1 - 1e-9)))
+        top = 1.0 if hi >= 1.0 else float(cdf(torch.tensor(hi)))
+        for b in batches[:200]:
+            assert sorted(torch.floor(4 * cdf(b) / top).long().tolist()) == [0, 1, 2, 3]
+    # the same generator state draws the same times (a run replays); uniform and DDPM integers too
+    a = sample_train_timesteps("rflow", flow, 8, torch.Generator().manual_seed(1), "uniform", 0.0, 1.0, 0.5, 1.0, True)
+    b = sample_train_timesteps("rflow", flow, 8, torch.Generator().manual_seed(1), "uniform", 0.0, 1.0, 0.5, 1.0, True)
+    assert torch.equal(a, b) and float(a.min()) >= 500 and float(a.max()) <= 1000
+    assert sorted(torch.floor((a - 500) / 62.5).long().tolist()) == list(range(8))
+    ints = sample_train_timesteps("ddpm", ddpm, 4, torch.Generator().manual_seed(2), "logit-normal", 0.0, 1.0,
+                                  0.0, 1.0, True)
+    assert ints.dtype == torch.long and sorted((ints // 5).tolist()) == [0, 1, 2, 3]
+
+
+def test_a_stratified_run_trains_and_replays(phantoms, tmp_path):
+    import torch
+
+    from medsynth.model.checkpoint import load_run
+
+    raw = tiny_config(phantoms, data={"use_labels": True}, training={"scheduler": "rflow"},
+                      sampling={"scheduler": "rflow", "eta": 1.0})
+    raw["model"]["autoencoder"] = {"kind": "wavelet", "wavelet_levels": 1, "wavelet_label_bands": "low"}
+    raw["training"]["diffusion"]["timestep_stratified"] = True
+    cfg = config_from_dict(raw)
+    assert cfg.training.diffusion.timestep_dist[-1] is True
+    for name in ("a", "b"):
+        train(cfg, tmp_path / name)
+    raw["training"]["diffusion"]["timestep_stratified"] = False
+    train(config_from_dict(raw), tmp_path / "c")
+    a, b, c = (load_run(tmp_path / n).unet_state for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)          # a run replays bit for bit
+    assert not all(torch.equal(a[k], c[k]) for k in a)      # and draws other times than the default
+
+
 def test_a_bad_time_range_is_refused_naming_the_key(phantoms):
     for bad in ([0.5, 0.2], [0.0], [-0.1, 0.5], [0.0, 1.5], "low"):
         raw = tiny_config(phantoms, training={"diffusion": {"time_range": bad}})

@@ -298,7 +298,7 @@ def test_logit_normal_mean_shifts_the_training_times():
     assert abs(float(t0.median()) - 500) < 25
     assert float(lo.median()) < 300 < 700 < float(hi.median())  # sigmoid(+-1) = 0.27 / 0.73
     cfg = config_from_dict(wavelet_config(None, training={"diffusion": {"logit_mean": -0.5}}))
-    assert cfg.training.diffusion.timestep_dist == ("logit-normal", -0.5, 1.0, 0.0, 1.0)
+    assert cfg.training.diffusion.timestep_dist == ("logit-normal", -0.5, 1.0, 0.0, 1.0, False)
     with pytest.raises(ConfigError, match="logit_std"):
         config_from_dict(wavelet_config(None, training={"diffusion": {"logit_std": 0}}))
 

@@ -364,7 +364,7 @@ def is_flow(kind: str) -> bool:
 
 def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator,
                            sampling: str = "logit-normal", mean: float = 0.0, std: float = 1.0,
-                           lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+                           lo: float = 0.0, hi: float = 1.0, stratified: bool = False) -> torch.Tensor:
     """Training timesteps for ``n`` samples drawn from generator ``g``.
 
     MONAI's ``RFlowScheduler.sample_timesteps`` draws from the global RNG; this draws the same
@@ -375,9 +375,17 @@ def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator
     restrict the draws to ``lo <= t / T < hi`` for an expert of one noise range (Sampler.hand_over):
     the same distribution truncated there (the logit-normal by its inverse CDF, so every draw
     costs one random number); the whole schedule [0, 1] draws exactly as before.
+    ``stratified`` (``training.diffusion.timestep_stratified``) replaces the n independent uniform
+    draws behind the times by one, ``u_i = (u0 + i / n) mod 1`` (a low-discrepancy batch, VDM),
+    mapped through the same distribution: each draw still has that distribution, and the batch
+    covers its quantiles evenly.
     """
     T = scheduler.num_train_timesteps
     whole = lo <= 0.0 and hi >= 1.0
+    if stratified:
+        u0 = torch.rand(1, generator=g, dtype=torch.float64)
+        return _times_of_quantiles(kind, T, torch.remainder(u0 + torch.arange(n, dtype=torch.float64) / n, 1.0),
+                                   sampling, mean, std, lo, hi)
     if not is_flow(kind):
         if whole:
             return torch.randint(0, T, (n,), generator=g)
@@ -388,6 +396,20 @@ def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator
         return (u if whole else lo + (hi - lo) * u) * T
     if whole:
         return torch.sigmoid(mean + std * torch.randn(n, generator=g)) * T
+    return _times_of_quantiles(kind, T, torch.rand(n, generator=g, dtype=torch.float64), sampling, mean, std, lo, hi)
+
+
+def _times_of_quantiles(kind: str, T: int, q: torch.Tensor, sampling: str, mean: float, std: float,
+                        lo: float, hi: float) -> torch.Tensor:
+    """Training timesteps at quantiles ``q`` (float64 in [0, 1)) of the training-time distribution of
+    :func:`sample_train_timesteps`, restricted to ``[lo, hi)``: integers for DDPM/DDIM, the (truncated)
+    uniform or logit-normal by its inverse CDF for the rectified flow."""
+    if not is_flow(kind):
+        a = min(int(math.ceil(lo * T)), T - 1) if lo > 0.0 else 0
+        b = max(a + 1, int(math.ceil(hi * T))) if hi < 1.0 else T
+        return (a + torch.floor(q * (b - a))).clamp(a, b - 1).long()
+    if sampling == "uniform":
+        return ((lo + (hi - lo) * q) * T).float()
     def cdf(t: float) -> float:  # P(sigmoid(mean + std n) < t) for a standard normal n
         if t <= 0.0:
             return 0.0
@@ -395,7 +417,7 @@ def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator
             return 1.0
         return 0.5 * (1.0 + math.erf((math.log(t / (1.0 - t)) - mean) / (std * math.sqrt(2.0))))
     ca, cb = cdf(lo), cdf(hi)
-    u = (ca + (cb - ca) * torch.rand(n, generator=g, dtype=torch.float64)).clamp(1e-12, 1.0 - 1e-12)
+    u = (ca + (cb - ca) * q).clamp(1e-12, 1.0 - 1e-12)
     z = math.sqrt(2.0) * torch.special.erfinv(2.0 * u - 1.0)
     t = torch.sigmoid(mean + std * z).clamp(lo, hi * (1.0 - 1e-7) if hi < 1.0 else 1.0)
     return (t * T).float()
