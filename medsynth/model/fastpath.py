@@ -84,7 +84,13 @@ def use_fused_attention(net: nn.Module) -> int:
 # On a CPU with native bf16 (2-core Xeon with AMX, issue 16), bf16 sampling was slower than fp32 at
 # an 8³ latent (0.62x) and 3.07x faster end to end at 64³ (16³ latent): below this many latent
 # voxels ``auto`` keeps fp32 on the CPU, where oneDNN's bf16 kernels do not pay for their reorders.
-CPU_BF16_MIN_LATENT_VOXELS = 16 ** 3
+# On a 2-core AMD EPYC with AVX512-BF16 (2026-12-04) one forward of the wavelet demo's UNet (batch 1,
+# channels-last, 2 threads) in bf16 vs fp32: 0.64x at 8³ (512 voxels), 0.98x at 1152, 1.16x at 2048,
+# 1.34x at its 16 x 16 x 12 latent (3072), 1.74x at 24576; and the two-expert demo sampled in bf16
+# passed the gate and matched the Fréchet distance of fp32 within the split-half noise
+# (benchmarks/results/cpu-epyc-avx512bf16-bf16-fidelity-demo.json), so the limit is 2048 (it was
+# 16³, which kept the demo's latent in fp32).  Between 512 and 4096 voxels the AMX Xeon is not measured.
+CPU_BF16_MIN_LATENT_VOXELS = 2048
 
 
 def resolve_sampling_precision(precision: str, device: torch.device, latent_voxels: Optional[int] = None,
