@@ -41,6 +41,16 @@ def tiny_config(manifest: Path | None, **sections) -> dict:
     return raw
 
 
+def load_benchmarks():
+    """``benchmarks/run.py`` as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).resolve().parents[1] / "benchmarks" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def merge(a: dict, b: dict) -> dict:
     """``a`` with ``b`` merged in, nested dicts key by key (``b`` wins)."""
     out = dict(a)

@@ -28,7 +28,7 @@ from medsynth.model.train import train
 from medsynth.model.training_data import prepare_data
 from medsynth.samples import list_samples
 
-from tests.helpers import Interrupt, tiny_config
+from tests.helpers import Interrupt, load_benchmarks, tiny_config
 
 LESION = {"channels": [8, 8], "norm_num_groups": 4, "steps": 4, "batch_size": 2, "log_every": 1, "sample_steps": 3}
 
@@ -257,12 +257,7 @@ def test_the_bf16_fidelity_benchmark_sets_the_precision_of_every_network_of_the_
     """benchmarks/run.py --bf16-fidelity samples a run in fp32, then bf16: its low-noise expert and its
     lesion inpainter resolve a precision of their own when loaded, so the benchmark must set theirs too
     (it once set the sampler's alone, leaving them in ``auto``'s choice: bf16 on native-bf16 CPUs)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmarks()
     run, _ = lesion_run
     s = Sampler.from_run(run).hand_over(Sampler.from_run(run), 0.5)
     s.lesion.host_ch = 1  # a 4-step model draws no lung yet: paint into its background instead

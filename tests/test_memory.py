@@ -3,7 +3,6 @@ the presets in configs/presets/ against the model and their base configs, ``gene
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,21 +11,16 @@ import pytest
 from medsynth.config import config_to_dict, load_config
 from medsynth.model import memory as M
 
+from tests.helpers import load_benchmarks
+
 REPO = Path(__file__).resolve().parents[1]
 H200 = json.loads((REPO / "benchmarks" / "results" / "gpu-h200-quick.json").read_text())
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("point", M.CALIBRATION, ids=lambda c: c["what"])
 def test_model_is_at_or_above_every_h200_figure_by_at_most_13_percent(point):
     """The constants come from these figures; the benchmark's own network configs are re-estimated."""
-    bench = _bench()
+    bench = load_benchmarks()
     v = H200
     for k in point["json"]:
         v = v[k]

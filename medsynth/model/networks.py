@@ -387,10 +387,7 @@ def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator
         return _times_of_quantiles(kind, T, torch.remainder(u0 + torch.arange(n, dtype=torch.float64) / n, 1.0),
                                    sampling, mean, std, lo, hi)
     if not is_flow(kind):
-        if whole:
-            return torch.randint(0, T, (n,), generator=g)
-        a = min(int(math.ceil(lo * T)), T - 1)
-        return torch.randint(a, max(a + 1, int(math.ceil(hi * T))), (n,), generator=g)
+        return torch.randint(*_integer_times(lo, hi, T), (n,), generator=g)
     if sampling == "uniform":
         u = torch.rand(n, generator=g)
         return (u if whole else lo + (hi - lo) * u) * T
@@ -399,14 +396,20 @@ def sample_train_timesteps(kind: str, scheduler: Any, n: int, g: torch.Generator
     return _times_of_quantiles(kind, T, torch.rand(n, generator=g, dtype=torch.float64), sampling, mean, std, lo, hi)
 
 
+def _integer_times(lo: float, hi: float, T: int) -> tuple[int, int]:
+    """DDPM/DDIM's timesteps of the fractions ``[lo, hi)`` of the schedule: ``a <= t < b`` (never empty;
+    the whole schedule is ``0 <= t < T``)."""
+    a = min(int(math.ceil(lo * T)), T - 1)
+    return a, max(a + 1, int(math.ceil(hi * T)))
+
+
 def _times_of_quantiles(kind: str, T: int, q: torch.Tensor, sampling: str, mean: float, std: float,
                         lo: float, hi: float) -> torch.Tensor:
     """Training timesteps at quantiles ``q`` (float64 in [0, 1)) of the training-time distribution of
     :func:`sample_train_timesteps`, restricted to ``[lo, hi)``: integers for DDPM/DDIM, the (truncated)
     uniform or logit-normal by its inverse CDF for the rectified flow."""
     if not is_flow(kind):
-        a = min(int(math.ceil(lo * T)), T - 1) if lo > 0.0 else 0
-        b = max(a + 1, int(math.ceil(hi * T))) if hi < 1.0 else T
+        a, b = _integer_times(lo, hi, T)
         return (a + torch.floor(q * (b - a))).clamp(a, b - 1).long()
     if sampling == "uniform":
         return ((lo + (hi - lo) * q) * T).float()
