@@ -807,16 +807,12 @@ def bench_bf16(p: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def _sample_in(sampler: Any, precision: str, out: Path, n: int, seed: int) -> tuple[float, list[Any]]:
     """Samples 0..n-1 of ``sampler`` in ``precision`` into ``out`` (``medsynth generate``'s format);
     seconds taken and the samples.  ``bf16`` is forced, emulated where the CPU has no native bf16.
-    The precision is set on the run's low-noise expert and lesion inpainter too: each has its own
-    (resolved when it was loaded), so setting the sampler's alone left them in ``auto``'s choice."""
+    ``Sampler.set_precision`` sets it on the run's low-noise expert and lesion inpainter too: each has
+    its own (resolved when it was loaded), so setting the sampler's alone left them in ``auto``'s choice."""
     from medsynth.model.sample import generate
     from medsynth.samples import list_samples
 
-    # every network of the run in that precision: its UNet, its low-noise expert's, its lesion inpainter's
-    for part in (sampler, sampler.low_noise, sampler.lesion):
-        if part is not None:
-            part.precision = precision
-    sampler.provenance["sampling_path"] = {**sampler.provenance["sampling_path"], "precision": precision}
+    sampler.set_precision(precision)  # every network of the run: both experts and the lesion inpainter
     t0 = time.perf_counter()
     generate(None, out, range(n), seed=seed, sampler=sampler)
     return time.perf_counter() - t0, sorted(list_samples(out), key=lambda s: s.sidecar["index"])

@@ -257,6 +257,16 @@ class Sampler:
             sampler.paint_lesions(painter)
         return sampler
 
+    def set_precision(self, precision: str) -> "Sampler":
+        """Run every network of this sampler in ``precision`` (``fp32`` or ``bf16``, forced: bf16 is
+        emulated where the CPU has none): its UNet, its low-noise expert's and its lesion inpainter's,
+        each of which resolved a precision of its own when loaded.  Returns ``self``."""
+        for part in (self, self.low_noise, self.lesion):
+            if part is not None:
+                part.precision = precision
+        self.provenance["sampling_path"] = {**self.provenance["sampling_path"], "precision": precision}
+        return self
+
     def paint_lesions(self, painter: Any) -> "Sampler":
         """Paint one lesion into every sample of ``painter``'s classes after decoding
         (:class:`medsynth.model.lesion.LesionPainter`); returns ``self``."""
