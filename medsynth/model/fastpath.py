@@ -89,7 +89,9 @@ def use_fused_attention(net: nn.Module) -> int:
 # 1.34x at its 16 x 16 x 12 latent (3072), 1.74x at 24576; and the two-expert demo sampled in bf16
 # passed the gate and matched the Fréchet distance of fp32 within the split-half noise
 # (benchmarks/results/cpu-epyc-avx512bf16-bf16-fidelity-demo.json), so the limit is 2048 (it was
-# 16³, which kept the demo's latent in fp32).  Between 512 and 4096 voxels the AMX Xeon is not measured.
+# 16³, which kept the demo's latent in fp32).  On a 2-core Xeon with AMX (2026-12-06) the sampler's own
+# path (Sampler.untrained, 2 samples, RF-20, 2 threads) in bf16 vs fp32: 0.86x at the KL demo's 384
+# latent voxels, 0.82x at 512, 1.03x at 1152, 1.27x at 2048, 1.42x at 3072: the same crossover.
 CPU_BF16_MIN_LATENT_VOXELS = 2048
 
 
@@ -138,8 +140,17 @@ def resolve_training_channels_last(channels_last: bool | str, device: torch.devi
     """``training.channels_last`` of one stage (``autoencoder``, ``diffusion``, ``controlnet``).
 
     ``auto``: channels-first on CUDA (cuDNN's 3D convolutions lost channels-last in sampling); on
-    the CPU channels-last wherever the stage autocasts to bf16 (oneDNN's bf16 kernels want NDHWC),
-    and in fp32 only for the stages where it measured faster.  On a 2-core AVX2 EPYC (fp32, 1
+    the CPU channels-last for stage 2 and the ControlNet under bf16, channels-first for stage 1
+    under bf16, and in fp32 channels-last only for the stages where it measured faster.
+
+    Under bf16 (``--training-layouts --layouts-precision bf16``, 2 threads, median step):
+    channels-last made the KL demo's stage 1 (autoencoder + PatchGAN, batch 2) slower on both
+    native-bf16 kinds: 0.058 / 0.045 s channels-first vs 0.093 / 0.073 s channels-last in two runs
+    on a 2-core Xeon with AMX (2026-12-06, ``benchmarks/results/cpu-xeon-amx-training-layouts-bf16.json``),
+    0.089 vs 0.102 s on a 2-core EPYC with AVX512-BF16 (2026-12-04); the ControlNet was faster
+    channels-last on both (0.049 vs 0.057 s on the Xeon, 0.060 vs 0.063 s on the EPYC), stage 2 the
+    same within a few per cent (demo 0.078-0.098 vs 0.080-0.101 s, 16³ latent 0.199-0.200 vs
+    0.197-0.205 s on the Xeon).  On a 2-core AVX2 EPYC (fp32, 1
     thread, load average 2.0-2.9 from another job, steps interleaved;
     ``benchmarks/results/cpu-training-layouts.json``) channels-last made the demo's stage 1 1.21x
     (0.456 -> 0.376 s a step) and its ControlNet 1.23x (0.407 -> 0.331 s) faster, the demo's stage 2
@@ -149,7 +160,9 @@ def resolve_training_channels_last(channels_last: bool | str, device: torch.devi
         return bool(channels_last)
     if device.type != "cpu":
         return False
-    return precision == "bf16" or stage != "diffusion"
+    if precision == "bf16":
+        return stage != "autoencoder"
+    return stage != "diffusion"
 
 
 def resolve_training_fused_attention(fused_attention: bool | str, device: torch.device, precision: str) -> bool:
