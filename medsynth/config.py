@@ -646,10 +646,9 @@ class TrainingConfig:
     grid for stage 2 and the ControlNet), and stays fp32 elsewhere (emulated
     bf16 is tens of times slower); ``precision: bf16`` autocasts where the device supports bf16
     natively and falls back to fp32 (with a warning) where it does not.  ``channels_last`` trains
-    the networks channels-last (NDHWC; ``auto``: on the CPU for stage 2 and the ControlNet in bf16,
-    and in fp32 for stage 1 and the ControlNet, 1.15x and 1.21x faster a step on a 2-core AVX2 EPYC;
-    fp32 stage 2, bf16 stage 1 (0.058 vs 0.093 s a step channels-first vs -last on a 2-core Xeon
-    with AMX) and CUDA stay channels-first: there it was the same or slower).  ``fused_attention`` runs MONAI's attention
+    the networks channels-last (NDHWC; ``auto``: on the CPU, per stage and precision where it measured
+    faster, ``fastpath.resolve_training_channels_last``: the ControlNet always, stage 1 in fp32, stage 2
+    in bf16; channels-first on CUDA).  ``fused_attention`` runs MONAI's attention
     blocks with PyTorch's fused ``scaled_dot_product_attention`` (the same parameters, so checkpoints
     are interchangeable; ``auto``: on CUDA and in bf16, not in fp32 on the CPU, where it gained nothing).
     ``fused_optimizer`` steps Adam with PyTorch's fused kernel (``fused=True``; ``auto``: on the CPU
